@@ -1,0 +1,39 @@
+# sar_exp developer commands. `make help` lists them.
+PYTHON ?= .venv/bin/python
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow lint format run bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n", $$1, $$2}'
+
+install: ## create .venv in the repo and install sar_exp with its dev tools (CPU torch 2.13.0)
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet --upgrade pip
+	.venv/bin/pip install --quiet "torch==2.13.0"
+	.venv/bin/pip install --quiet -e ".[dev]"
+
+test: ## run the test suite (fast tests; under 10 minutes on 2 cores)
+	$(PYTHON) -m pytest -q
+
+test-slow: ## run only the long tests (marked slow)
+	$(PYTHON) -m pytest -q -m slow
+
+lint: ## ruff check and format check
+	$(PYTHON) -m ruff check sar_exp tests
+	$(PYTHON) -m ruff format --check sar_exp tests
+
+format: ## apply ruff fixes and formatting
+	$(PYTHON) -m ruff check --fix sar_exp tests
+	$(PYTHON) -m ruff format sar_exp tests
+
+run: ## one default training run (synthetic data, SASRec, plain backbone); ARGS="key=value ..." to override
+	$(PYTHON) -m sar_exp $(ARGS)
+
+bench: ## preprocessing and training-throughput benchmark on the kuaisar_scale preset
+	$(PYTHON) -m sar_exp.bench $(ARGS)
+
+clean: ## remove caches and run outputs (keeps .venv)
+	rm -rf .cache outputs/* multirun
+	touch outputs/.gitkeep

@@ -1,0 +1,4 @@
+from sar_exp.train import main
+
+if __name__ == "__main__":
+    main()

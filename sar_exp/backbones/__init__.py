@@ -1,0 +1,1 @@
+"""User encoders and scorers that methods wrap (ClardRec Appendix B.3; DIN)."""

@@ -1,0 +1,79 @@
+"""Shared bottom embeddings: users and items as [id | attributes], queries as mean words."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FeatureEmbedding(nn.Module):
+    """ClardRec Eq. 1: u_emb = [u_ID | u_a1 | u_a2 | ...], each part `dim` wide.
+
+    The attribute table (id -> attribute codes) is data, kept as a non-persistent buffer
+    so that it follows the module to the device but is not stored in checkpoints."""
+
+    def __init__(
+        self,
+        num_ids: int,
+        attribute_sizes: list[int],
+        dim: int,
+        attribute_table: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.ids = nn.Embedding(num_ids + 1, dim, padding_idx=0)
+        self.attributes = nn.ModuleList(
+            nn.Embedding(size + 1, dim, padding_idx=0) for size in attribute_sizes
+        )
+        if attribute_table is None:
+            attribute_table = torch.zeros(num_ids + 1, len(attribute_sizes), dtype=torch.long)
+        self.register_buffer("attribute_table", attribute_table.long(), persistent=False)
+        self.part_dim = dim
+        self.out_dim = dim * (1 + len(attribute_sizes))
+        nn.init.normal_(self.ids.weight, std=0.05)
+        for table in self.attributes:
+            nn.init.normal_(table.weight, std=0.05)
+
+    def parts(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """[id embedding, attribute 1 embedding, ...]; ClardRec gates them separately."""
+        codes = self.attribute_table[ids]
+        return [self.ids(ids)] + [table(codes[..., j]) for j, table in enumerate(self.attributes)]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.parts(ids), dim=-1)
+
+
+class QueryEncoder(nn.Module):
+    """A query is the mean of its word embeddings (ClardRec Sec. 4.1, UniSAR 4.1.1)."""
+
+    def __init__(
+        self, num_words: int, dim: int, query_words: torch.Tensor | None = None, max_words: int = 1
+    ):
+        super().__init__()
+        self.words = nn.Embedding(num_words + 1, dim, padding_idx=0)
+        nn.init.normal_(self.words.weight, std=0.05)
+        if query_words is None:
+            query_words = torch.zeros(1, max_words, dtype=torch.long)
+        self.register_buffer("query_words", query_words.long(), persistent=False)
+        self.out_dim = dim
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        words = self.query_words[queries]  # [..., W], 0 = padding
+        mask = (words > 0).unsqueeze(-1).float()
+        total = (self.words(words) * mask).sum(-2)
+        return total / mask.sum(-2).clamp(min=1.0)  # query 0 (none) -> zeros
+
+
+def mlp(
+    in_dim: int, hidden_dim: int, layers: int, out_dim: int | None = None, dropout: float = 0.0
+) -> nn.Sequential:
+    """L linear layers with ReLU between them and none after the last (ClardRec Eq. 24)."""
+    out_dim = out_dim or hidden_dim
+    dims = [in_dim] + [hidden_dim] * (layers - 1) + [out_dim]
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        modules.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < layers - 1:
+            modules.append(nn.ReLU())
+            if dropout:
+                modules.append(nn.Dropout(dropout))
+    return nn.Sequential(*modules)

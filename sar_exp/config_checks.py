@@ -1,0 +1,51 @@
+"""Config checks that run before any data is loaded, so a bad value costs no time."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from sar_exp.errors import ConfigError
+
+TASKS = ("ranking", "ctr")
+EVAL_MODES = ("sampled", "full")
+
+
+def _positive(cfg: DictConfig, key: str, kind=float) -> None:
+    node, *_ = [cfg]
+    for part in key.split("."):
+        node = node.get(part) if node is not None else None
+    try:
+        ok = node is not None and kind(node) > 0 and kind(node) == float(node)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        what = "a positive integer" if kind is int else "a positive number"
+        raise ConfigError(f"{key} must be {what}, got {node!r}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task must be one of {list(TASKS)}, got {cfg.task!r}")
+    if cfg.eval.mode not in EVAL_MODES:
+        raise ConfigError(f"eval.mode must be one of {list(EVAL_MODES)}, got {cfg.eval.mode!r}")
+    method, backbone = cfg.method, cfg.backbone
+    if backbone.name not in method.backbones or cfg.task not in method.tasks:
+        pairs = ", ".join(f"method={method.name} backbone={b}" for b in method.backbones)
+        raise ConfigError(
+            f"method={method.name} does not work with backbone={backbone.name} task={cfg.task}. "
+            f"Valid: {pairs} (task: {', '.join(method.tasks)})"
+        )
+    if cfg.task == "ctr" and cfg.eval.mode == "full":
+        raise ConfigError(
+            "eval.mode=full is a ranking protocol; task=ctr evaluates AUC on impressions"
+        )
+    _positive(cfg, "data.batch_size", int)
+    _positive(cfg, "data.eval_batch_size", int)
+    _positive(cfg, "method.module.lr")
+    _positive(cfg, "trainer.max_epochs", int)
+    if int(cfg.data.num_train_negatives) < (1 if cfg.task == "ranking" else 0):
+        raise ConfigError(
+            f"data.num_train_negatives must be >= 1 for ranking, got {cfg.data.num_train_negatives}"
+        )
+    if not cfg.train and not cfg.ckpt_path:
+        raise ConfigError("train=false needs ckpt_path=FILE (a checkpoint to test)")

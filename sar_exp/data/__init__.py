@@ -1,0 +1,1 @@
+"""Data flows one way: raw files -> canonical tables -> task views -> batches."""

@@ -1,0 +1,46 @@
+"""Content-keyed cache folders written atomically.
+
+A cache entry is a folder named after a hash of its inputs. It is built in a temporary
+sibling folder and renamed into place only when complete, so a run killed mid-write
+leaves nothing that a later run trusts, and a failed build never touches a good entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def file_fingerprint(path: Path) -> dict:
+    stat = path.stat()
+    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def cache_key(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_folder(root: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """Return `root/name`, building it with `build(tmp_folder)` first if it is absent."""
+    final = Path(root) / name
+    if (final / "COMPLETE").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        (tmp / "COMPLETE").write_text("ok\n")
+        if final.exists():  # an incomplete leftover from a killed run
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,173 @@
+"""LightningDataModule: dataset folder -> canonical tables -> task view -> batch loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from sar_exp.data.batches import AssembledDataset, BatchAssembler, BatchSampler
+from sar_exp.data.cache import cache_key
+from sar_exp.data.canonical import load_canonical
+from sar_exp.data.synthetic import make_config, write_kuaisar_folder
+from sar_exp.data.views import Protocol, View, load_view
+from sar_exp.errors import ConfigError
+
+
+class SARDataModule(pl.LightningDataModule):
+    """Serves one task view.
+
+    `main_task` ("rec" or "search") drives the epochs; `companion_batch_sizes` adds
+    batches of other tasks to every training batch (a method that trains on search
+    clicks alongside rec clicks asks for {"search": n})."""
+
+    def __init__(
+        self,
+        source: str,
+        path: str | None,
+        cache_dir: str,
+        view: str,
+        user_attributes: list[str],
+        item_attributes: list[str],
+        protocol: dict | None = None,
+        synthetic: dict | None = None,
+        batch_size: int = 256,
+        eval_batch_size: int = 512,
+        num_train_negatives: int = 4,
+        num_workers: int = 0,
+        main_task: str = "rec",
+        companion_batch_sizes: dict | None = None,
+        interleaved: bool = False,
+        full_ranking: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size is None or int(batch_size) <= 0:
+            raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if eval_batch_size is None or int(eval_batch_size) <= 0:
+            raise ConfigError(
+                f"data.eval_batch_size must be a positive integer, got {eval_batch_size}"
+            )
+        if num_train_negatives is None or int(num_train_negatives) < 0:
+            raise ConfigError(f"data.num_train_negatives must be >= 0, got {num_train_negatives}")
+        if source not in ("kuaisar", "synthetic"):
+            raise ConfigError(f"dataset.source must be 'kuaisar' or 'synthetic', got {source!r}")
+        if source == "kuaisar" and not path:
+            raise ConfigError(
+                "dataset=kuaisar needs dataset.path=DIR (the unzipped KuaiSAR folder)"
+            )
+        self.source, self.path, self.cache_dir = source, path, Path(cache_dir)
+        self.view_name = view
+        self.user_attributes, self.item_attributes = list(user_attributes), list(item_attributes)
+        self.protocol = Protocol(
+            **{k: (tuple(v) if k == "cf_split" else v) for k, v in (protocol or {}).items()}
+        )
+        self.synthetic = dict(synthetic or {})
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_train_negatives, self.num_workers = int(num_train_negatives), int(num_workers)
+        self.main_task = main_task
+        self.companion_batch_sizes = dict(companion_batch_sizes or {})
+        self.interleaved, self.full_ranking, self.seed = interleaved, full_ranking, seed
+        self.view: View | None = None
+
+    # ------------------------------------------------------------ building
+    def dataset_folder(self) -> Path:
+        if self.source == "kuaisar":
+            return Path(self.path).expanduser()
+        preset = self.synthetic.pop("preset", "small") if "preset" in self.synthetic else "small"
+        config = make_config(preset, **self.synthetic)
+        self.synthetic["preset"] = preset
+        folder = self.cache_dir / f"synthetic-{preset}-{cache_key(repr(config))}"
+        return write_kuaisar_folder(config, folder)
+
+    def load(self) -> View:
+        if self.view is None:
+            folder = self.dataset_folder()
+            tables = load_canonical(
+                folder, self.cache_dir, self.user_attributes, self.item_attributes
+            )
+            tables_key = cache_key(tables.meta, str(folder.resolve()))
+            self.view = load_view(tables, self.view_name, self.protocol, self.cache_dir, tables_key)
+            if self.main_task not in self.view.task_names():
+                raise ConfigError(
+                    f"the {self.view_name} view has no {self.main_task!r} task; it has {self.view.task_names()}"
+                )
+        return self.view
+
+    def prepare_data(self) -> None:
+        self.load()  # builds and caches on the first process; the others read the cache
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    @property
+    def schema(self) -> dict:
+        """Sizes a model needs to build its embeddings."""
+        meta = self.load().meta
+        return {
+            "num_users": meta["num_users"],
+            "num_items": meta["num_items"],
+            "num_words": meta["num_words"],
+            "num_queries": meta["num_queries"],
+            "num_sources": meta["num_sources"],
+            "user_attribute_sizes": meta["user_attribute_sizes"],
+            "item_attribute_sizes": meta["item_attribute_sizes"],
+            "max_rec_history": meta["protocol"]["max_rec_history"],
+            "max_search_history": meta["protocol"]["max_search_history"],
+            "max_interleaved_history": meta["protocol"]["max_interleaved_history"],
+        }
+
+    def lookup_tables(self) -> dict[str, torch.Tensor]:
+        """Attribute and query-word tables that models keep as buffers."""
+        view = self.load()
+        return {
+            "user_attributes": torch.from_numpy(view["user_attributes"]).long(),
+            "item_attributes": torch.from_numpy(view["item_attributes"]).long(),
+            "query_words": torch.from_numpy(view["query_words"]).long(),
+            "rec_item_pool": torch.from_numpy(view["rec_item_pool"]).long(),
+        }
+
+    # ------------------------------------------------------------ loaders
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _assembler(self, task: str, split: str) -> BatchAssembler:
+        return BatchAssembler(
+            self.load(),
+            task,
+            split,
+            num_train_negatives=self.num_train_negatives,
+            interleaved=self.interleaved,
+            full_ranking_exclusions=self.full_ranking,
+            seed=self.seed,
+        )
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int, task: str | None = None):
+        task = task or self.main_task
+        tasks = {task: self._assembler(task, split)}
+        companions = self.companion_batch_sizes if split == "train" else {}
+        for name in companions:
+            tasks[name] = self._assembler(name, split)
+        dataset = AssembledDataset(tasks, companions)
+        rank, world = self._rank()
+        sampler = BatchSampler(
+            len(dataset), batch_size, shuffle, seed=self.seed, rank=rank, world_size=world
+        )
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader("test", False, self.eval_batch_size)

@@ -1,0 +1,454 @@
+"""Task views: the canonical tables turned into arrays that batches index into.
+
+One builder serves all four papers. Every view holds the same context arrays (attribute
+tables, per-user time-sorted rec clicks and search sessions) and, per task and split,
+sample arrays. A sample's histories are *pointers* (start, end) into the per-user sorted
+arrays, holding only events strictly earlier than the sample, so nothing from the
+sample's own time or later can leak into what predicts it; batches gather the windows.
+
+Views (`view=`):
+  cf          ClardRec's collaborative filtering: unique rec (u, i) and search (u, q, i)
+              clicks, random 8:1:1 split.
+  sequential  next item: every rec click (task "rec") and every search click (task
+              "search") with rec/search histories; leave-one-out per user and per task.
+  ctr         rec impressions with click labels (QueryRec); the user's last request
+              is test, the one before is validation; per-query clicked and shown-but-not-
+              clicked items.
+Validation and test positives get `num_eval_negatives` negatives drawn once from
+`split_seed` and stored with the view.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from sar_exp.data.cache import cache_key, cached_folder
+from sar_exp.data.canonical import CanonicalTables
+from sar_exp.errors import ConfigError, DataError
+
+VIEW_VERSION = 1
+VIEWS = ("cf", "sequential", "ctr")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Filters, caps and split settings; each paper's values are in conf/protocol/."""
+
+    max_rec_history: int = 20
+    max_search_history: int = 10
+    max_clicks_per_session: int = 5
+    max_interleaved_history: int = 30
+    max_interactions_per_user: int | None = None  # ClardRec sequential: 100
+    min_search_interactions: int = 0  # ClardRec sequential: 10
+    require_both_histories: bool = False  # SESRec, QueryRec
+    no_click_session_positive: str = "none"  # "first_shown": KuaiSAR authors' suggestion
+    cf_split: tuple[float, float, float] = field(default=(0.8, 0.1, 0.1))
+    num_eval_negatives: int = 99
+    split_seed: int = 0
+
+    def __post_init__(self):
+        for key in (
+            "max_rec_history",
+            "max_search_history",
+            "max_clicks_per_session",
+            "max_interleaved_history",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(
+                    f"dataset.protocol.{key} must be a positive integer, got {getattr(self, key)}"
+                )
+        if self.no_click_session_positive not in ("none", "first_shown"):
+            raise ConfigError(
+                "dataset.protocol.no_click_session_positive must be 'none' or 'first_shown', "
+                f"got {self.no_click_session_positive!r}"
+            )
+        if len(self.cf_split) != 3 or abs(sum(self.cf_split) - 1) > 1e-6 or min(self.cf_split) <= 0:
+            raise ConfigError(
+                f"dataset.protocol.cf_split must be three positive shares summing to 1, got {list(self.cf_split)}"
+            )
+        if self.num_eval_negatives < 1:
+            raise ConfigError(
+                f"dataset.protocol.num_eval_negatives must be >= 1, got {self.num_eval_negatives}"
+            )
+
+
+class View(dict):
+    """name -> numpy array, plus `meta` (sizes the model needs)."""
+
+    meta: dict
+
+    def task_names(self) -> list[str]:
+        return sorted({k.split(".")[0] for k in self if k.count(".") == 2})
+
+    def split(self, task: str, split: str) -> dict[str, np.ndarray]:
+        prefix = f"{task}.{split}."
+        return {k[len(prefix) :]: v for k, v in self.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _pack(user: np.ndarray, time: np.ndarray) -> np.ndarray:
+    """Sortable (user, time) key; times are ms since the first event (< 2**40)."""
+    return user.astype(np.int64) << 40 | time.astype(np.int64)
+
+
+def _history_pointers(event_user, event_time, sample_user, sample_time):
+    """[start, end) of the events of the sample's user strictly before the sample's time."""
+    keys = _pack(event_user, event_time)
+    end = np.searchsorted(keys, _pack(sample_user, sample_time), side="left")
+    start = np.searchsorted(keys, _pack(sample_user, np.zeros_like(sample_time)), side="left")
+    return start.astype(np.int64), end.astype(np.int64)
+
+
+def _rank_from_end(owner: np.ndarray) -> np.ndarray:
+    """0 for each owner's last row, 1 for the one before... (rows sorted by owner, time)."""
+    n = owner.size
+    last_of_owner = np.r_[owner[1:] != owner[:-1], True]
+    group_end = np.flatnonzero(last_of_owner)
+    end_per_row = group_end[np.searchsorted(group_end, np.arange(n))]
+    return end_per_row - np.arange(n)
+
+
+def _leave_one_out(owner: np.ndarray) -> np.ndarray:
+    """Split code per row: 2 test (last), 1 validation (second last), 0 train.
+
+    Owners with fewer than 3 rows keep them all in training: there is nothing to hold
+    out without leaving no training signal (the papers' 5-core filters imply this)."""
+    rank = _rank_from_end(owner)
+    count = np.bincount(owner)[owner]
+    split = np.where(rank == 0, 2, np.where(rank == 1, 1, 0))
+    return np.where(count >= 3, split, 0).astype(np.int8)
+
+
+def sample_negatives(rng, pool, owner, positive, exclude_keys, count, what):
+    """`count` distinct items per row from `pool`, none of them in `exclude_keys`
+    (sorted owner * 2**32 + item keys) nor equal to the positive."""
+    n = owner.size
+    pool = np.asarray(pool)
+    if pool.size < count + 1:
+        raise DataError(
+            f"only {pool.size} candidate items for {what} negatives; {count} are needed per positive"
+        )
+    draws = pool[rng.integers(0, pool.size, (n, count))]
+    owner_key = owner.astype(np.int64)[:, None] << 32
+    for _ in range(200):
+        keys = owner_key + draws
+        pos = np.searchsorted(exclude_keys, keys).clip(max=max(exclude_keys.size - 1, 0))
+        bad = (exclude_keys[pos] == keys) if exclude_keys.size else np.zeros_like(draws, bool)
+        bad |= draws == positive[:, None]
+        order = np.argsort(draws, axis=1, kind="stable")
+        ordered = np.take_along_axis(draws, order, axis=1)
+        dup = np.zeros_like(bad)
+        np.put_along_axis(dup, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], axis=1)
+        bad |= dup
+        if not bad.any():
+            return draws.astype(np.int32)
+        draws[bad] = pool[rng.integers(0, pool.size, int(bad.sum()))]
+    rows = np.flatnonzero(bad.any(axis=1))
+    raise DataError(
+        f"could not draw {count} {what} negatives for {rows.size} positive(s) (owner {owner[rows[0]]}): "
+        "too few items that this owner never clicked; lower dataset.protocol.num_eval_negatives"
+    )
+
+
+def _keys(owner, item) -> np.ndarray:
+    return np.unique(owner.astype(np.int64) << 32 | item.astype(np.int64))
+
+
+# ---------------------------------------------------------------- context
+
+
+def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
+    """Arrays every view shares, after the user-level filters of the protocol."""
+    rec = tables.rec
+    sessions = tables.sessions
+    search = tables.search.join(sessions.select("session", "user", "query", "time"), on="session")
+
+    clicks = search.filter(pl.col("clicked") == 1)
+    if protocol.min_search_interactions > 0:
+        per_user = clicks.group_by("user").len()
+        keep = per_user.filter(pl.col("len") >= protocol.min_search_interactions)["user"]
+        rec, sessions = (
+            rec.filter(pl.col("user").is_in(keep)),
+            sessions.filter(pl.col("user").is_in(keep)),
+        )
+        search = search.filter(pl.col("user").is_in(keep))
+    if protocol.max_interactions_per_user:
+        # The user's most recent N clicks (rec and search together) define a cut-off
+        # time; older events leave both the samples and the histories (ClardRec B.1).
+        events = pl.concat(
+            [
+                rec.filter(pl.col("click") == 1).select("user", "time"),
+                search.filter(pl.col("clicked") == 1).select("user", "time"),
+            ]
+        )
+        cutoff = (
+            events.sort("user", "time", descending=[False, True])
+            .group_by("user", maintain_order=True)
+            .agg(cutoff=pl.col("time").head(protocol.max_interactions_per_user).min())
+        )
+        rec = rec.join(cutoff, on="user").filter(pl.col("time") >= pl.col("cutoff")).drop("cutoff")
+        sessions = (
+            sessions.join(cutoff, on="user")
+            .filter(pl.col("time") >= pl.col("cutoff"))
+            .drop("cutoff")
+        )
+        search = (
+            search.join(cutoff, on="user").filter(pl.col("time") >= pl.col("cutoff")).drop("cutoff")
+        )
+    if search.height == 0 or rec.height == 0:
+        raise DataError("no rec or no search events are left after dataset.protocol filters")
+
+    rec_clicks = rec.filter(pl.col("click") == 1).sort("user", "time", "order")
+    sessions = sessions.sort("user", "time", "session").with_row_index("session_pos")
+    positives = search.filter(pl.col("clicked") == 1)
+    if protocol.no_click_session_positive == "first_shown":
+        clicked_sessions = positives["session"].unique()
+        first_shown = search.filter(
+            ~pl.col("session").is_in(clicked_sessions) & (pl.col("position") == 0)
+        )
+        positives = pl.concat([positives, first_shown.with_columns(clicked=pl.lit(1, pl.Int8))])
+    positives = positives.join(sessions.select("session", "session_pos"), on="session").sort(
+        "session_pos", "position"
+    )
+
+    c = protocol.max_clicks_per_session
+    session_clicks = np.zeros((sessions.height, c), np.int32)
+    ranked = positives.with_columns(k=pl.int_range(pl.len()).over("session_pos")).filter(
+        pl.col("k") < c
+    )
+    session_clicks[ranked["session_pos"].to_numpy(), ranked["k"].to_numpy()] = ranked[
+        "item"
+    ].to_numpy()
+
+    meta = dict(tables.meta)
+    u_attr = tables.users.select(tables.user_attributes).to_numpy().astype(np.int32)
+    i_attr = tables.items.select(tables.item_attributes).to_numpy().astype(np.int32)
+    words = tables.queries["words"].to_list()
+    query_words = np.zeros((meta["num_queries"] + 1, max(1, meta["max_query_words"])), np.int32)
+    for q, w in zip(tables.queries["query"].to_list(), words):
+        query_words[q, : len(w)] = w
+    view = View(
+        {
+            "user_attributes": np.vstack([np.zeros((1, u_attr.shape[1]), np.int32), u_attr]),
+            "item_attributes": np.vstack([np.zeros((1, i_attr.shape[1]), np.int32), i_attr]),
+            "query_words": query_words,
+            "rec_item_pool": tables.items.filter("in_rec")["item"].to_numpy().astype(np.int32),
+            "search_item_pool": tables.items.filter("in_search")["item"]
+            .to_numpy()
+            .astype(np.int32),
+            "rec_click_user": rec_clicks["user"].to_numpy().astype(np.int32),
+            "rec_click_item": rec_clicks["item"].to_numpy().astype(np.int32),
+            "rec_click_time": rec_clicks["time"].to_numpy().astype(np.int64),
+            "session_user": sessions["user"].to_numpy().astype(np.int32),
+            "session_time": sessions["time"].to_numpy().astype(np.int64),
+            "session_query": sessions["query"].to_numpy().astype(np.int32),
+            "session_source": sessions["source"].to_numpy().astype(np.int32),
+            "session_clicks": session_clicks,
+        }
+    )
+    view["user_click_offsets"] = np.searchsorted(
+        view["rec_click_user"], np.arange(meta["num_users"] + 2)
+    ).astype(np.int64)
+    frames = {
+        "rec": rec,
+        "rec_clicks": rec_clicks,
+        "sessions": sessions,
+        "search_positives": positives,
+        "search": search,
+    }
+    return view, frames
+
+
+def _add_histories(view: View, prefix: str, user: np.ndarray, time: np.ndarray) -> None:
+    view[prefix + "rec_start"], view[prefix + "rec_end"] = _history_pointers(
+        view["rec_click_user"], view["rec_click_time"], user, time
+    )
+    view[prefix + "search_start"], view[prefix + "search_end"] = _history_pointers(
+        view["session_user"], view["session_time"], user, time
+    )
+
+
+def _store_split(
+    view, task, split_code, arrays, rng, pool, exclude, protocol, what, owner_key="user"
+):
+    for code, split in enumerate(SPLITS):
+        rows = np.flatnonzero(split_code == code)
+        prefix = f"{task}.{split}."
+        for name, values in arrays.items():
+            view[prefix + name] = values[rows]
+        _add_histories(view, prefix, arrays["user"][rows], arrays["time"][rows])
+        if split != "train" and "item" in arrays:
+            owner = arrays[owner_key][rows]
+            view[prefix + "negatives"] = sample_negatives(
+                rng, pool, owner, arrays["item"][rows], exclude, protocol.num_eval_negatives, what
+            )
+
+
+def _filter_both_histories(view, user, time, protocol) -> np.ndarray:
+    if not protocol.require_both_histories:
+        return np.ones(user.size, bool)
+    rs, re = _history_pointers(view["rec_click_user"], view["rec_click_time"], user, time)
+    ss, se = _history_pointers(view["session_user"], view["session_time"], user, time)
+    return (re > rs) & (se > ss)
+
+
+def _rec_exclusions(frames) -> np.ndarray:
+    rc = frames["rec_clicks"]
+    return _keys(rc["user"].to_numpy(), rc["item"].to_numpy())
+
+
+def _search_exclusions(frames) -> np.ndarray:
+    """Items clicked under each query (by anyone) are never that query's negatives."""
+    pos = frames["search_positives"]
+    return _keys(pos["query"].to_numpy(), pos["item"].to_numpy())
+
+
+# ---------------------------------------------------------------- views
+
+
+def _sequential(view, frames, protocol, rng):
+    rc = frames["rec_clicks"]
+    arrays = {
+        "user": rc["user"].to_numpy().astype(np.int32),
+        "item": rc["item"].to_numpy().astype(np.int32),
+        "time": rc["time"].to_numpy().astype(np.int64),
+    }
+    keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
+    arrays = {k: v[keep] for k, v in arrays.items()}
+    arrays["query"] = np.zeros_like(arrays["user"])
+    _store_split(view, "rec", _leave_one_out(arrays["user"]), arrays, rng, view["rec_item_pool"],
+                 _rec_exclusions(frames), protocol, "rec")  # fmt: skip
+
+    pos = frames["search_positives"].sort("user", "time", "session_pos", "position")
+    arrays = {
+        "user": pos["user"].to_numpy().astype(np.int32),
+        "item": pos["item"].to_numpy().astype(np.int32),
+        "time": pos["time"].to_numpy().astype(np.int64),
+        "query": pos["query"].to_numpy().astype(np.int32),
+    }
+    _store_split(view, "search", _leave_one_out(arrays["user"]), arrays, rng, view["search_item_pool"],
+                 _search_exclusions(frames), protocol, "search", owner_key="query")  # fmt: skip
+
+
+def _random_split(rng, n, shares) -> np.ndarray:
+    order = rng.permutation(n)
+    bounds = np.floor(np.cumsum(shares)[:2] * n).astype(int)
+    split = np.zeros(n, np.int8)
+    split[order[bounds[0] : bounds[1]]] = 1
+    split[order[bounds[1] :]] = 2
+    return split
+
+
+def _cf(view, frames, protocol, rng):
+    # The paper's D_rec and D_src are sets of clicks, so repeated clicks count once.
+    rc = frames["rec_clicks"].unique(["user", "item"], keep="first", maintain_order=True)
+    arrays = {
+        "user": rc["user"].to_numpy().astype(np.int32),
+        "item": rc["item"].to_numpy().astype(np.int32),
+        "time": rc["time"].to_numpy().astype(np.int64),
+    }
+    arrays["query"] = np.zeros_like(arrays["user"])
+    _store_split(view, "rec", _random_split(rng, arrays["user"].size, protocol.cf_split), arrays, rng,
+                 view["rec_item_pool"], _rec_exclusions(frames), protocol, "rec")  # fmt: skip
+    pos = frames["search_positives"].unique(
+        ["user", "query", "item"], keep="first", maintain_order=True
+    )
+    arrays = {
+        "user": pos["user"].to_numpy().astype(np.int32),
+        "item": pos["item"].to_numpy().astype(np.int32),
+        "time": pos["time"].to_numpy().astype(np.int64),
+        "query": pos["query"].to_numpy().astype(np.int32),
+    }
+    _store_split(view, "search", _random_split(rng, arrays["user"].size, protocol.cf_split), arrays, rng,
+                 view["search_item_pool"], _search_exclusions(frames), protocol, "search",
+                 owner_key="query")  # fmt: skip
+
+
+def _csr(owner: np.ndarray, values: np.ndarray, n_owners: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(owner, kind="stable")
+    offsets = np.searchsorted(owner[order], np.arange(n_owners + 2)).astype(np.int64)
+    return offsets, values[order].astype(np.int32)
+
+
+def _ctr(view, frames, protocol, rng):
+    rec = frames["rec"].sort("user", "time", "order")
+    arrays = {
+        "user": rec["user"].to_numpy().astype(np.int32),
+        "item": rec["item"].to_numpy().astype(np.int32),
+        "time": rec["time"].to_numpy().astype(np.int64),
+        "label": rec["click"].to_numpy().astype(np.float32),
+    }
+    keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
+    arrays = {k: v[keep] for k, v in arrays.items()}
+    arrays["query"] = np.zeros_like(arrays["user"])
+    # Items sent in one request share a timestamp: the user's last request is the test
+    # "action" and the one before the validation action, so per-user AUC is defined.
+    request = np.r_[
+        True,
+        (arrays["user"][1:] != arrays["user"][:-1]) | (arrays["time"][1:] != arrays["time"][:-1]),
+    ]
+    request_id = np.cumsum(request) - 1
+    request_user = arrays["user"][request]
+    split = _leave_one_out(request_user)[request_id]
+    for code, name in enumerate(SPLITS):
+        rows = np.flatnonzero(split == code)
+        prefix = f"rec.{name}."
+        for key, values in arrays.items():
+            view[prefix + key] = values[rows]
+        _add_histories(view, prefix, arrays["user"][rows], arrays["time"][rows])
+    # QueryRec: per query, the clicked items and the shown-but-not-clicked items.
+    search = frames["search"]
+    n_queries = int(view["query_words"].shape[0])
+    pos = search.filter(pl.col("clicked") == 1).unique(["query", "item"])
+    neg = search.filter(pl.col("clicked") == 0).unique(["query", "item"])
+    view["query_clicked_offsets"], view["query_clicked_items"] = _csr(
+        pos["query"].to_numpy(), pos["item"].to_numpy(), n_queries
+    )
+    view["query_unclicked_offsets"], view["query_unclicked_items"] = _csr(
+        neg["query"].to_numpy(), neg["item"].to_numpy(), n_queries
+    )
+
+
+BUILDERS = {"cf": _cf, "sequential": _sequential, "ctr": _ctr}
+
+
+def build_view(tables: CanonicalTables, name: str, protocol: Protocol) -> View:
+    if name not in BUILDERS:
+        raise ConfigError(f"unknown view {name!r}; expected one of {list(VIEWS)}")
+    view, frames = _context(tables, protocol)
+    rng = np.random.default_rng(protocol.split_seed)
+    BUILDERS[name](view, frames, protocol, rng)
+    view.meta = {**tables.meta, "view": name, "protocol": asdict(protocol)}
+    for task in view.task_names():
+        if view.get(f"{task}.train.user", np.zeros(0)).size == 0:
+            raise DataError(
+                f"the {name} view has no training samples for the {task} task after filtering"
+            )
+    return view
+
+
+def load_view(
+    tables: CanonicalTables, name: str, protocol: Protocol, cache_dir: Path, tables_key: str
+) -> View:
+    """The view from the cache, or built and cached (atomically) on first use."""
+    key = cache_key(VIEW_VERSION, tables_key, name, asdict(protocol))
+
+    def build(tmp: Path) -> None:
+        view = build_view(tables, name, protocol)
+        with open(tmp / "arrays.npz", "wb") as handle:
+            np.savez(handle, **view)
+        (tmp / "meta.json").write_text(json.dumps(view.meta, indent=1, default=list))
+
+    path = cached_folder(Path(cache_dir), f"view-{name}-{key}", build)
+    with np.load(path / "arrays.npz") as data:
+        view = View({k: data[k] for k in data.files})
+    view.meta = json.loads((path / "meta.json").read_text())
+    return view

@@ -1,0 +1,1 @@
+"""Methods are LightningModules; each wraps a backbone (conf/method/)."""

@@ -1,0 +1,184 @@
+"""The plain backbone (method=base) and the machinery every method shares:
+shared bottom embeddings, scoring, sampled/full ranking evaluation and CTR evaluation."""
+
+from __future__ import annotations
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sar_exp.backbones.embeddings import FeatureEmbedding, QueryEncoder, mlp
+from sar_exp.methods.losses import binary_ce, sampled_softmax_ce
+from sar_exp.metrics.ctr import CTRMetrics
+from sar_exp.metrics.ranking import RankingMetrics, positive_rank
+
+FULL_RANKING_CHUNK = 4096
+
+
+class RecommenderModule(pl.LightningModule):
+    """Base class: subclasses implement `score(batch, candidates) -> [B, K]` and
+    `training_loss(batch) -> (loss, parts)`."""
+
+    def __init__(
+        self,
+        schema: dict,
+        backbone: dict,
+        task: str = "ranking",
+        embedding_dim: int = 32,
+        hidden_dim: int = 128,
+        item_layers: int = 1,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        eval_mode: str = "sampled",
+        lookup_tables: dict | None = None,
+    ):
+        super().__init__()
+        if isinstance(backbone, DictConfig):
+            backbone = OmegaConf.to_container(backbone, resolve=True)
+        self.save_hyperparameters(ignore=["lookup_tables"])
+        tables = lookup_tables or {}
+        self.task, self.eval_mode, self.lr, self.weight_decay = task, eval_mode, lr, weight_decay
+        self.schema = schema
+        self.users = FeatureEmbedding(
+            schema["num_users"],
+            schema["user_attribute_sizes"],
+            embedding_dim,
+            tables.get("user_attributes"),
+        )
+        self.items = FeatureEmbedding(
+            schema["num_items"],
+            schema["item_attribute_sizes"],
+            embedding_dim,
+            tables.get("item_attributes"),
+        )
+        self.queries = QueryEncoder(schema["num_words"], embedding_dim, tables.get("query_words"))
+        pool = torch.zeros(schema["num_items"] + 1, dtype=torch.bool)
+        if "rec_item_pool" in tables:
+            pool[tables["rec_item_pool"]] = True
+        self.register_buffer("rec_item_pool", pool, persistent=False)
+        max_rank = (schema["num_items"] + 1) if eval_mode == "full" else 100
+        max_rank = max(max_rank, int(schema.get("num_candidates", 100)))
+        self.val_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
+        self.test_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
+
+    # ------------------------------------------------------------ to implement
+    def score(self, batch: dict, candidates: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        loss, parts = self.training_loss(batch)
+        size = batch["user"].numel()
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        # Adam for all methods, as in every one of the four papers.
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    # ------------------------------------------------------------ evaluation
+    def _evaluate(self, batch, metrics):
+        if self.task == "ctr":
+            logits = self.score(batch, batch["item"][:, None])[:, 0]
+            metrics.update(logits, batch["label"], batch["user"], batch["sample_index"])
+        elif self.eval_mode == "full":
+            metrics.update(self._full_ranks(batch))
+        else:
+            metrics.update(positive_rank(self.score(batch, batch["candidates"])))
+
+    @torch.no_grad()
+    def _full_ranks(self, batch) -> torch.Tensor:
+        """Rank of the positive among every item the recommender can show, the user's
+        other clicked items excluded (the usual "filtered" full-ranking protocol)."""
+        positive = torch.nan_to_num(
+            self.score(batch, batch["item"][:, None]).float(), nan=float("-inf")
+        )
+        above = torch.zeros_like(batch["item"])
+        exclude = batch.get("exclude_items")
+        n = self.schema["num_items"]
+        for start in range(1, n + 1, FULL_RANKING_CHUNK):
+            ids = torch.arange(start, min(start + FULL_RANKING_CHUNK, n + 1), device=self.device)
+            scores = torch.nan_to_num(
+                self.score(batch, ids.expand(batch["item"].numel(), -1)).float(), nan=float("-inf")
+            )
+            counted = self.rec_item_pool[ids].expand_as(scores) & (ids != batch["item"][:, None])
+            if exclude is not None:
+                counted &= ~(ids[None, :, None] == exclude[:, None, :]).any(-1)
+            above += ((scores >= positive) & counted).sum(1)
+        return above
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, self.test_metrics)
+
+    def _log_epoch(self, stage, metrics):
+        values = metrics.compute()
+        metrics.reset()
+        # values are already reduced across processes by the metric itself
+        self.log_dict(
+            {f"{stage}/{k}": float(v) for k, v in values.items()}, prog_bar=stage == "val"
+        )
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val", self.val_metrics)
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test", self.test_metrics)
+
+
+class PlainBackbone(RecommenderModule):
+    """method=base: the backbone alone on rec clicks.
+
+    Two-tower backbones (MLP, MMoE, GRU4Rec, SASRec) score u_rec . i_rec (ClardRec
+    Eq. 2-3) with an MLP item encoder; DIN scores each candidate with target attention.
+    Ranking trains with sampled-softmax CE (Eq. 4), CTR with binary CE."""
+
+    def __init__(self, schema: dict, backbone: dict, **kwargs):
+        super().__init__(schema, backbone, **kwargs)
+        hp = self.hparams
+        dims = dict(
+            user_dim=self.users.out_dim,
+            item_dim=self.items.out_dim,
+            step_dim=self.items.out_dim,
+            query_dim=self.queries.out_dim,
+            hidden_dim=hp.hidden_dim,
+            max_length=max(schema["max_rec_history"], schema["max_search_history"]),
+        )
+        self.encoder = hydra.utils.instantiate(hp.backbone["encoder"], **dims)
+        self.target_aware = getattr(self.encoder, "scores_items", False)
+        if not self.target_aware:
+            self.item_encoder = mlp(self.items.out_dim, hp.hidden_dim, hp.item_layers)
+
+    def user_representation(self, batch) -> torch.Tensor:
+        user = self.users(batch["user"])
+        if not self.encoder.needs_history:
+            return self.encoder(user)
+        return self.encoder(user, self.items(batch["rec_history"]), batch["rec_history_mask"])
+
+    def score(self, batch, candidates):
+        if self.target_aware:
+            return self.encoder(
+                self.users(batch["user"]),
+                self.items(candidates),
+                self.items(batch["rec_history"]),
+                batch["rec_history_mask"],
+                self.queries(batch["search_history_query"]),
+                batch["search_history_mask"],
+            )
+        user = self.user_representation(batch)
+        return (user.unsqueeze(1) * self.item_encoder(self.items(candidates))).sum(-1)  # Eq. 3
+
+    def training_loss(self, batch):
+        if self.task == "ctr":
+            loss = binary_ce(self.score(batch, batch["item"][:, None])[:, 0], batch["label"])
+        else:
+            loss = sampled_softmax_ce(self.score(batch, batch["candidates"]))
+        return loss, {}

@@ -1,0 +1,1 @@
+"""Evaluation metrics, kept as states that reduce exactly across processes."""

@@ -1,0 +1,125 @@
+"""`python -m sar_exp`: compose the config, train, test the best checkpoint, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sar_exp.errors import ConfigError, SarExpError
+
+# Resolvers used by conf/config.yaml.
+OmegaConf.register_new_resolver(
+    "sar_view", lambda task, scenario: "ctr" if task == "ctr" else scenario, replace=True
+)
+OmegaConf.register_new_resolver(
+    "sar_monitor", lambda task: "val/auc" if task == "ctr" else "val/ndcg@10", replace=True
+)
+OmegaConf.register_new_resolver("sar_eq", lambda a, b: str(a) == str(b), replace=True)
+
+# The config tree lives at the top of the repository (conf/), beside this package.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+RANKING_KEYS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+CTR_KEYS = ("auc", "gauc", "logloss")
+
+
+def _quiet() -> None:
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*is an instance of `nn.Module`.*")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def format_table(metrics: dict[str, float], title: str) -> str:
+    keys = [k for k in metrics]
+    width = max(10, *(len(k) for k in keys))
+    lines = [title, "-" * (width + 12)]
+    lines += [f"{k:<{width}}  {v:>8.4f}" for k, v in metrics.items()]
+    return "\n".join(lines)
+
+
+def _instantiate_all(group: DictConfig | None) -> list:
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Seed, build data/model/trainer, fit, test the best checkpoint; return test metrics."""
+    import lightning.pytorch as pl  # imported here so `--help` stays fast
+
+    from sar_exp.config_checks import check_config
+
+    _quiet()
+    check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    # _partial_: plain Python objects (dicts, tensors) go to the constructor untouched.
+    build_model = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
+    model = build_model(
+        schema=datamodule.schema,
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        task=cfg.task,
+        eval_mode=cfg.eval.mode,
+        lookup_tables=datamodule.lookup_tables(),
+    )
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    if cfg.train:
+        trainer.fit(model, datamodule=datamodule)
+        checkpoint = (
+            trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+        )
+        ckpt_path = checkpoint or None
+    else:
+        ckpt_path = str(Path(cfg.ckpt_path).expanduser())
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    keys = CTR_KEYS if cfg.task == "ctr" else RANKING_KEYS
+    metrics = {f"test/{k}": float(results[0][f"test/{k}"]) for k in keys}
+
+    if trainer.is_global_zero:
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        if ckpt_path:
+            metrics_source = f"checkpoint {ckpt_path}"
+        else:
+            metrics_source = "last weights"
+        title = f"{cfg.method.name} + {cfg.backbone.name} on {cfg.dataset.source} (test, {metrics_source})"
+        print("\n" + format_table({k.removeprefix("test/"): v for k, v in metrics.items()}, title))
+        print(f"\nmetrics.json and logs: {output_dir}")
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()  # lets several runs share one process (multiruns, tests)
+    return metrics
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        metrics = train(cfg)
+    except SarExpError as err:
+        print(f"sar_exp: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    # Optuna sweeps maximise this value; the test metric matching the monitored one.
+    return metrics.get(cfg.optimized_metric.replace("val/", "test/"), float("nan"))
