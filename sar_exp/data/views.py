@@ -165,6 +165,50 @@ def _keys(owner, item) -> np.ndarray:
 # ---------------------------------------------------------------- context
 
 
+def _keep_recent_interactions(rec, sessions, search, limit: int):
+    """Each user's `limit` most recent clicks, rec and search together (ClardRec B.1).
+
+    Exactly `limit` clicks stay even when timestamps tie at the cut-off (the later rows
+    win). Unclicked exposures, shown items and sessions older than the oldest kept
+    click leave too, so histories start inside the window."""
+    rec = rec.with_row_index("rec_row")
+    search = search.with_row_index("search_row")
+    clicks = pl.concat(
+        [
+            rec.filter(pl.col("click") == 1).select(
+                "user", "time", kind=pl.lit(0), row=pl.col("rec_row")
+            ),
+            search.filter(pl.col("clicked") == 1).select(
+                "user", "time", kind=pl.lit(1), row=pl.col("search_row")
+            ),
+        ]
+    )
+    kept = (
+        clicks.sort("user", "time", "kind", "row", descending=[False, True, True, True])
+        .with_columns(rank=pl.int_range(pl.len()).over("user"))
+        .filter(pl.col("rank") < limit)
+    )
+    cutoff = kept.group_by("user").agg(cutoff=pl.col("time").min())
+    kept_rec = kept.filter(pl.col("kind") == 0)["row"]
+    kept_search = kept.filter(pl.col("kind") == 1)["row"]
+
+    def window(frame, clicked, row, kept_rows):
+        frame = frame.join(cutoff, on="user")
+        inside = pl.col(clicked).eq(1) & pl.col(row).is_in(kept_rows) | pl.col(clicked).eq(0) & (
+            pl.col("time") >= pl.col("cutoff")
+        )
+        return frame.filter(inside).drop("cutoff", row)
+
+    sessions = (
+        sessions.join(cutoff, on="user").filter(pl.col("time") >= pl.col("cutoff")).drop("cutoff")
+    )
+    return (
+        window(rec, "click", "rec_row", kept_rec),
+        sessions,
+        window(search, "clicked", "search_row", kept_search),
+    )
+
+
 def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
     """Arrays every view shares, after the user-level filters of the protocol."""
     rec = tables.rec
@@ -181,32 +225,19 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
         )
         search = search.filter(pl.col("user").is_in(keep))
     if protocol.max_interactions_per_user:
-        # The user's most recent N clicks (rec and search together) define a cut-off
-        # time; older events leave both the samples and the histories (ClardRec B.1).
-        events = pl.concat(
-            [
-                rec.filter(pl.col("click") == 1).select("user", "time"),
-                search.filter(pl.col("clicked") == 1).select("user", "time"),
-            ]
-        )
-        cutoff = (
-            events.sort("user", "time", descending=[False, True])
-            .group_by("user", maintain_order=True)
-            .agg(cutoff=pl.col("time").head(protocol.max_interactions_per_user).min())
-        )
-        rec = rec.join(cutoff, on="user").filter(pl.col("time") >= pl.col("cutoff")).drop("cutoff")
-        sessions = (
-            sessions.join(cutoff, on="user")
-            .filter(pl.col("time") >= pl.col("cutoff"))
-            .drop("cutoff")
-        )
-        search = (
-            search.join(cutoff, on="user").filter(pl.col("time") >= pl.col("cutoff")).drop("cutoff")
+        rec, sessions, search = _keep_recent_interactions(
+            rec, sessions, search, protocol.max_interactions_per_user
         )
     if search.height == 0 or rec.height == 0:
         raise DataError("no rec or no search events are left after dataset.protocol filters")
 
-    rec_clicks = rec.filter(pl.col("click") == 1).sort("user", "time", "order")
+    # An identical event twice (same user, item and time) is one event: otherwise its
+    # twin could sit in training while it is the test target.
+    rec_clicks = (
+        rec.filter(pl.col("click") == 1)
+        .sort("user", "time", "order")
+        .unique(["user", "item", "time"], keep="first", maintain_order=True)
+    )
     sessions = sessions.sort("user", "time", "session").with_row_index("session_pos")
     positives = search.filter(pl.col("clicked") == 1)
     if protocol.no_click_session_positive == "first_shown":
@@ -215,8 +246,10 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
             ~pl.col("session").is_in(clicked_sessions) & (pl.col("position") == 0)
         )
         positives = pl.concat([positives, first_shown.with_columns(clicked=pl.lit(1, pl.Int8))])
-    positives = positives.join(sessions.select("session", "session_pos"), on="session").sort(
-        "session_pos", "position"
+    positives = (
+        positives.join(sessions.select("session", "session_pos"), on="session")
+        .sort("session_pos", "position")
+        .unique(["session", "item"], keep="first", maintain_order=True)
     )
 
     c = protocol.max_clicks_per_session

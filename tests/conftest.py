@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny synthetic KuaiSAR folder and in-process config composition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from sar_exp.data.synthetic import make_config, write_kuaisar_folder
+from sar_exp.train import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+# Small enough that one epoch of any backbone takes a second or two.
+TINY = dict(n_users=120, n_items=400, n_topics=8, exposures_per_user=14.0, sessions_per_user=10.0)
+TINY_OVERRIDES = [f"+dataset.synthetic.{k}={v}" for k, v in TINY.items()]
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A KuaiSAR-format folder written by the generator (read-only for tests)."""
+    return write_kuaisar_folder(
+        make_config("small", **TINY), tmp_path_factory.mktemp("kuaisar") / "tiny"
+    )
+
+
+@pytest.fixture
+def make_cfg(cache_dir, tmp_path):
+    """Compose conf/config.yaml with overrides, on the tiny dataset, writing under tmp_path."""
+
+    def _make(*overrides: str, output_dir: Path | None = None, tiny: bool = True):
+        GlobalHydra.instance().clear()
+        out = output_dir or tmp_path / "run"
+        base = [
+            f"paths.root_dir={REPO}",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.output_dir={out}",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "~callbacks.progress_bar",
+        ]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(
+                "config", overrides=base + (TINY_OVERRIDES if tiny else []) + list(overrides)
+            )
+
+    yield _make
+    GlobalHydra.instance().clear()

@@ -1,0 +1,132 @@
+"""The KuaiSAR reader: published formats accepted, malformed files named precisely."""
+
+from __future__ import annotations
+
+import shutil
+
+import polars as pl
+import pytest
+
+from sar_exp.data.canonical import load_canonical
+from sar_exp.data.kuaisar import read_kuaisar
+from sar_exp.errors import DataError
+
+USER_ATTRS = ["search_active_level", "rec_active_level"]
+ITEM_ATTRS = ["first_level_category_id", "author_id"]
+
+
+@pytest.fixture
+def folder(tiny_folder, tmp_path):
+    copy = tmp_path / "kuaisar"
+    shutil.copytree(tiny_folder, copy)
+    return copy
+
+
+def _rewrite(path, transform):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(transform(lines)) + "\n", encoding="utf-8")
+
+
+def test_reads_published_formats(folder):
+    raw = read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+    assert raw.rec["timestamp"].dtype == pl.Int64
+    assert raw.rec["timestamp"].min() > 1_684_000_000_000  # float ms parsed to int ms
+    lengths = raw.search["keyword"].list.len()
+    assert lengths.min() >= 1 and lengths.max() <= 3
+    # a one-word query written "[5]" parses to one word
+    one_word = raw.search.filter(pl.col("keyword").list.len() == 1)
+    assert one_word.height > 0
+    assert raw.items["caption"].list.len().min() == 0  # "0" captions mean no caption
+    assert raw.social is not None and raw.social.height > 0
+
+
+def test_accepts_reco_active_level_spelling(folder):
+    path = folder / "user_features.csv"
+    _rewrite(
+        path, lambda lines: [lines[0].replace("rec_active_level", "reco_active_level"), *lines[1:]]
+    )
+    raw = read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+    assert "rec_active_level" in raw.users.columns
+    assert raw.users["rec_active_level"].null_count() == 0
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"dataset folder .*nowhere does not exist"):
+        read_kuaisar(tmp_path / "nowhere", USER_ATTRS, ITEM_ATTRS)
+
+
+def test_missing_file_is_named(folder):
+    (folder / "src_inter.csv").unlink()
+    with pytest.raises(DataError, match=r"src_inter\.csv: file not found"):
+        read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+
+
+def test_missing_column_is_named(folder):
+    path = folder / "rec_inter.csv"
+    _rewrite(path, lambda lines: [lines[0].replace(",click,", ",clicked,"), *lines[1:]])
+    with pytest.raises(DataError, match=r"rec_inter\.csv: missing column\(s\) \['click'\]"):
+        read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+
+
+def test_unparsable_keyword_names_file_line_and_value(folder):
+    path = folder / "src_inter.csv"
+
+    def corrupt(lines):
+        lines[3] = lines[3].replace(lines[3].split('"')[1], "[12, x7]", 1)
+        return lines
+
+    _rewrite(path, corrupt)
+    with pytest.raises(DataError, match=r"src_inter\.csv, line 4, column 'keyword'.*'\[12, x7\]'"):
+        read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+
+
+def test_unparsable_timestamp_names_line(folder):
+    path = folder / "rec_inter.csv"
+    header = path.read_text().splitlines()[0].split(",")
+    column = header.index("timestamp")
+
+    def corrupt(lines):
+        cells = lines[5].split(",")
+        cells[column] = "yesterday"
+        lines[5] = ",".join(cells)
+        return lines
+
+    _rewrite(path, corrupt)
+    with pytest.raises(
+        DataError,
+        match=r"rec_inter\.csv, line 6, column 'timestamp': expected a number, got 'yesterday'",
+    ):
+        read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+
+
+def test_empty_and_header_only_files(folder):
+    (folder / "user_features.csv").write_text("")
+    with pytest.raises(DataError, match=r"user_features\.csv: file is empty"):
+        read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+    (folder / "user_features.csv").write_text("user_id,search_active_level,rec_active_level\n")
+    with pytest.raises(DataError, match=r"user_features\.csv: has a header but no data rows"):
+        read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+
+
+def test_bad_file_leaves_existing_cache_intact(folder, tmp_path):
+    cache = tmp_path / "cache"
+    good = load_canonical(folder, cache, USER_ATTRS, ITEM_ATTRS)
+    entries = sorted(p.name for p in cache.iterdir())
+    (folder / "src_inter.csv").write_text("keyword,item_id\n")  # now broken
+    with pytest.raises(DataError, match="missing column"):
+        load_canonical(folder, cache, USER_ATTRS, ITEM_ATTRS)
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing added, nothing half-written
+    assert (cache / entries[0] / "COMPLETE").exists()
+    assert good.rec.height > 0
+
+
+def test_canonical_tables_use_dense_ids_with_zero_free(folder, tmp_path):
+    tables = load_canonical(folder, tmp_path / "cache", USER_ATTRS, ITEM_ATTRS)
+    assert tables.users["user"].min() == 1
+    assert tables.users["user"].max() == tables.meta["num_users"]
+    assert tables.items["item"].to_list() == list(range(1, tables.meta["num_items"] + 1))
+    # search-only items (types the recommender never shows) exist and are flagged
+    assert tables.items.filter(pl.col("in_search") & ~pl.col("in_rec")).height > 0
+    # sessions without a click are kept
+    clicked = tables.search.group_by("session").agg(pl.col("clicked").max())
+    assert 0 < clicked["clicked"].mean() < 1

@@ -1,0 +1,153 @@
+"""Task views: splits, histories without leakage, stored negatives, protocol filters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sar_exp.data.canonical import load_canonical
+from sar_exp.data.views import Protocol, build_view, load_view, sample_negatives
+from sar_exp.errors import ConfigError, DataError
+
+USER_ATTRS = ["search_active_level", "rec_active_level"]
+ITEM_ATTRS = ["first_level_category_id", "author_id"]
+
+
+@pytest.fixture(scope="module")
+def tables(tiny_folder, tmp_path_factory):
+    return load_canonical(tiny_folder, tmp_path_factory.mktemp("c"), USER_ATTRS, ITEM_ATTRS)
+
+
+def _events(view, task, split):
+    s = view.split(task, split)
+    return set(zip(s["user"].tolist(), s["item"].tolist(), s["time"].tolist(), s["query"].tolist()))
+
+
+@pytest.mark.parametrize("name", ["sequential", "cf", "ctr"])
+def test_histories_hold_only_strictly_earlier_events(tables, name):
+    view = build_view(tables, name, Protocol())
+    for task in view.task_names():
+        for split in ("train", "val", "test"):
+            s = view.split(task, split)
+            for i in range(0, s["user"].size, max(1, s["user"].size // 300)):
+                rec = slice(s["rec_start"][i], s["rec_end"][i])
+                assert (view["rec_click_user"][rec] == s["user"][i]).all()
+                assert (view["rec_click_time"][rec] < s["time"][i]).all()
+                ses = slice(s["search_start"][i], s["search_end"][i])
+                assert (view["session_user"][ses] == s["user"][i]).all()
+                assert (view["session_time"][ses] < s["time"][i]).all()
+                # and nothing earlier of this user was left out of the window
+                earlier = (view["rec_click_user"] == s["user"][i]) & (
+                    view["rec_click_time"] < s["time"][i]
+                )
+                assert earlier.sum() == s["rec_end"][i] - s["rec_start"][i]
+
+
+@pytest.mark.parametrize("name", ["sequential", "cf"])
+def test_evaluation_events_are_never_training_events(tables, name):
+    view = build_view(tables, name, Protocol())
+    for task in view.task_names():
+        train = _events(view, task, "train")
+        held_out = _events(view, task, "val") | _events(view, task, "test")
+        assert held_out and not (train & held_out)
+        assert not (_events(view, task, "val") & _events(view, task, "test"))
+
+
+def test_leave_one_out_holds_out_each_users_last_clicks(tables):
+    view = build_view(tables, "sequential", Protocol())
+    train, test, val = (view.split("rec", s) for s in ("train", "test", "val"))
+    last_train = {}
+    for u, t in zip(train["user"], train["time"]):
+        last_train[u] = max(last_train.get(u, -1), t)
+    for u, t_val, t_test in zip(val["user"], val["time"], test["time"]):
+        assert last_train[u] <= t_val <= t_test
+
+
+def test_cf_split_is_eight_one_one_of_unique_clicks(tables):
+    view = build_view(tables, "cf", Protocol())
+    sizes = np.array([view.split("rec", s)["user"].size for s in ("train", "val", "test")])
+    assert np.allclose(sizes / sizes.sum(), [0.8, 0.1, 0.1], atol=0.01)
+    pairs = list(zip(*(view.split("rec", s)["user"] for s in ("train", "val", "test"))))
+    everything = np.concatenate([np.stack([view.split("rec", s)["user"], view.split("rec", s)["item"]], 1)
+                                 for s in ("train", "val", "test")])  # fmt: skip
+    assert len(np.unique(everything, axis=0)) == len(everything) and pairs
+
+
+@pytest.mark.parametrize("name", ["sequential", "cf"])
+def test_negatives_are_99_distinct_never_clicked_items(tables, name):
+    view = build_view(tables, name, Protocol())
+    clicked = set(zip(view["rec_click_user"].tolist(), view["rec_click_item"].tolist()))
+    test = view.split("rec", "test")
+    negatives = test["negatives"]
+    assert negatives.shape == (test["user"].size, 99)
+    assert all(len(set(row)) == 99 for row in negatives.tolist())
+    assert not (negatives == test["item"][:, None]).any()
+    assert not any(
+        (u, i) in clicked for u, row in zip(test["user"].tolist(), negatives.tolist()) for i in row
+    )
+    pool = set(view["rec_item_pool"].tolist())
+    assert set(negatives.ravel().tolist()) <= pool
+    # search negatives are never clicked under that query
+    search = view.split("search", "test")
+    clicked_under = {}
+    for s in ("train", "val", "test"):
+        part = view.split("search", s)
+        for q, i in zip(part["query"].tolist(), part["item"].tolist()):
+            clicked_under.setdefault(q, set()).add(i)
+    for q, row in zip(search["query"].tolist(), search["negatives"].tolist()):
+        assert not clicked_under[q] & set(row)
+
+
+def test_negatives_are_stored_with_the_view(tables, tmp_path):
+    first = load_view(tables, "sequential", Protocol(), tmp_path, "k")
+    again = load_view(tables, "sequential", Protocol(), tmp_path, "k")
+    assert np.array_equal(first["rec.test.negatives"], again["rec.test.negatives"])
+    other_seed = build_view(tables, "sequential", Protocol(split_seed=1))
+    assert not np.array_equal(first["rec.test.negatives"], other_seed["rec.test.negatives"])
+
+
+def test_protocol_filters(tables):
+    base = build_view(tables, "sequential", Protocol())
+    strict = build_view(tables, "sequential", Protocol(min_search_interactions=12))
+    assert np.unique(strict["rec.train.user"]).size < np.unique(base["rec.train.user"]).size
+    both = build_view(tables, "sequential", Protocol(require_both_histories=True))
+    s = both.split("rec", "train")
+    assert ((s["rec_end"] > s["rec_start"]) & (s["search_end"] > s["search_start"])).all()
+    capped = build_view(tables, "sequential", Protocol(max_interactions_per_user=20))
+    per_user = np.bincount(capped["rec_click_user"])
+    assert per_user.max() <= 20
+    first_shown = build_view(
+        tables, "sequential", Protocol(no_click_session_positive="first_shown")
+    )
+    assert first_shown["search.train.user"].size > base["search.train.user"].size
+
+
+def test_ctr_view_keeps_labels_and_query_item_lists(tables):
+    view = build_view(tables, "ctr", Protocol())
+    test = view.split("rec", "test")
+    assert set(np.unique(test["label"]).tolist()) == {0.0, 1.0}
+    # the whole last request of each user is the test action
+    assert (
+        np.unique(np.stack([test["user"], test["time"]], 1), axis=0).shape[0]
+        == np.unique(test["user"]).size
+    )
+    offsets, items = view["query_clicked_offsets"], view["query_clicked_items"]
+    assert offsets[-1] == items.size and (np.diff(offsets) >= 0).all()
+    assert view["query_unclicked_items"].size > 0
+
+
+def test_bad_protocol_values_are_named():
+    with pytest.raises(
+        ConfigError, match="dataset.protocol.max_rec_history must be a positive integer, got 0"
+    ):
+        Protocol(max_rec_history=0)
+    with pytest.raises(ConfigError, match="cf_split"):
+        Protocol(cf_split=(0.5, 0.5, 0.5))
+
+
+def test_negative_sampling_reports_impossible_requests():
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match="only 5 candidate items"):
+        sample_negatives(
+            rng, np.arange(1, 6), np.array([1]), np.array([1]), np.zeros(0, np.int64), 99, "rec"
+        )

@@ -1,0 +1,139 @@
+"""End to end: `train(cfg)` on the tiny embedded dataset, as `python -m sar_exp` runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sar_exp.errors import ConfigError
+from sar_exp.train import train
+from tests.conftest import REPO
+
+RANKING = ["test/hr@1", "test/hr@10", "test/hr@5", "test/mrr", "test/ndcg@10", "test/ndcg@5"]
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "mmoe", "gru4rec", "sasrec", "din"])
+def test_one_epoch_for_every_backbone(make_cfg, backbone, tmp_path):
+    metrics = train(make_cfg(f"backbone={backbone}", output_dir=tmp_path))
+    assert sorted(metrics) == RANKING
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert metrics["test/hr@1"] <= metrics["test/hr@5"] <= metrics["test/hr@10"]
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == metrics
+    csv_log = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "val/ndcg@10" in csv_log and "test/mrr" in csv_log
+
+
+def test_trained_model_beats_random_ranking(make_cfg):
+    metrics = train(make_cfg("backbone=gru4rec", "trainer.max_epochs=3"))
+    assert metrics["test/hr@10"] > 0.2  # random ranking of 100 candidates gives 0.10
+
+
+@pytest.mark.parametrize("backbone", ["din", "mlp"])
+def test_ctr_task_reports_auc_gauc_logloss(make_cfg, backbone, tmp_path):
+    metrics = train(make_cfg("task=ctr", f"backbone={backbone}", output_dir=tmp_path))
+    assert sorted(metrics) == ["test/auc", "test/gauc", "test/logloss"]
+    assert 0.0 <= metrics["test/auc"] <= 1.0 and metrics["test/logloss"] > 0
+
+
+def test_full_ranking_mode(make_cfg):
+    metrics = train(make_cfg("backbone=mlp", "eval.mode=full"))
+    sampled = train(make_cfg("backbone=mlp"))
+    # ranking against the whole catalogue is harder than against 99 negatives
+    assert metrics["test/hr@10"] <= sampled["test/hr@10"]
+
+
+def test_same_seed_same_metrics_file(make_cfg, tmp_path):
+    train(make_cfg("seed=3", "trainer.max_epochs=2", output_dir=tmp_path / "a"))
+    train(make_cfg("seed=3", "trainer.max_epochs=2", output_dir=tmp_path / "b"))
+    assert (tmp_path / "a" / "metrics.json").read_bytes() == (
+        tmp_path / "b" / "metrics.json"
+    ).read_bytes()
+
+
+def test_testing_a_checkpoint_in_two_processes_gives_the_same_metrics(make_cfg, tmp_path):
+    train(make_cfg("backbone=gru4rec", output_dir=tmp_path / "fit"))
+    checkpoint = tmp_path / "fit" / "checkpoints" / "best.ckpt"
+    assert checkpoint.exists()
+    common = (
+        "backbone=gru4rec",
+        "train=false",
+        f"ckpt_path={checkpoint}",
+        "data.eval_batch_size=37",
+    )
+    single = train(make_cfg(*common, output_dir=tmp_path / "one"))
+    double = train(make_cfg(*common, "trainer=ddp_sim", output_dir=tmp_path / "two"))
+    assert single == double
+    assert single == json.loads((tmp_path / "fit" / "metrics.json").read_text())
+
+
+def test_kuaisar_dataset_reads_a_folder(make_cfg, tiny_folder):
+    metrics = train(
+        make_cfg("dataset=kuaisar", f"dataset.path={tiny_folder}", "backbone=mlp", tiny=False)
+    )
+    assert sorted(metrics) == RANKING
+
+
+def test_incompatible_pair_is_refused_before_loading_data(make_cfg):
+    cfg = make_cfg(
+        "method.backbones=[mlp,mmoe]",
+        "backbone=sasrec",
+        "dataset.path=/nonexistent",
+        "dataset.source=kuaisar",
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"method=base does not work with backbone=sasrec.*Valid: method=base backbone=mlp",
+    ):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),
+        ("data.batch_size=-5", "data.batch_size must be a positive integer, got -5"),
+        ("method.module.lr=0", "method.module.lr must be a positive number, got 0"),
+        ("method.module.lr=-0.1", "method.module.lr must be a positive number, got -0.1"),
+        ("task=clicks", "task must be one of"),
+        ("train=false", "train=false needs ckpt_path"),
+    ],
+)
+def test_bad_config_values_are_named(make_cfg, override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        train(make_cfg(override))
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "sar_exp", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_cli_prints_one_clear_error_without_traceback(tmp_path):
+    result = _cli(
+        "dataset=kuaisar",
+        f"dataset.path={tmp_path}/missing",
+        f"hydra.run.dir={tmp_path}/run",
+        "logger=csv",
+    )
+    assert result.returncode == 2
+    assert f"sar_exp: error: dataset folder {tmp_path}/missing does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_default_run_prints_the_metrics_table(tmp_path):
+    result = _cli(f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"):
+        assert name in result.stdout
+    assert sorted(json.loads((tmp_path / "metrics.json").read_text())) == RANKING
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
