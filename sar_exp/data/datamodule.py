@@ -150,6 +150,9 @@ class SARDataModule(pl.LightningDataModule):
         companions = self.companion_batch_sizes if split == "train" else {}
         for name in companions:
             tasks[name] = self._assembler(name, split)
+        companions = {
+            name: self._companion_size(name, size, tasks) for name, size in companions.items()
+        }
         dataset = AssembledDataset(tasks, companions)
         rank, world = self._rank()
         sampler = BatchSampler(
@@ -162,6 +165,18 @@ class SARDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _companion_size(self, name: str, size, tasks) -> int:
+        """An int, or "proportional": the companion task's share of one union training
+        set (e.g. AUG's search clicks beside rec clicks)."""
+        if size == "proportional":
+            main = len(tasks[self.main_task])
+            return max(1, round(self.batch_size * len(tasks[name]) / max(1, main)))
+        if not isinstance(size, int) or size <= 0:
+            raise ConfigError(
+                f"method.companion_batch_sizes.{name} must be a positive integer or 'proportional', got {size!r}"
+            )
+        return size
 
     def train_dataloader(self):
         return self._loader("train", True, self.batch_size)

@@ -129,7 +129,10 @@ def _leave_one_out(owner: np.ndarray) -> np.ndarray:
 
 def sample_negatives(rng, pool, owner, positive, exclude_keys, count, what):
     """`count` distinct items per row from `pool`, none of them in `exclude_keys`
-    (sorted owner * 2**32 + item keys) nor equal to the positive."""
+    (sorted owner * 2**32 + item keys) nor equal to the positive.
+
+    All rows are drawn at once; later passes redraw only the rows that still hold a
+    forbidden or repeated item, so the cost stays close to one vectorised draw."""
     n = owner.size
     pool = np.asarray(pool)
     if pool.size < count + 1:
@@ -137,23 +140,28 @@ def sample_negatives(rng, pool, owner, positive, exclude_keys, count, what):
             f"only {pool.size} candidate items for {what} negatives; {count} are needed per positive"
         )
     draws = pool[rng.integers(0, pool.size, (n, count))]
-    owner_key = owner.astype(np.int64)[:, None] << 32
+    todo = np.arange(n)
     for _ in range(200):
-        keys = owner_key + draws
-        pos = np.searchsorted(exclude_keys, keys).clip(max=max(exclude_keys.size - 1, 0))
-        bad = (exclude_keys[pos] == keys) if exclude_keys.size else np.zeros_like(draws, bool)
-        bad |= draws == positive[:, None]
-        order = np.argsort(draws, axis=1, kind="stable")
-        ordered = np.take_along_axis(draws, order, axis=1)
+        rows = draws[todo]
+        keys = (owner[todo].astype(np.int64)[:, None] << 32) + rows
+        if exclude_keys.size:
+            pos = np.searchsorted(exclude_keys, keys).clip(max=exclude_keys.size - 1)
+            bad = exclude_keys[pos] == keys
+        else:
+            bad = np.zeros(rows.shape, bool)
+        bad |= rows == positive[todo][:, None]
+        order = np.argsort(rows, axis=1, kind="stable")
+        ordered = np.take_along_axis(rows, order, axis=1)
         dup = np.zeros_like(bad)
         np.put_along_axis(dup, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], axis=1)
         bad |= dup
         if not bad.any():
             return draws.astype(np.int32)
-        draws[bad] = pool[rng.integers(0, pool.size, int(bad.sum()))]
-    rows = np.flatnonzero(bad.any(axis=1))
+        rows[bad] = pool[rng.integers(0, pool.size, int(bad.sum()))]
+        draws[todo] = rows
+        todo = todo[bad.any(axis=1)]
     raise DataError(
-        f"could not draw {count} {what} negatives for {rows.size} positive(s) (owner {owner[rows[0]]}): "
+        f"could not draw {count} {what} negatives for {todo.size} positive(s) (owner {owner[todo[0]]}): "
         "too few items that this owner never clicked; lower dataset.protocol.num_eval_negatives"
     )
 

@@ -1,0 +1,180 @@
+"""`make bench`: preprocessing and training-throughput figures on a large synthetic set.
+
+    python -m sar_exp.bench [--preset kuaisar_scale] [--steps 40] [--backbones ...]
+
+Prints raw-to-views wall time and peak memory (measured in a child process, from a
+cold cache), then for each backbone the training throughput and the share of step
+time spent waiting for the next batch. Targets (issue #2): preprocessing under
+2 minutes and 8 GB on 2 cores; data waiting under 10% of step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import resource
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+USER_ATTRS = ["search_active_level", "rec_active_level"]
+ITEM_ATTRS = ["first_level_category_id", "second_level_category_id", "author_id", "upload_type"]
+VIEWS = ("sequential", "cf", "ctr")
+
+
+def _preprocess(folder: str, cache: str, queue) -> None:
+    from sar_exp.data.cache import cache_key
+    from sar_exp.data.canonical import load_canonical
+    from sar_exp.data.views import Protocol, load_view
+
+    timings = {}
+    start = time.perf_counter()
+    tables = load_canonical(folder, cache, USER_ATTRS, ITEM_ATTRS)
+    timings["canonical tables"] = time.perf_counter() - start
+    for name in VIEWS:
+        t = time.perf_counter()
+        load_view(tables, name, Protocol(), Path(cache), cache_key(tables.meta))
+        timings[f"{name} view"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+    rows = {
+        "rec rows": tables.rec.height,
+        "search rows": tables.search.height,
+        "users": tables.meta["num_users"],
+    }
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    queue.put((timings, rows, peak_gb))
+
+
+class DataWaitTimer:
+    """Lightning callback: time between the end of a step and the start of the next
+    one is spent fetching and assembling the batch."""
+
+    def __new__(cls, warmup: int):
+        import lightning.pytorch as pl
+
+        class _Timer(pl.Callback):
+            def __init__(self):
+                self.warmup, self.wait, self.step, self.samples = warmup, 0.0, 0.0, 0
+                self.last_end = None
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                self.start = time.perf_counter()
+                if self.last_end is not None and batch_idx > self.warmup:
+                    self.wait += self.start - self.last_end
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                self.last_end = time.perf_counter()
+                if batch_idx > self.warmup:
+                    self.step += self.last_end - self.start
+                    self.samples += int(batch["user"].numel())
+
+        return _Timer()
+
+
+def _throughput(folder: str, cache: str, backbone: str, steps: int, batch_size: int) -> dict:
+    import hydra as hydra_lib
+    import lightning.pytorch as pl
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sar_exp.train import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"backbone={backbone}", "dataset=kuaisar", f"dataset.path={folder}", f"paths.cache_dir={cache}",
+                "paths.root_dir=.", "paths.output_dir=.", f"data.batch_size={batch_size}",
+            ],
+        )  # fmt: skip
+    datamodule = hydra_lib.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    from omegaconf import OmegaConf
+
+    build = hydra_lib.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
+    model = build(
+        schema=datamodule.schema,
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        lookup_tables=datamodule.lookup_tables(),
+    )
+    timer = DataWaitTimer(warmup=3)
+    trainer = pl.Trainer(
+        callbacks=[timer],
+        accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=datamodule)
+    total = timer.wait + timer.step
+    return {
+        "samples/s": timer.samples / total,
+        "data wait share": timer.wait / total,
+        "ms/step": 1000 * total / max(1, steps - 4),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="kuaisar_scale")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--backbones", nargs="+", default=["mlp", "mmoe", "gru4rec", "sasrec", "din"]
+    )
+    parser.add_argument(
+        "--cache", default=".cache/sar_exp", help="where the generated dataset is kept"
+    )
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    from sar_exp.data.cache import cache_key
+    from sar_exp.data.synthetic import make_config, write_kuaisar_folder
+
+    config = make_config(args.preset)
+    folder = Path(args.cache) / f"synthetic-{args.preset}-{cache_key(repr(config))}"
+    start = time.perf_counter()
+    write_kuaisar_folder(config, folder)
+    print(f"dataset: {folder} (ready in {time.perf_counter() - start:.1f}s)")
+
+    scratch = tempfile.mkdtemp(prefix="sar_exp_bench_")
+    try:
+        queue = mp.get_context("spawn").Queue()
+        child = mp.get_context("spawn").Process(
+            target=_preprocess, args=(str(folder), scratch, queue)
+        )
+        child.start()
+        timings, rows, peak_gb = queue.get()
+        child.join()
+        print(f"\npreprocessing raw CSV -> canonical tables -> views ({rows})")
+        for name, seconds in timings.items():
+            print(f"  {name:<18} {seconds:7.1f} s")
+        print(f"  {'peak memory':<18} {peak_gb:7.2f} GB   (targets: < 120 s, < 8 GB)")
+
+        print(
+            f"\ntraining throughput, batch {args.batch_size}, {args.steps} steps (target: data wait < 10%)"
+        )
+        print(f"  {'backbone':<10} {'samples/s':>10} {'ms/step':>8} {'data wait':>10}")
+        results = {"preprocessing": timings, "peak_gb": peak_gb, "rows": rows, "training": {}}
+        for backbone in args.backbones:
+            figures = _throughput(str(folder), scratch, backbone, args.steps, args.batch_size)
+            results["training"][backbone] = figures
+            print(
+                f"  {backbone:<10} {figures['samples/s']:>10.0f} {figures['ms/step']:>8.1f} "
+                f"{100 * figures['data wait share']:>9.1f}%"
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

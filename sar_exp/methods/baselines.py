@@ -1,0 +1,87 @@
+"""Simple search-enhanced baselines from ClardRec's tables.
+
+AUG: search clicks are added to the rec training data as extra positives.
+JSR: joint search and recommendation (Zamani and Croft, DESIRES'18): shared bottom
+embeddings, a rec tower and a search tower, trained on the summed loss."""
+
+from __future__ import annotations
+
+import hydra
+import torch
+
+from sar_exp.backbones.embeddings import QueryEncoder, mlp
+from sar_exp.methods.base import PlainBackbone, RecommenderModule
+from sar_exp.methods.losses import sampled_softmax_ce
+
+
+class AugmentedBackbone(PlainBackbone):
+    """AUG: the plain backbone, trained on rec clicks and search clicks alike.
+
+    Each search click (u, q, i) becomes a rec positive (u, i) scored by the rec model
+    with the user's rec history at that time; the query is dropped. The loss is the
+    mean over the union of both batches, as if the two sets were one training set."""
+
+    def training_loss(self, batch):
+        rec = sampled_softmax_ce(self.score(batch, batch["candidates"]))
+        search = batch["search"]
+        aug = sampled_softmax_ce(self.score(search, search["candidates"]))
+        n_rec, n_search = batch["user"].numel(), search["user"].numel()
+        loss = (n_rec * rec + n_search * aug) / (n_rec + n_search)
+        return loss, {"rec": rec.detach(), "aug": aug.detach()}
+
+
+class JointSearchRec(RecommenderModule):
+    """JSR: the rec tower scores u_rec . i_rec; the search tower scores
+    (u_src + q) . i_src with its own user encoder (search history of [item | query]
+    steps for sequential backbones) and item MLP. Only the id/attribute embeddings are
+    shared. L = L_rec + L_src (Zamani and Croft's summed objective)."""
+
+    def __init__(self, schema: dict, backbone: dict, search_weight: float = 1.0, **kwargs):
+        super().__init__(schema, backbone, **kwargs)
+        hp = self.hparams
+        d_h = hp.hidden_dim
+        self.queries = QueryEncoder(schema["num_words"], d_h, self.queries.query_words)
+        common = dict(user_dim=self.users.out_dim, hidden_dim=d_h, item_dim=self.items.out_dim, query_dim=d_h,
+                      max_length=max(schema["max_rec_history"], schema["max_search_history"]))  # fmt: skip
+        self.rec_user_encoder = hydra.utils.instantiate(
+            hp.backbone["encoder"], step_dim=self.items.out_dim, **common
+        )
+        self.search_user_encoder = hydra.utils.instantiate(
+            hp.backbone["encoder"], step_dim=self.items.out_dim + d_h, **common
+        )
+        self.rec_item_encoder = mlp(self.items.out_dim, d_h, hp.item_layers)
+        self.search_item_encoder = mlp(self.items.out_dim, d_h, hp.item_layers)
+
+    def _user(self, encoder, batch, steps=None, mask=None):
+        user = self.users(batch["user"])
+        return encoder(user) if not encoder.needs_history else encoder(user, steps, mask)
+
+    def score(self, batch, candidates):
+        user = self._user(
+            self.rec_user_encoder,
+            batch,
+            self.items(batch["rec_history"]),
+            batch.get("rec_history_mask"),
+        )
+        return (user.unsqueeze(1) * self.rec_item_encoder(self.items(candidates))).sum(-1)
+
+    def search_score(self, batch, candidates):
+        clicks = batch["search_history_clicks"]
+        clicked = clicks > 0
+        items = (self.items(clicks) * clicked[..., None]).sum(-2) / clicked.sum(
+            -1, keepdim=True
+        ).clamp(min=1)
+        steps = torch.cat([items, self.queries(batch["search_history_query"])], dim=-1)
+        user = self._user(
+            self.search_user_encoder, batch, steps, batch["search_history_mask"] & clicked.any(-1)
+        )
+        query = self.queries(batch["query"])
+        return ((user + query).unsqueeze(1) * self.search_item_encoder(self.items(candidates))).sum(
+            -1
+        )
+
+    def training_loss(self, batch):
+        rec = sampled_softmax_ce(self.score(batch, batch["candidates"]))
+        search = batch["search"]
+        src = sampled_softmax_ce(self.search_score(search, search["candidates"]))
+        return rec + self.hparams.search_weight * src, {"rec": rec.detach(), "src": src.detach()}

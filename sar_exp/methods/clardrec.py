@@ -1,0 +1,174 @@
+"""ClardRec (Cui et al.): counterfactual learning-driven representation disentanglement
+for search-enhanced recommendation; collaborative filtering and sequential scenarios.
+
+Equation numbers refer to the paper (../shared/papers/clardrec.txt)."""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from torch import nn
+
+from sar_exp.backbones.embeddings import QueryEncoder, mlp
+from sar_exp.methods.base import RecommenderModule
+from sar_exp.methods.clardrec_losses import (
+    constraint_loss,
+    counterfactual_deltas,
+    counterfactual_loss,
+    data_augmentation_loss,
+    search_loss,
+)
+from sar_exp.methods.losses import sampled_softmax_ce
+
+
+class GatedDisentangler(nn.Module):
+    """Item attribute-aware gated disentangling (Eq. 6-8).
+
+    z_ID (element-wise, d_e) gates the id part and one scalar z^{aj} gates each
+    attribute; m = 1 - z. Both halves are scaled by 2 so (i_/q + i_/u) / 2 = i_emb."""
+
+    def __init__(self, part_dim: int, num_attributes: int, hidden_dim: int):
+        super().__init__()
+        item_dim = part_dim * (1 + num_attributes)  # d_i = (|i^a| + 1) d_e
+        self.id_gate = mlp(item_dim, hidden_dim, 2, out_dim=part_dim)  # Eq. 7
+        self.attribute_gate = mlp(item_dim, hidden_dim, 2, out_dim=max(1, num_attributes))  # Eq. 8
+        self.num_attributes = num_attributes
+
+    def forward(
+        self, parts: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """parts = [i_ID, i_a1, ...] -> (i_/q_emb, i_/u_emb, z_ID, z_a)."""
+        item = torch.cat(parts, dim=-1)
+        z_id = torch.sigmoid(self.id_gate(item))
+        z_attr = torch.sigmoid(self.attribute_gate(item))[..., : self.num_attributes]
+        keep = [z_id * parts[0]] + [z_attr[..., j : j + 1] * p for j, p in enumerate(parts[1:])]
+        drop = [(1 - z_id) * parts[0]] + [
+            (1 - z_attr[..., j : j + 1]) * p for j, p in enumerate(parts[1:])
+        ]
+        return 2 * torch.cat(keep, dim=-1), 2 * torch.cat(drop, dim=-1), z_id, z_attr  # Eq. 6
+
+
+class ClardRec(RecommenderModule):
+    """ClardRec on any two-tower backbone (MLP, MMoE: CF; GRU4Rec, SASRec: sequential).
+
+    Ablations (Table 2 and Table 5), all on by default:
+      use_cd  counterfactual disentangling; off: i_src replaces i_/q^src, no L_cd, L_con
+      use_fa  feature augmentation (Eq. 18-20); off: r_ui = u_rec . i_rec (Eq. 3)
+      use_da  data augmentation (Eq. 21); off: L_da = 0
+      use_cs  confidence scores in L_da; off: Eq. 32 instead of Eq. 21
+    """
+
+    def __init__(
+        self,
+        schema: dict,
+        backbone: dict,
+        lambda_: float = 0.02,
+        alpha: float = 0.2,
+        beta: float = 0.5,
+        gamma: float = 0.1,
+        use_cd: bool = True,
+        use_fa: bool = True,
+        use_da: bool = True,
+        use_cs: bool = True,
+        **kwargs,
+    ):
+        super().__init__(schema, backbone, **kwargs)
+        hp = self.hparams
+        d_h = hp.hidden_dim
+        # Representations of users, items and queries share d_h (Sec. 4.1), so the
+        # query's word embeddings are d_h wide.
+        self.queries = QueryEncoder(schema["num_words"], d_h, self.queries.query_words)
+        user_dim, item_dim = self.users.out_dim, self.items.out_dim
+        common = dict(user_dim=user_dim, hidden_dim=d_h, item_dim=item_dim, query_dim=d_h,
+                      max_length=max(schema["max_rec_history"], schema["max_search_history"]))  # fmt: skip
+        # Domain-specific user encoders: one backbone copy per domain (Eq. 2, 5); the
+        # sequential search encoder reads [item | query] per step (Eq. 29-31).
+        self.rec_user_encoder = hydra.utils.instantiate(
+            hp.backbone["encoder"], step_dim=item_dim, **common
+        )
+        self.search_user_encoder = hydra.utils.instantiate(
+            hp.backbone["encoder"], step_dim=item_dim + d_h, **common
+        )
+        if getattr(self.rec_user_encoder, "scores_items", False):
+            raise ValueError(
+                "ClardRec needs a user encoder (mlp, mmoe, gru4rec, sasrec), not a target-aware scorer"
+            )
+        self.rec_item_encoder = mlp(item_dim, d_h, hp.item_layers)  # Enc^i_rec
+        self.search_item_encoder = mlp(item_dim, d_h, hp.item_layers)  # Enc^i_src
+        self.disentangler = GatedDisentangler(
+            self.items.part_dim, len(schema["item_attribute_sizes"]), d_h
+        )
+        self.fusion_gate = mlp(2 * d_h, d_h, 2, out_dim=1)  # Eq. 19
+
+    # ------------------------------------------------------------ representations
+    def rec_user(self, batch) -> torch.Tensor:
+        user = self.users(batch["user"])
+        if not self.rec_user_encoder.needs_history:
+            return self.rec_user_encoder(user)  # Eq. 2, CF
+        return self.rec_user_encoder(
+            user, self.items(batch["rec_history"]), batch["rec_history_mask"]
+        )
+
+    def search_user(self, batch) -> torch.Tensor:
+        user = self.users(batch["user"])
+        if not self.search_user_encoder.needs_history:
+            return self.search_user_encoder(user)  # Eq. 5, CF
+        # H_src holds (query, clicked item) pairs: a session contributes the mean of its
+        # clicked items beside its query; sessions without a click are not in H_src.
+        clicks = batch["search_history_clicks"]
+        clicked = clicks > 0
+        items = (self.items(clicks) * clicked[..., None]).sum(-2) / clicked.sum(
+            -1, keepdim=True
+        ).clamp(min=1)
+        steps = torch.cat([items, self.queries(batch["search_history_query"])], dim=-1)
+        mask = batch["search_history_mask"] & clicked.any(-1)
+        return self.search_user_encoder(user, steps, mask)  # Eq. 29-31
+
+    def query_independent_items(self, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
+        """i_src, i_/q^src and i_/u^src (Eq. 9) for a [B, K] tensor of items."""
+        parts = self.items.parts(candidates)
+        i_src = self.search_item_encoder(torch.cat(parts, dim=-1))
+        if not self.hparams.use_cd:
+            return {"i_src": i_src, "i_/q": i_src}
+        i_q_emb, i_u_emb, _, _ = self.disentangler(parts)
+        return {
+            "i_src": i_src,
+            "i_/q": self.search_item_encoder(i_q_emb),
+            "i_/u": self.search_item_encoder(i_u_emb),
+        }
+
+    def score(self, batch, candidates):
+        user = self.rec_user(batch)
+        i_rec = self.rec_item_encoder(self.items(candidates))
+        if self.hparams.use_fa:
+            i_q = self.query_independent_items(candidates)["i_/q"]
+            g = torch.sigmoid(self.fusion_gate(torch.cat([i_rec, i_q], dim=-1)))  # Eq. 19
+            i_rec = g * i_rec + (1 - g) * i_q  # Eq. 18
+        return (user.unsqueeze(1) * i_rec).sum(-1)  # Eq. 20 (Eq. 3 without FA)
+
+    # ------------------------------------------------------------ training
+    def training_loss(self, batch):
+        hp = self.hparams
+        rec_loss = sampled_softmax_ce(self.score(batch, batch["candidates"]))  # L_rec
+        search = batch["search"]
+        u_src = self.search_user(search)
+        q_src = self.queries(search["query"])
+        items = self.query_independent_items(search["candidates"])
+        dot = lambda a, b: (a.unsqueeze(1) * b).sum(-1)  # noqa: E731
+        s_ui, s_qi = dot(u_src, items["i_src"]), dot(q_src, items["i_src"])
+        parts = {"rec": rec_loss, "src": search_loss(s_ui, s_qi)}  # Eq. 22
+        aux = parts["src"]
+        if hp.use_cd:
+            d = counterfactual_deltas(
+                s_ui, dot(u_src, items["i_/q"]), dot(u_src, items["i_/u"]),
+                s_qi, dot(q_src, items["i_/q"]), dot(q_src, items["i_/u"]),
+            )  # fmt: skip
+            parts["cd"], parts["con"] = counterfactual_loss(d), constraint_loss(d)
+            aux = aux + hp.alpha * parts["cd"] + hp.gamma * parts["con"]
+        if hp.use_da:
+            r_aug = dot(self.rec_user(search), items["i_/q"])  # r^aug_ui = u_rec . i_/q^src
+            confidence = dot(u_src, items["i_/q"])[:, 0] if hp.use_cs else None  # s_{ui/q}
+            parts["da"] = data_augmentation_loss(r_aug, confidence)
+            aux = aux + hp.beta * parts["da"]
+        loss = rec_loss + hp.lambda_ * aux  # Eq. 23
+        return loss, {k: v.detach() for k, v in parts.items()}
