@@ -137,3 +137,50 @@ def test_cli_default_run_prints_the_metrics_table(tmp_path):
         assert name in result.stdout
     assert sorted(json.loads((tmp_path / "metrics.json").read_text())) == RANKING
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "mmoe", "gru4rec", "sasrec"])
+@pytest.mark.parametrize("method", ["clardrec", "aug", "jsr"])
+def test_search_enhanced_methods_one_epoch(make_cfg, method, backbone):
+    metrics = train(make_cfg(f"method={method}", f"backbone={backbone}"))
+    assert sorted(metrics) == RANKING
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_clardrec_refuses_din_before_loading_data(make_cfg):
+    with pytest.raises(ConfigError, match=r"method=clardrec does not work with backbone=din"):
+        train(
+            make_cfg(
+                "method=clardrec", "backbone=din", "dataset=kuaisar", "dataset.path=/nonexistent"
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "backbone, lr, batch, layers, item_layers, lam, alpha, beta",
+    [
+        ("mlp", 0.005, 4096, 3, 3, 0.1, 0.1, 0.2),
+        ("mmoe", 0.005, 4096, 3, 3, 0.2, 1.0, 0.1),
+        ("gru4rec", 0.001, 64, 1, 3, 0.02, 0.1, 0.1),
+        ("sasrec", 0.002, 64, 1, 1, 0.02, 0.2, 0.5),
+    ],
+)
+def test_clardrec_experiments_carry_table4(
+    make_cfg, tiny_folder, backbone, lr, batch, layers, item_layers, lam, alpha, beta
+):
+    cfg = make_cfg(
+        f"experiment=clardrec_kuaisar_{backbone}", f"dataset.path={tiny_folder}", tiny=False
+    )
+    m = cfg.method.module
+    assert (cfg.method.name, cfg.backbone.name) == ("clardrec", backbone)
+    assert (m.lr, cfg.data.batch_size, cfg.backbone.encoder.layers, m.item_layers) == (
+        lr,
+        batch,
+        layers,
+        item_layers,
+    )
+    assert (m.lambda_, m.alpha, m.beta) == (lam, alpha, beta)
+    assert cfg.callbacks.early_stopping.patience == 10
+    assert cfg.dataset.protocol.min_search_interactions == (
+        10 if backbone in ("gru4rec", "sasrec") else 0
+    )
