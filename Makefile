@@ -37,3 +37,11 @@ bench: ## preprocessing and training-throughput benchmark on the kuaisar_scale p
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf .cache outputs/* multirun
 	touch outputs/.gitkeep
+
+# ClardRec's Table 1 and Table 2. DATASET=kuaisar DATA=DIR for the real data;
+# QUICK=1 for one seed and two epochs; SEEDS="0 1 2 3 4" for the paper's five seeds.
+DATASET ?= synthetic
+SEEDS ?= 0 1 2
+.PHONY: table-clardrec
+table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, QUICK=1)
+	$(PYTHON) -m sar_exp.tables.clardrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) $(if $(QUICK),--quick)

@@ -1,0 +1,66 @@
+"""Aggregating seeds into a paper-style table: mean +- std, improvement, Welch t-test."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass
+class Cell:
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+
+    def text(self) -> str:
+        if not self.values:
+            return "-"
+        return f"{self.mean:.4f}±{self.std:.4f}" if len(self.values) > 1 else f"{self.mean:.4f}"
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided Welch t-test p-value; nan with fewer than two seeds a side."""
+    if len(a) < 2 or len(b) < 2 or (np.std(a) == 0 and np.std(b) == 0):
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def relative_improvement(new: float, old: float) -> float:
+    return (new - old) / old * 100 if old else math.nan
+
+
+def render(
+    rows: list[tuple[str, str, str, list[Cell], list[float] | None]], metrics: list[str], title: str
+) -> str:
+    """rows: (group, backbone, label, cells, published) -> a text table."""
+    width = 15 if any(len(c.values) > 1 for r in rows for c in r[3]) else 8
+    head = f"{'':<11}{'backbone':<9}{'method':<12}" + "".join(
+        f"{m.upper():>{width + 9}}" for m in metrics
+    )
+    lines = [title, head, "-" * len(head)]
+    last_group = None
+    for group, backbone, label, cells, published in rows:
+        shown = group if group != last_group else ""
+        last_group = group
+        body = ""
+        for i, cell in enumerate(cells):
+            paper = (
+                f"({published[i]:.4f})"
+                if published and not math.isnan(published[i])
+                else "(  -   )"
+            )
+            body += f"{cell.text():>{width}} {paper}"
+        lines.append(f"{shown:<11}{backbone:<9}{label:<12}{body}")
+    lines.append(
+        "each cell: ours (mean±std over seeds) and, in brackets, the paper's KuaiSAR value"
+    )
+    return "\n".join(lines)

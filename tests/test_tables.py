@@ -1,0 +1,46 @@
+"""The ClardRec table command in quick mode, on the tiny dataset."""
+
+from __future__ import annotations
+
+from sar_exp.tables.clardrec import PUBLISHED, main, table4
+from sar_exp.tables.report import Cell, relative_improvement, welch_p
+from tests.conftest import TINY_OVERRIDES
+
+
+def test_quick_table_runs_the_grid_and_prints_the_papers_layout(tmp_path, capsys, cache_dir):
+    main(["--quick", "--quick-epochs", "1", "--backbones", "mlp", "gru4rec", "--out", str(tmp_path),
+          "--override", *TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Table 1 (ClardRec): main results on synthetic, 1 seed(s): 0" in out
+    assert "Table 2 (ClardRec): ablations" in out
+    for label in ("+AUG", "+JSR", "+ClardRec", "-CD", "-FA", "-DA", "-CS"):
+        assert label in out
+    assert "(0.1153)" in out and "(0.3389)" in out  # MLP and GRU4Rec ClardRec rows of the paper
+    assert "Improv. of ClardRec over the best baseline" in out
+    runs = list((tmp_path / "quick" / "synthetic").glob("*/*/seed0/metrics.json"))
+    assert len(runs) == 2 * 8  # 2 backbones x (4 methods + 4 ablations)
+    assert (tmp_path / "quick" / "synthetic" / "tables.txt").read_text().startswith("Table 1")
+
+
+def test_rerun_reuses_finished_runs(tmp_path, capsys, cache_dir):
+    args = ["--quick", "--quick-epochs", "1", "--backbones", "mlp", "--out", str(tmp_path),
+            "--override", *TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    main(args)
+    first = capsys.readouterr().out.split("Table 1")[1]
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.json")}
+    main(args)
+    assert capsys.readouterr().out.split("Table 1")[1] == first
+    assert stamp == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("metrics.json")}
+
+
+def test_report_statistics():
+    assert Cell([0.1, 0.3]).text() == "0.2000±0.1414"
+    assert relative_improvement(0.11, 0.10) == 10.000000000000009
+    assert welch_p([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) < 0.01
+    assert welch_p([1.0], [2.0]) != welch_p([1.0], [2.0])  # nan with one seed
+
+
+def test_table4_is_read_from_the_experiment_files():
+    assert table4("sasrec") == {"lr": 0.002, "batch_size": 64, "layers": 1, "item_layers": 1,
+                                "lambda_": 0.02, "alpha": 0.2, "beta": 0.5}  # fmt: skip
+    assert PUBLISHED[("gru4rec", "clardrec")] == (0.3389, 0.5126, 0.4326, 0.4263)
