@@ -133,6 +133,8 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import; quiet them after)
+
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     from sar_exp.data.cache import cache_key

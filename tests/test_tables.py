@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sar_exp.tables.clardrec import PUBLISHED, main, table4
 from sar_exp.tables.report import Cell, relative_improvement, welch_p
 from tests.conftest import TINY_OVERRIDES
@@ -35,7 +37,7 @@ def test_rerun_reuses_finished_runs(tmp_path, capsys, cache_dir):
 
 def test_report_statistics():
     assert Cell([0.1, 0.3]).text() == "0.2000±0.1414"
-    assert relative_improvement(0.11, 0.10) == 10.000000000000009
+    assert relative_improvement(0.11, 0.10) == pytest.approx(10.0)
     assert welch_p([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) < 0.01
     assert welch_p([1.0], [2.0]) != welch_p([1.0], [2.0])  # nan with one seed
 

@@ -211,6 +211,8 @@ def main(argv=None) -> None:
     import logging
     import warnings
 
+    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import; quiet them after)
+
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     results = collect(args)
