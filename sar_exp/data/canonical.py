@@ -17,6 +17,7 @@ import polars as pl
 
 from sar_exp.data.cache import cache_key, cached_folder, file_fingerprint
 from sar_exp.data.kuaisar import KuaiSARRaw, read_kuaisar, source_files
+from sar_exp.data.progress import stage
 
 CANONICAL_VERSION = 1
 MISSING_ATTRIBUTE_VALUES = ["", "0", "空", "empty", "null", "None"]
@@ -209,9 +210,11 @@ def load_canonical(
     )
 
     def build(tmp: Path) -> None:
-        tables = build_canonical(
-            read_kuaisar(folder, user_attributes, item_attributes), user_attributes, item_attributes
-        )
+        with stage(f"reading the KuaiSAR files in {folder}"):
+            raw = read_kuaisar(folder, user_attributes, item_attributes)
+        rows = f"{raw.rec.height:,} rec rows, {raw.search.height:,} search rows"
+        with stage(f"building canonical tables ({rows})"):
+            tables = build_canonical(raw, user_attributes, item_attributes)
         for name in TABLES:
             getattr(tables, name).write_parquet(tmp / f"{name}.parquet")
         (tmp / "meta.json").write_text(json.dumps(tables.meta, indent=1))

@@ -372,7 +372,11 @@ def write_kuaisar_folder(cfg: SyntheticConfig, folder: str | Path) -> Path:
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, frame in generate(cfg).items():
+    from sar_exp.data.progress import stage
+
+    with stage(f"generating the synthetic KuaiSAR-format dataset ({cfg.n_users:,} users)"):
+        tables = generate(cfg)
+    for name, frame in tables.items():
         frame.write_csv(tmp / f"{name}.csv", float_precision=1)
     (tmp / "synthetic_config.txt").write_text(repr(asdict(cfg)) + "\n")
     try:

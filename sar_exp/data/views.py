@@ -29,6 +29,7 @@ import polars as pl
 
 from sar_exp.data.cache import cache_key, cached_folder
 from sar_exp.data.canonical import CanonicalTables
+from sar_exp.data.progress import stage
 from sar_exp.errors import ConfigError, DataError
 
 VIEW_VERSION = 1
@@ -483,7 +484,8 @@ def load_view(
     key = cache_key(VIEW_VERSION, tables_key, name, asdict(protocol))
 
     def build(tmp: Path) -> None:
-        view = build_view(tables, name, protocol)
+        with stage(f"building the {name} view (splits, histories, negatives)"):
+            view = build_view(tables, name, protocol)
         with open(tmp / "arrays.npz", "wb") as handle:
             np.savez(handle, **view)
         (tmp / "meta.json").write_text(json.dumps(view.meta, indent=1, default=list))

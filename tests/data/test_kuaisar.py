@@ -130,3 +130,12 @@ def test_canonical_tables_use_dense_ids_with_zero_free(folder, tmp_path):
     # sessions without a click are kept
     clicked = tables.search.group_by("session").agg(pl.col("clicked").max())
     assert 0 < clicked["clicked"].mean() < 1
+
+
+def test_preprocessing_reports_its_stages(folder, tmp_path, capsys):
+    load_canonical(folder, tmp_path / "cache", USER_ATTRS, ITEM_ATTRS)
+    err = capsys.readouterr().err
+    assert "[sar_exp] reading the KuaiSAR files in" in err
+    assert "[sar_exp] building canonical tables (" in err and "rec rows" in err and "done in" in err
+    load_canonical(folder, tmp_path / "cache", USER_ATTRS, ITEM_ATTRS)
+    assert capsys.readouterr().err == ""  # from the cache: nothing to report
