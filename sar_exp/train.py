@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import warnings
@@ -34,6 +35,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*is an instance of `nn.Module`.*")
+    # Lightning prints through its own handler; without this Hydra's root handler
+    # prints every line a second time.
+    logging.getLogger("lightning.pytorch").propagate = False
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -58,6 +62,12 @@ def _instantiate_all(group: DictConfig | None) -> list:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, build data/model/trainer, fit, test the best checkpoint; return test metrics."""
+    return run(cfg)[0]
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, float], float]:
+    """`train`, also returning the best validation value of `optimized_metric` (what a
+    sweep may optimise: tuning on the test metric would leak the test set)."""
     import lightning.pytorch as pl  # imported here so `--help` stays fast
 
     from sar_exp.config_checks import check_config
@@ -81,12 +91,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    best_validation = float("nan")
     if cfg.train:
         trainer.fit(model, datamodule=datamodule)
-        checkpoint = (
-            trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
-        )
-        ckpt_path = checkpoint or None
+        callback = trainer.checkpoint_callback
+        ckpt_path = (callback.best_model_path or None) if callback else None
+        if callback is not None and callback.best_model_score is not None:
+            best_validation = float(callback.best_model_score)
     else:
         ckpt_path = str(Path(cfg.ckpt_path).expanduser())
         if not Path(ckpt_path).is_file():
@@ -111,15 +122,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             import wandb
 
             wandb.finish()  # lets several runs share one process (multiruns, tests)
-    return metrics
+    return metrics, best_validation
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     try:
-        metrics = train(cfg)
+        _, best_validation = run(cfg)
     except SarExpError as err:
         print(f"sar_exp: error: {err}", file=sys.stderr)
         sys.exit(2)
-    # Optuna sweeps maximise this value; the test metric matching the monitored one.
-    return metrics.get(cfg.optimized_metric.replace("val/", "test/"), float("nan"))
+    return best_validation  # what Optuna sweeps maximise

@@ -184,3 +184,17 @@ def test_clardrec_experiments_carry_table4(
     assert cfg.dataset.protocol.min_search_interactions == (
         10 if backbone in ("gru4rec", "sasrec") else 0
     )
+
+
+def test_sweeps_optimise_the_validation_metric_not_the_test_metric(make_cfg, tmp_path):
+    import csv
+
+    from sar_exp.train import run
+
+    metrics, best_validation = run(
+        make_cfg("backbone=mlp", "trainer.max_epochs=2", output_dir=tmp_path)
+    )
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    validation = [float(r["val/ndcg@10"]) for r in rows if r.get("val/ndcg@10")]
+    assert best_validation == pytest.approx(max(validation))
+    assert best_validation != metrics["test/ndcg@10"]
