@@ -51,6 +51,21 @@ def _dense_map(values: pl.Series, raw: str, code: str) -> pl.DataFrame:
     )
 
 
+def _remap_word_lists(
+    frame: pl.DataFrame, key: str, column: str, words_map: pl.DataFrame
+) -> pl.DataFrame:
+    """(key, list of raw word ids) -> (key, list of dense word ids), order kept."""
+    return (
+        frame.select(key, word_id=column)
+        .explode("word_id")
+        .with_row_index("pos")
+        .join(words_map, on="word_id", how="left")
+        .sort("pos")
+        .group_by(key, maintain_order=True)
+        .agg(pl.col("word").drop_nulls().alias(column))
+    )
+
+
 def _attribute_codes(frame: pl.DataFrame, column: str) -> pl.Expr:
     """Categorical attribute -> dense code, 0 for the release's "no value" markers."""
     values = frame[column].cast(pl.String).str.strip_chars()
@@ -91,15 +106,8 @@ def build_canonical(
         .sort("query_key")
         .with_columns(query=pl.int_range(1, pl.len() + 1, dtype=pl.Int32))
     )
-    query_words = (
-        queries.select("query", word_id="keyword")
-        .with_row_index("q_row")
-        .explode("word_id")
-        .with_row_index("pos")
-        .join(words_map, on="word_id", how="left")
-        .sort("pos")
-        .group_by("query", maintain_order=True)
-        .agg(words=pl.col("word").drop_nulls())
+    query_words = _remap_word_lists(queries, "query", "keyword", words_map).rename(
+        {"keyword": "words"}
     )
 
     rec = (
@@ -144,16 +152,7 @@ def build_canonical(
         .select("user", "user_id", *user_attributes)
         .sort("user")
     )
-    caption_words = (
-        raw.items.select("item_id", word_id="caption")
-        .with_row_index("i_row")
-        .explode("word_id")
-        .with_row_index("pos")
-        .join(words_map, on="word_id", how="left")
-        .sort("pos")
-        .group_by("item_id", maintain_order=True)
-        .agg(caption=pl.col("word").drop_nulls())
-    )
+    caption_words = _remap_word_lists(raw.items, "item_id", "caption", words_map)
     rec_items = rec["item"].unique()
     search_items = shown["item"].unique()
     item_table = (

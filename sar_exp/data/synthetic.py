@@ -18,8 +18,6 @@ each with a knob (README, "The embedded dataset"):
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -364,23 +362,16 @@ def _as_kuaisar_tables(
 
 
 def write_kuaisar_folder(cfg: SyntheticConfig, folder: str | Path) -> Path:
-    """Write the five CSVs into `folder` atomically (a temp folder, then a rename)."""
-    folder = Path(folder)
-    if (folder / "rec_inter.csv").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    """Write the five CSVs into `folder` once, atomically (see `cache.cached_folder`)."""
+    from sar_exp.data.cache import cached_folder
     from sar_exp.data.progress import stage
 
-    with stage(f"generating the synthetic KuaiSAR-format dataset ({cfg.n_users:,} users)"):
-        tables = generate(cfg)
-    for name, frame in tables.items():
-        frame.write_csv(tmp / f"{name}.csv", float_precision=1)
-    (tmp / "synthetic_config.txt").write_text(repr(asdict(cfg)) + "\n")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    def build(tmp: Path) -> None:
+        with stage(f"generating the synthetic KuaiSAR-format dataset ({cfg.n_users:,} users)"):
+            tables = generate(cfg)
+        for name, frame in tables.items():
+            frame.write_csv(tmp / f"{name}.csv", float_precision=1)
+        (tmp / "synthetic_config.txt").write_text(repr(asdict(cfg)) + "\n")
+
+    folder = Path(folder)
+    return cached_folder(folder.parent, folder.name, build)

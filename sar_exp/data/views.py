@@ -342,6 +342,20 @@ def _filter_both_histories(view, user, time, protocol) -> np.ndarray:
     return (re > rs) & (se > ss)
 
 
+def _sample_arrays(frame: pl.DataFrame, with_query: bool = False, with_label: bool = False) -> dict:
+    """The per-sample columns every view stores: user, item, time (+ query, label)."""
+    arrays = {
+        "user": frame["user"].to_numpy().astype(np.int32),
+        "item": frame["item"].to_numpy().astype(np.int32),
+        "time": frame["time"].to_numpy().astype(np.int64),
+    }
+    if with_query:
+        arrays["query"] = frame["query"].to_numpy().astype(np.int32)
+    if with_label:
+        arrays["label"] = frame["click"].to_numpy().astype(np.float32)
+    return arrays
+
+
 def _rec_exclusions(frames) -> np.ndarray:
     rc = frames["rec_clicks"]
     return _keys(rc["user"].to_numpy(), rc["item"].to_numpy())
@@ -358,11 +372,7 @@ def _search_exclusions(frames) -> np.ndarray:
 
 def _sequential(view, frames, protocol, rng):
     rc = frames["rec_clicks"]
-    arrays = {
-        "user": rc["user"].to_numpy().astype(np.int32),
-        "item": rc["item"].to_numpy().astype(np.int32),
-        "time": rc["time"].to_numpy().astype(np.int64),
-    }
+    arrays = _sample_arrays(rc)
     keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
     arrays = {k: v[keep] for k, v in arrays.items()}
     arrays["query"] = np.zeros_like(arrays["user"])
@@ -370,12 +380,7 @@ def _sequential(view, frames, protocol, rng):
                  _rec_exclusions(frames), protocol, "rec")  # fmt: skip
 
     pos = frames["search_positives"].sort("user", "time", "session_pos", "position")
-    arrays = {
-        "user": pos["user"].to_numpy().astype(np.int32),
-        "item": pos["item"].to_numpy().astype(np.int32),
-        "time": pos["time"].to_numpy().astype(np.int64),
-        "query": pos["query"].to_numpy().astype(np.int32),
-    }
+    arrays = _sample_arrays(pos, with_query=True)
     _store_split(view, "search", _leave_one_out(arrays["user"]), arrays, rng, view["search_item_pool"],
                  _search_exclusions(frames), protocol, "search", owner_key="query")  # fmt: skip
 
@@ -392,23 +397,14 @@ def _random_split(rng, n, shares) -> np.ndarray:
 def _cf(view, frames, protocol, rng):
     # The paper's D_rec and D_src are sets of clicks, so repeated clicks count once.
     rc = frames["rec_clicks"].unique(["user", "item"], keep="first", maintain_order=True)
-    arrays = {
-        "user": rc["user"].to_numpy().astype(np.int32),
-        "item": rc["item"].to_numpy().astype(np.int32),
-        "time": rc["time"].to_numpy().astype(np.int64),
-    }
+    arrays = _sample_arrays(rc)
     arrays["query"] = np.zeros_like(arrays["user"])
     _store_split(view, "rec", _random_split(rng, arrays["user"].size, protocol.cf_split), arrays, rng,
                  view["rec_item_pool"], _rec_exclusions(frames), protocol, "rec")  # fmt: skip
     pos = frames["search_positives"].unique(
         ["user", "query", "item"], keep="first", maintain_order=True
     )
-    arrays = {
-        "user": pos["user"].to_numpy().astype(np.int32),
-        "item": pos["item"].to_numpy().astype(np.int32),
-        "time": pos["time"].to_numpy().astype(np.int64),
-        "query": pos["query"].to_numpy().astype(np.int32),
-    }
+    arrays = _sample_arrays(pos, with_query=True)
     _store_split(view, "search", _random_split(rng, arrays["user"].size, protocol.cf_split), arrays, rng,
                  view["search_item_pool"], _search_exclusions(frames), protocol, "search",
                  owner_key="query")  # fmt: skip
@@ -422,12 +418,7 @@ def _csr(owner: np.ndarray, values: np.ndarray, n_owners: int) -> tuple[np.ndarr
 
 def _ctr(view, frames, protocol, rng):
     rec = frames["rec"].sort("user", "time", "order")
-    arrays = {
-        "user": rec["user"].to_numpy().astype(np.int32),
-        "item": rec["item"].to_numpy().astype(np.int32),
-        "time": rec["time"].to_numpy().astype(np.int64),
-        "label": rec["click"].to_numpy().astype(np.float32),
-    }
+    arrays = _sample_arrays(rec, with_label=True)
     keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
     arrays = {k: v[keep] for k, v in arrays.items()}
     arrays["query"] = np.zeros_like(arrays["user"])

@@ -62,6 +62,16 @@ class RecommenderModule(pl.LightningModule):
         self.val_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
         self.test_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
 
+    def search_history_steps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[mean clicked item | query] per past search session (ClardRec Eq. 29) and
+        its mask. Sessions without a click are masked: H_src holds (query, click) pairs."""
+        clicks = batch["search_history_clicks"]
+        clicked = clicks > 0
+        counts = clicked.sum(-1, keepdim=True).clamp(min=1)
+        items = (self.items(clicks) * clicked[..., None]).sum(-2) / counts
+        steps = torch.cat([items, self.queries(batch["search_history_query"])], dim=-1)
+        return steps, batch["search_history_mask"] & clicked.any(-1)
+
     # ------------------------------------------------------------ to implement
     def score(self, batch: dict, candidates: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

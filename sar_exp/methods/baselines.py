@@ -7,7 +7,6 @@ embeddings, a rec tower and a search tower, trained on the summed loss."""
 from __future__ import annotations
 
 import hydra
-import torch
 
 from sar_exp.backbones.embeddings import QueryEncoder, mlp
 from sar_exp.methods.base import PlainBackbone, RecommenderModule
@@ -66,15 +65,8 @@ class JointSearchRec(RecommenderModule):
         return (user.unsqueeze(1) * self.rec_item_encoder(self.items(candidates))).sum(-1)
 
     def search_score(self, batch, candidates):
-        clicks = batch["search_history_clicks"]
-        clicked = clicks > 0
-        items = (self.items(clicks) * clicked[..., None]).sum(-2) / clicked.sum(
-            -1, keepdim=True
-        ).clamp(min=1)
-        steps = torch.cat([items, self.queries(batch["search_history_query"])], dim=-1)
-        user = self._user(
-            self.search_user_encoder, batch, steps, batch["search_history_mask"] & clicked.any(-1)
-        )
+        steps, mask = self.search_history_steps(batch)
+        user = self._user(self.search_user_encoder, batch, steps, mask)
         query = self.queries(batch["query"])
         return ((user + query).unsqueeze(1) * self.search_item_encoder(self.items(candidates))).sum(
             -1

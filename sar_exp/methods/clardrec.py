@@ -113,15 +113,7 @@ class ClardRec(RecommenderModule):
         user = self.users(batch["user"])
         if not self.search_user_encoder.needs_history:
             return self.search_user_encoder(user)  # Eq. 5, CF
-        # H_src holds (query, clicked item) pairs: a session contributes the mean of its
-        # clicked items beside its query; sessions without a click are not in H_src.
-        clicks = batch["search_history_clicks"]
-        clicked = clicks > 0
-        items = (self.items(clicks) * clicked[..., None]).sum(-2) / clicked.sum(
-            -1, keepdim=True
-        ).clamp(min=1)
-        steps = torch.cat([items, self.queries(batch["search_history_query"])], dim=-1)
-        mask = batch["search_history_mask"] & clicked.any(-1)
+        steps, mask = self.search_history_steps(batch)
         return self.search_user_encoder(user, steps, mask)  # Eq. 29-31
 
     def query_independent_items(self, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
