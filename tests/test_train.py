@@ -198,3 +198,8 @@ def test_sweeps_optimise_the_validation_metric_not_the_test_metric(make_cfg, tmp
     validation = [float(r["val/ndcg@10"]) for r in rows if r.get("val/ndcg@10")]
     assert best_validation == pytest.approx(max(validation))
     assert best_validation != metrics["test/ndcg@10"]
+
+
+def test_tensorboard_logger_writes_event_files(make_cfg, tmp_path):
+    train(make_cfg("backbone=mlp", "logger=tensorboard", output_dir=tmp_path))
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
