@@ -158,7 +158,9 @@ class ClardRec(RecommenderModule):
             parts["cd"], parts["con"] = counterfactual_loss(d), constraint_loss(d)
             aux = aux + hp.alpha * parts["cd"] + hp.gamma * parts["con"]
         if hp.use_da:
-            r_aug = dot(self.rec_user(search), items["i_/q"])  # r^aug_ui = u_rec . i_/q^src
+            # r^aug_ui = u_rec . i_/q^src. Eq. 21 does not say which negatives its CE
+            # uses; the search triplet's own M negatives keep one forward pass.
+            r_aug = dot(self.rec_user(search), items["i_/q"])
             confidence = dot(u_src, items["i_/q"])[:, 0] if hp.use_cs else None  # s_{ui/q}
             parts["da"] = data_augmentation_loss(r_aug, confidence)
             aux = aux + hp.beta * parts["da"]
