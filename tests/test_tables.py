@@ -46,3 +46,14 @@ def test_table4_is_read_from_the_experiment_files():
     assert table4("sasrec") == {"lr": 0.002, "batch_size": 64, "layers": 1, "item_layers": 1,
                                 "lambda_": 0.02, "alpha": 0.2, "beta": 0.5}  # fmt: skip
     assert PUBLISHED[("gru4rec", "clardrec")] == (0.3389, 0.5126, 0.4326, 0.4263)
+
+
+def test_changed_settings_rerun_instead_of_reusing(tmp_path, capsys, cache_dir):
+    args = ["--quick", "--backbones", "mlp", "--variants", "base", "--out", str(tmp_path),
+            "--override", *TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    main([*args, "--quick-epochs", "1"])
+    metrics = next(tmp_path.rglob("metrics.json"))
+    first = metrics.stat().st_mtime_ns
+    main([*args, "--quick-epochs", "2"])
+    assert metrics.stat().st_mtime_ns != first  # not silently reused under new settings
+    assert len(list(tmp_path.rglob("metrics.json"))) == 1  # --variants ran only base
