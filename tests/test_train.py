@@ -203,3 +203,19 @@ def test_sweeps_optimise_the_validation_metric_not_the_test_metric(make_cfg, tmp
 def test_tensorboard_logger_writes_event_files(make_cfg, tmp_path):
     train(make_cfg("backbone=mlp", "logger=tensorboard", output_dir=tmp_path))
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_more_eval_negatives_widen_the_rank_histogram(make_cfg, tiny_folder, cache_dir):
+    """With 199 negatives a positive can rank 200th; MRR must not clamp it to 100th."""
+    from sar_exp.data.datamodule import SARDataModule
+    from sar_exp.methods.base import PlainBackbone
+
+    dm = SARDataModule(
+        "kuaisar", str(tiny_folder), str(cache_dir), "cf", ["search_active_level"], ["author_id"],
+        protocol={"num_eval_negatives": 199},
+    )  # fmt: skip
+    encoder = {"encoder": {"_target_": "sar_exp.backbones.mlp.MLPEncoder", "layers": 1}}
+    model = PlainBackbone(dm.schema, encoder, lookup_tables=dm.lookup_tables())
+    assert dm.schema["num_candidates"] == 200
+    assert model.test_metrics.max_rank == 200
+    assert next(iter(dm.test_dataloader()))["candidates"].shape[1] == 200

@@ -116,6 +116,7 @@ class SARDataModule(pl.LightningDataModule):
             "max_rec_history": meta["protocol"]["max_rec_history"],
             "max_search_history": meta["protocol"]["max_search_history"],
             "max_interleaved_history": meta["protocol"]["max_interleaved_history"],
+            "num_candidates": meta["protocol"]["num_eval_negatives"] + 1,
         }
 
     def lookup_tables(self) -> dict[str, torch.Tensor]:
