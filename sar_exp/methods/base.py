@@ -20,6 +20,10 @@ class RecommenderModule(pl.LightningModule):
     """Base class: subclasses implement `score(batch, candidates) -> [B, K]` and
     `training_loss(batch) -> (loss, parts)`."""
 
+    # Methods whose queries meet d_h-wide user and item representations in dot
+    # products (ClardRec Sec. 4.1, JSR) embed query words at d_h instead of d_e.
+    queries_in_hidden_space = False
+
     def __init__(
         self,
         schema: dict,
@@ -52,13 +56,16 @@ class RecommenderModule(pl.LightningModule):
             embedding_dim,
             tables.get("item_attributes"),
         )
-        self.queries = QueryEncoder(schema["num_words"], embedding_dim, tables.get("query_words"))
+        query_dim = hidden_dim if self.queries_in_hidden_space else embedding_dim
+        self.queries = QueryEncoder(schema["num_words"], query_dim, tables.get("query_words"))
         pool = torch.zeros(schema["num_items"] + 1, dtype=torch.bool)
         if "rec_item_pool" in tables:
             pool[tables["rec_item_pool"]] = True
         self.register_buffer("rec_item_pool", pool, persistent=False)
-        max_rank = (schema["num_items"] + 1) if eval_mode == "full" else 100
-        max_rank = max(max_rank, int(schema.get("num_candidates", 100)))
+        # the rank histogram spans every possible rank of the positive
+        max_rank = (
+            schema["num_items"] + 1 if eval_mode == "full" else schema.get("num_candidates", 100)
+        )
         self.val_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
         self.test_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
 
@@ -103,6 +110,17 @@ class RecommenderModule(pl.LightningModule):
             metrics.update(positive_rank(self.score(batch, batch["candidates"])))
 
     @torch.no_grad()
+    def backbone_dims(self, step_dim: int) -> dict:
+        """Input and output sizes that every backbone constructor accepts."""
+        return dict(
+            user_dim=self.users.out_dim,
+            item_dim=self.items.out_dim,
+            query_dim=self.queries.out_dim,
+            step_dim=step_dim,
+            hidden_dim=self.hparams.hidden_dim,
+            max_length=max(self.schema["max_rec_history"], self.schema["max_search_history"]),
+        )
+
     def _full_ranks(self, batch) -> torch.Tensor:
         """Rank of the positive among every item the recommender can show, the user's
         other clicked items excluded (the usual "filtered" full-ranking protocol)."""
@@ -154,15 +172,9 @@ class PlainBackbone(RecommenderModule):
     def __init__(self, schema: dict, backbone: dict, **kwargs):
         super().__init__(schema, backbone, **kwargs)
         hp = self.hparams
-        dims = dict(
-            user_dim=self.users.out_dim,
-            item_dim=self.items.out_dim,
-            step_dim=self.items.out_dim,
-            query_dim=self.queries.out_dim,
-            hidden_dim=hp.hidden_dim,
-            max_length=max(schema["max_rec_history"], schema["max_search_history"]),
+        self.encoder = hydra.utils.instantiate(
+            hp.backbone["encoder"], **self.backbone_dims(self.items.out_dim)
         )
-        self.encoder = hydra.utils.instantiate(hp.backbone["encoder"], **dims)
         self.target_aware = getattr(self.encoder, "scores_items", False)
         if not self.target_aware:
             self.item_encoder = mlp(self.items.out_dim, hp.hidden_dim, hp.item_layers)
@@ -192,3 +204,46 @@ class PlainBackbone(RecommenderModule):
         else:
             loss = sampled_softmax_ce(self.score(batch, batch["candidates"]))
         return loss, {}
+
+
+class TwoDomainRecommender(RecommenderModule):
+    """Shared bottom embeddings with one user encoder and one item MLP per domain
+    (ClardRec Eq. 2, 5; JSR's two towers). The sequential search encoder reads
+    [clicked item | query] per past session (ClardRec Eq. 29-31)."""
+
+    queries_in_hidden_space = True
+
+    def __init__(self, schema: dict, backbone: dict, **kwargs):
+        super().__init__(schema, backbone, **kwargs)
+        hp, item_dim = self.hparams, self.items.out_dim
+        self.rec_user_encoder = hydra.utils.instantiate(
+            hp.backbone["encoder"], **self.backbone_dims(item_dim)
+        )
+        self.search_user_encoder = hydra.utils.instantiate(
+            hp.backbone["encoder"], **self.backbone_dims(item_dim + self.queries.out_dim)
+        )
+        if getattr(self.rec_user_encoder, "scores_items", False):
+            raise ValueError(
+                f"{type(self).__name__} needs a user encoder (mlp, mmoe, gru4rec, sasrec), not a target-aware scorer"
+            )
+        self.rec_item_encoder = mlp(item_dim, hp.hidden_dim, hp.item_layers)  # Enc^i_rec
+        self.search_item_encoder = mlp(item_dim, hp.hidden_dim, hp.item_layers)  # Enc^i_src
+
+    def rec_user(self, batch) -> torch.Tensor:
+        user = self.users(batch["user"])
+        if not self.rec_user_encoder.needs_history:
+            return self.rec_user_encoder(user)  # Eq. 2, CF
+        return self.rec_user_encoder(
+            user, self.items(batch["rec_history"]), batch["rec_history_mask"]
+        )
+
+    def search_user(self, batch) -> torch.Tensor:
+        user = self.users(batch["user"])
+        if not self.search_user_encoder.needs_history:
+            return self.search_user_encoder(user)  # Eq. 5, CF
+        steps, mask = self.search_history_steps(batch)
+        return self.search_user_encoder(user, steps, mask)  # Eq. 29-31
+
+    def score(self, batch, candidates):
+        user = self.rec_user(batch)
+        return (user.unsqueeze(1) * self.rec_item_encoder(self.items(candidates))).sum(-1)  # Eq. 3

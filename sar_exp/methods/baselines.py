@@ -6,10 +6,7 @@ embeddings, a rec tower and a search tower, trained on the summed loss."""
 
 from __future__ import annotations
 
-import hydra
-
-from sar_exp.backbones.embeddings import QueryEncoder, mlp
-from sar_exp.methods.base import PlainBackbone, RecommenderModule
+from sar_exp.methods.base import PlainBackbone, TwoDomainRecommender
 from sar_exp.methods.losses import sampled_softmax_ce
 
 
@@ -29,7 +26,7 @@ class AugmentedBackbone(PlainBackbone):
         return loss, {"rec": rec.detach(), "aug": aug.detach()}
 
 
-class JointSearchRec(RecommenderModule):
+class JointSearchRec(TwoDomainRecommender):
     """JSR: the rec tower scores u_rec . i_rec; the search tower scores
     (u_src + q) . i_src with its own user encoder (search history of [item | query]
     steps for sequential backbones) and item MLP. Only the id/attribute embeddings are
@@ -37,38 +34,10 @@ class JointSearchRec(RecommenderModule):
 
     def __init__(self, schema: dict, backbone: dict, search_weight: float = 1.0, **kwargs):
         super().__init__(schema, backbone, **kwargs)
-        hp = self.hparams
-        d_h = hp.hidden_dim
-        self.queries = QueryEncoder(schema["num_words"], d_h, self.queries.query_words)
-        common = dict(user_dim=self.users.out_dim, hidden_dim=d_h, item_dim=self.items.out_dim, query_dim=d_h,
-                      max_length=max(schema["max_rec_history"], schema["max_search_history"]))  # fmt: skip
-        self.rec_user_encoder = hydra.utils.instantiate(
-            hp.backbone["encoder"], step_dim=self.items.out_dim, **common
-        )
-        self.search_user_encoder = hydra.utils.instantiate(
-            hp.backbone["encoder"], step_dim=self.items.out_dim + d_h, **common
-        )
-        self.rec_item_encoder = mlp(self.items.out_dim, d_h, hp.item_layers)
-        self.search_item_encoder = mlp(self.items.out_dim, d_h, hp.item_layers)
-
-    def _user(self, encoder, batch, steps=None, mask=None):
-        user = self.users(batch["user"])
-        return encoder(user) if not encoder.needs_history else encoder(user, steps, mask)
-
-    def score(self, batch, candidates):
-        user = self._user(
-            self.rec_user_encoder,
-            batch,
-            self.items(batch["rec_history"]),
-            batch.get("rec_history_mask"),
-        )
-        return (user.unsqueeze(1) * self.rec_item_encoder(self.items(candidates))).sum(-1)
 
     def search_score(self, batch, candidates):
-        steps, mask = self.search_history_steps(batch)
-        user = self._user(self.search_user_encoder, batch, steps, mask)
-        query = self.queries(batch["query"])
-        return ((user + query).unsqueeze(1) * self.search_item_encoder(self.items(candidates))).sum(
+        user_and_query = self.search_user(batch) + self.queries(batch["query"])
+        return (user_and_query.unsqueeze(1) * self.search_item_encoder(self.items(candidates))).sum(
             -1
         )
 

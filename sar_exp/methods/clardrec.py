@@ -5,12 +5,11 @@ Equation numbers refer to the paper (../shared/papers/clardrec.txt)."""
 
 from __future__ import annotations
 
-import hydra
 import torch
 from torch import nn
 
-from sar_exp.backbones.embeddings import QueryEncoder, mlp
-from sar_exp.methods.base import RecommenderModule
+from sar_exp.backbones.embeddings import mlp
+from sar_exp.methods.base import TwoDomainRecommender
 from sar_exp.methods.clardrec_losses import (
     constraint_loss,
     counterfactual_deltas,
@@ -48,7 +47,7 @@ class GatedDisentangler(nn.Module):
         return 2 * torch.cat(keep, dim=-1), 2 * torch.cat(drop, dim=-1), z_id, z_attr  # Eq. 6
 
 
-class ClardRec(RecommenderModule):
+class ClardRec(TwoDomainRecommender):
     """ClardRec on any two-tower backbone (MLP, MMoE: CF; GRU4Rec, SASRec: sequential).
 
     Ablations (Table 2 and Table 5), all on by default:
@@ -72,50 +71,16 @@ class ClardRec(RecommenderModule):
         use_cs: bool = True,
         **kwargs,
     ):
+        # Shared bottom embeddings, per-domain user encoders and item MLPs (Eq. 1-5);
+        # queries live in d_h so they meet users and items in dot products (Sec. 4.1).
         super().__init__(schema, backbone, **kwargs)
-        hp = self.hparams
-        d_h = hp.hidden_dim
-        # Representations of users, items and queries share d_h (Sec. 4.1), so the
-        # query's word embeddings are d_h wide.
-        self.queries = QueryEncoder(schema["num_words"], d_h, self.queries.query_words)
-        user_dim, item_dim = self.users.out_dim, self.items.out_dim
-        common = dict(user_dim=user_dim, hidden_dim=d_h, item_dim=item_dim, query_dim=d_h,
-                      max_length=max(schema["max_rec_history"], schema["max_search_history"]))  # fmt: skip
-        # Domain-specific user encoders: one backbone copy per domain (Eq. 2, 5); the
-        # sequential search encoder reads [item | query] per step (Eq. 29-31).
-        self.rec_user_encoder = hydra.utils.instantiate(
-            hp.backbone["encoder"], step_dim=item_dim, **common
-        )
-        self.search_user_encoder = hydra.utils.instantiate(
-            hp.backbone["encoder"], step_dim=item_dim + d_h, **common
-        )
-        if getattr(self.rec_user_encoder, "scores_items", False):
-            raise ValueError(
-                "ClardRec needs a user encoder (mlp, mmoe, gru4rec, sasrec), not a target-aware scorer"
-            )
-        self.rec_item_encoder = mlp(item_dim, d_h, hp.item_layers)  # Enc^i_rec
-        self.search_item_encoder = mlp(item_dim, d_h, hp.item_layers)  # Enc^i_src
+        d_h = self.hparams.hidden_dim
         self.disentangler = GatedDisentangler(
             self.items.part_dim, len(schema["item_attribute_sizes"]), d_h
         )
         self.fusion_gate = mlp(2 * d_h, d_h, 2, out_dim=1)  # Eq. 19
 
     # ------------------------------------------------------------ representations
-    def rec_user(self, batch) -> torch.Tensor:
-        user = self.users(batch["user"])
-        if not self.rec_user_encoder.needs_history:
-            return self.rec_user_encoder(user)  # Eq. 2, CF
-        return self.rec_user_encoder(
-            user, self.items(batch["rec_history"]), batch["rec_history_mask"]
-        )
-
-    def search_user(self, batch) -> torch.Tensor:
-        user = self.users(batch["user"])
-        if not self.search_user_encoder.needs_history:
-            return self.search_user_encoder(user)  # Eq. 5, CF
-        steps, mask = self.search_history_steps(batch)
-        return self.search_user_encoder(user, steps, mask)  # Eq. 29-31
-
     def query_independent_items(self, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
         """i_src, i_/q^src and i_/u^src (Eq. 9) for a [B, K] tensor of items."""
         parts = self.items.parts(candidates)
