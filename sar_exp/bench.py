@@ -137,11 +137,10 @@ def main(argv=None) -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    from sar_exp.data.cache import cache_key
-    from sar_exp.data.synthetic import make_config, write_kuaisar_folder
+    from sar_exp.data.synthetic import dataset_folder, make_config, write_kuaisar_folder
 
     config = make_config(args.preset)
-    folder = Path(args.cache) / f"synthetic-{args.preset}-{cache_key(repr(config))}"
+    folder = dataset_folder(args.cache, args.preset, config)
     start = time.perf_counter()
     write_kuaisar_folder(config, folder)
     print(f"dataset: {folder} (ready in {time.perf_counter() - start:.1f}s)")

@@ -20,6 +20,15 @@ def file_fingerprint(path: Path) -> dict:
     return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def code_fingerprint(*modules) -> str:
+    """Hash of the modules' source files. Put in a cache key, it makes entries built by
+    older code unusable, so a change to preprocessing never serves stale results."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -10,16 +10,17 @@ does not depend on file order.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from sar_exp.data.cache import cache_key, cached_folder, file_fingerprint
+from sar_exp.data import kuaisar
+from sar_exp.data.cache import cache_key, cached_folder, code_fingerprint, file_fingerprint
 from sar_exp.data.kuaisar import KuaiSARRaw, read_kuaisar, source_files
 from sar_exp.data.progress import stage
 
-CANONICAL_VERSION = 1
 MISSING_ATTRIBUTE_VALUES = ["", "0", "空", "empty", "null", "None"]
 TABLES = ("users", "items", "queries", "rec", "sessions", "search")
 
@@ -201,7 +202,7 @@ def load_canonical(
     """Canonical tables for a KuaiSAR folder, from the cache when its sources are unchanged."""
     folder = Path(folder)
     key = cache_key(
-        CANONICAL_VERSION,
+        code_fingerprint(kuaisar, sys.modules[__name__]),
         str(folder.resolve()),
         [file_fingerprint(p) for p in source_files(folder)],
         user_attributes,

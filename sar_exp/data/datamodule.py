@@ -10,7 +10,7 @@ import torch
 from sar_exp.data.batches import AssembledDataset, BatchAssembler, BatchSampler
 from sar_exp.data.cache import cache_key
 from sar_exp.data.canonical import load_canonical
-from sar_exp.data.synthetic import make_config, write_kuaisar_folder
+from sar_exp.data.synthetic import dataset_folder, make_config, write_kuaisar_folder
 from sar_exp.data.views import Protocol, View, load_view
 from sar_exp.errors import ConfigError
 
@@ -75,10 +75,10 @@ class SARDataModule(pl.LightningDataModule):
     def dataset_folder(self) -> Path:
         if self.source == "kuaisar":
             return Path(self.path).expanduser()
-        preset = self.synthetic.pop("preset", "small") if "preset" in self.synthetic else "small"
-        config = make_config(preset, **self.synthetic)
-        self.synthetic["preset"] = preset
-        folder = self.cache_dir / f"synthetic-{preset}-{cache_key(repr(config))}"
+        options = dict(self.synthetic)
+        preset = options.pop("preset", "small")
+        config = make_config(preset, **options)
+        folder = dataset_folder(self.cache_dir, preset, config)
         return write_kuaisar_folder(config, folder)
 
     def load(self) -> View:

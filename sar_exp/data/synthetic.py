@@ -18,6 +18,7 @@ each with a knob (README, "The embedded dataset"):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -359,6 +360,15 @@ def _as_kuaisar_tables(
         "item_features": items,
         "social_network": social,
     }
+
+
+def dataset_folder(cache_dir: str | Path, preset: str, cfg: SyntheticConfig) -> Path:
+    """Where the generated folder for `cfg` lives: keyed by the config and this
+    module's code, so a changed generator writes a new folder."""
+    from sar_exp.data.cache import cache_key, code_fingerprint
+
+    key = cache_key(repr(cfg), code_fingerprint(sys.modules[__name__]))
+    return Path(cache_dir) / f"synthetic-{preset}-{key}"
 
 
 def write_kuaisar_folder(cfg: SyntheticConfig, folder: str | Path) -> Path:

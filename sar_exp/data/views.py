@@ -21,18 +21,18 @@ Validation and test positives get `num_eval_negatives` negatives drawn once from
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from sar_exp.data.cache import cache_key, cached_folder
+from sar_exp.data.cache import cache_key, cached_folder, code_fingerprint
 from sar_exp.data.canonical import CanonicalTables
 from sar_exp.data.progress import stage
 from sar_exp.errors import ConfigError, DataError
 
-VIEW_VERSION = 1
 VIEWS = ("cf", "sequential", "ctr")
 SPLITS = ("train", "val", "test")
 
@@ -472,7 +472,7 @@ def load_view(
     tables: CanonicalTables, name: str, protocol: Protocol, cache_dir: Path, tables_key: str
 ) -> View:
     """The view from the cache, or built and cached (atomically) on first use."""
-    key = cache_key(VIEW_VERSION, tables_key, name, asdict(protocol))
+    key = cache_key(code_fingerprint(sys.modules[__name__]), tables_key, name, asdict(protocol))
 
     def build(tmp: Path) -> None:
         with stage(f"building the {name} view (splits, histories, negatives)"):

@@ -151,3 +151,14 @@ def test_negative_sampling_reports_impossible_requests():
         sample_negatives(
             rng, np.arange(1, 6), np.array([1]), np.array([1]), np.zeros(0, np.int64), 99, "rec"
         )
+
+
+def test_view_cache_is_keyed_on_the_code_that_built_it(tables, tmp_path, monkeypatch):
+    from sar_exp.data import views
+
+    load_view(tables, "sequential", Protocol(), tmp_path, "k")
+    load_view(tables, "sequential", Protocol(), tmp_path, "k")
+    assert len(list(tmp_path.glob("view-sequential-*"))) == 1  # same code: reused
+    monkeypatch.setattr(views, "code_fingerprint", lambda *modules: "changed-preprocessing")
+    load_view(tables, "sequential", Protocol(), tmp_path, "k")
+    assert len(list(tmp_path.glob("view-sequential-*"))) == 2  # changed code: rebuilt, not stale
