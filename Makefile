@@ -39,9 +39,11 @@ clean: ## remove caches and run outputs (keeps .venv)
 	touch outputs/.gitkeep
 
 # ClardRec's Table 1 and Table 2. DATASET=kuaisar DATA=DIR for the real data;
-# QUICK=1 for one seed and two epochs; SEEDS="0 1 2 3 4" for the paper's five seeds.
+# QUICK=1 for one seed and two epochs; SEEDS="0 1 2 3 4" for the paper's five seeds;
+# JOBS=2 runs two at a time, each on half the cores.
 DATASET ?= synthetic
 SEEDS ?= 0 1 2
+JOBS ?= 1
 .PHONY: table-clardrec
-table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, QUICK=1)
-	$(PYTHON) -m sar_exp.tables.clardrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) $(if $(QUICK),--quick)
+table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, QUICK=1)
+	$(PYTHON) -m sar_exp.tables.clardrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) $(if $(QUICK),--quick)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from sar_exp.tables.clardrec import PUBLISHED, main, table4
+from sar_exp.tables.clardrec import PUBLISHED, main, table4, threads_per_job
 from sar_exp.tables.report import Cell, relative_improvement, welch_p
 from tests.conftest import TINY_OVERRIDES
 
@@ -57,3 +59,30 @@ def test_changed_settings_rerun_instead_of_reusing(tmp_path, capsys, cache_dir):
     main([*args, "--quick-epochs", "2"])
     assert metrics.stat().st_mtime_ns != first  # not silently reused under new settings
     assert len(list(tmp_path.rglob("metrics.json"))) == 1  # --variants ran only base
+
+
+def test_parallel_grid_matches_single_thread_sequential_runs(tmp_path, capsys, cache_dir):
+    import json
+
+    import torch
+
+    args = ["--backbones", "mlp", "--variants", "base", "clardrec", "--seeds", "0", "1",
+            "--max-epochs", "1", "--override", *TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    main([*args, "--jobs", "2", "--out", str(tmp_path / "parallel")])
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("[") and "/4] mlp" in line for line in out) == 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads_per_job(2))  # what each of the two workers got
+    try:
+        main([*args, "--out", str(tmp_path / "sequential")])
+    finally:
+        torch.set_num_threads(threads)
+    report = Path("synthetic") / "tables.txt"
+    assert (tmp_path / "sequential" / report).read_text() == (
+        tmp_path / "parallel" / report
+    ).read_text()
+    runs = sorted((tmp_path / "sequential").rglob("metrics.json"))
+    assert len(runs) == 4
+    for run in runs:
+        twin = tmp_path / "parallel" / run.relative_to(tmp_path / "sequential")
+        assert json.loads(twin.read_text()) == json.loads(run.read_text())
