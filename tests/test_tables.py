@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sar_exp.tables.clardrec import PUBLISHED, main, table4, threads_per_job
+from sar_exp.tables.clardrec import PUBLISHED, main, table4, threads_per_job, training_length
 from sar_exp.tables.report import Cell, relative_improvement, welch_p
 from tests.conftest import TINY_OVERRIDES
 
@@ -21,6 +21,9 @@ def test_quick_table_runs_the_grid_and_prints_the_papers_layout(tmp_path, capsys
         assert label in out
     assert "(0.1153)" in out and "(0.3389)" in out  # MLP and GRU4Rec ClardRec rows of the paper
     assert "Improv. of ClardRec over the best baseline" in out
+    assert (
+        "  mlp      base 1/1  +AUG 1/1  +JSR 1/1  +ClardRec 1/1  -CD 1/1" in out
+    )  # one epoch each
     runs = list((tmp_path / "quick" / "synthetic").glob("*/*/seed0/metrics.json"))
     assert len(runs) == 2 * 8  # 2 backbones x (4 methods + 4 ablations)
     assert (tmp_path / "quick" / "synthetic" / "tables.txt").read_text().startswith("Table 1")
@@ -86,3 +89,13 @@ def test_parallel_grid_matches_single_thread_sequential_runs(tmp_path, capsys, c
     for run in runs:
         twin = tmp_path / "parallel" / run.relative_to(tmp_path / "sequential")
         assert json.loads(twin.read_text()) == json.loads(run.read_text())
+
+
+def test_training_length_reads_the_first_best_epoch_from_the_csv_log(tmp_path):
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/ndcg@10\n0,9,0.5,\n0,9,,0.20\n1,19,,0.31\n2,29,,0.25\n"
+        "3,39,,0.31\n4,49,,0.30\n4,49,0.1,\n"
+    )
+    assert training_length(tmp_path) == (2, 5)  # best first reached in epoch 2 of 5
+    assert training_length(tmp_path / "missing") is None

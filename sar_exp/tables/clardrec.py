@@ -11,6 +11,7 @@ is not run again, so an interrupted grid resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -116,6 +117,20 @@ def run_one(overrides: list[str], run_dir: Path, seed: int) -> dict:
     return metrics
 
 
+def training_length(run_dir: Path, monitor: str = "val/ndcg@10") -> tuple[int, int] | None:
+    """(epoch of the best validation score, epochs run) from the run's CSV log: with
+    early stopping, a method that trains longer can win for that reason alone."""
+    log = run_dir / "csv" / "metrics.csv"
+    if not log.exists():
+        return None
+    with log.open() as f:
+        scores = [(float(r[monitor]), int(r["epoch"])) for r in csv.DictReader(f) if r.get(monitor)]
+    if not scores:
+        return None
+    best_epoch = max(scores, key=lambda s: (s[0], -s[1]))[1]  # the first best, as the checkpoint
+    return best_epoch + 1, max(epoch for _, epoch in scores) + 1  # counted from 1
+
+
 def _quiet_lightning() -> None:
     """A grid prints one line a run, not Lightning's banners and warnings."""
     import logging
@@ -141,7 +156,8 @@ def _init_worker(threads: int) -> None:
 
 def _run_task(task: tuple) -> tuple:
     key, seed, overrides, run_dir = task
-    return key, seed, run_one(overrides, run_dir, seed)
+    metrics = run_one(overrides, run_dir, seed)
+    return key, seed, {**metrics, "length": training_length(run_dir)}
 
 
 def collect(args) -> dict:
@@ -200,8 +216,12 @@ def tables(results, args) -> str:
         parts = []
         for i, metric in enumerate(METRICS):
             base_cells = {m: cells(results, backbone, m)[i] for m in ("base", "aug", "jsr")}
-            best = max(base_cells, key=lambda m: base_cells[m].mean)
+            base_cells = {m: c for m, c in base_cells.items() if c.values}  # the ones run
             ours = cells(results, backbone, "clardrec")[i]
+            if not base_cells or not ours.values:
+                parts.append(f"{metric} n/a")
+                continue
+            best = max(base_cells, key=lambda m: base_cells[m].mean)
             p = welch_p(ours.values, base_cells[best].values)
             star = (
                 "*" if not math.isnan(p) and p <= 0.05 and ours.mean > base_cells[best].mean else ""
@@ -237,8 +257,25 @@ def tables(results, args) -> str:
             list(METRICS),
             f"Table 2 (ClardRec): ablations on {args.dataset} (-CS: Table 5)",
         ),
+        "",
+        *training_lengths(results, args.backbones),
     ]
     return "\n".join(out)
+
+
+def training_lengths(results, backbones) -> list[str]:
+    """Best epoch / epochs run per cell, mean over seeds: read it beside the tables."""
+    lines = ["Training length (epochs to the best validation score / epochs run, mean over seeds):"]
+    for backbone in backbones:
+        parts = []
+        for name in (*METHODS, *ABLATIONS):
+            lengths = [r["length"] for r in results.get((backbone, name), []) if r.get("length")]
+            if lengths:
+                best, run = (sum(x) / len(lengths) for x in zip(*lengths))
+                label = "base" if name == "base" else LABELS.get(name, name)
+                parts.append(f"{label} {best:.0f}/{run:.0f}")
+        lines.append(f"  {backbone:<8} " + "  ".join(parts))
+    return lines
 
 
 def main(argv=None) -> None:
