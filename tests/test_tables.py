@@ -99,3 +99,14 @@ def test_training_length_reads_the_first_best_epoch_from_the_csv_log(tmp_path):
     )
     assert training_length(tmp_path) == (2, 5)  # best first reached in epoch 2 of 5
     assert training_length(tmp_path / "missing") is None
+
+
+def test_report_only_prints_finished_runs_and_runs_nothing(tmp_path, capsys, cache_dir):
+    args = ["--backbones", "mlp", "--variants", "base", "aug", "--max-epochs", "1", "--out",
+            str(tmp_path), "--override", *TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    main([*args, "--seeds", "0", "--variants", "base"])
+    capsys.readouterr()
+    main([*args, "--seeds", "0", "1", "--report-only"])
+    out = capsys.readouterr().out
+    assert "  mlp      base 1/1 (n=1)" in out  # one of the two seeds asked for has finished
+    assert len(list(tmp_path.rglob("metrics.json"))) == 1  # nothing new was run

@@ -95,11 +95,19 @@ def run_overrides(backbone: str, method: str, ablation: str | None, args) -> lis
     return out + list(args.override)
 
 
-def run_one(overrides: list[str], run_dir: Path, seed: int) -> dict:
-    """Run one cell, or reuse it when it finished before with the same overrides."""
+def finished_run(overrides: list[str], run_dir: Path) -> dict | None:
+    """The metrics of a run that finished with exactly these overrides, else None."""
     done, recorded = run_dir / "metrics.json", run_dir / "table_overrides.json"
     if done.exists() and recorded.exists() and json.loads(recorded.read_text()) == overrides:
         return json.loads(done.read_text())
+    return None
+
+
+def run_one(overrides: list[str], run_dir: Path, seed: int) -> dict:
+    """Run one cell, or reuse it when it finished before with the same overrides."""
+    if (metrics := finished_run(overrides, run_dir)) is not None:
+        return metrics
+    recorded = run_dir / "table_overrides.json"
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -171,6 +179,8 @@ def collect(args) -> dict:
          Path(args.out) / args.dataset / backbone / (ablation or method) / f"seed{seed}")
         for backbone in args.backbones for method, ablation in variants for seed in args.seeds
     ]  # fmt: skip
+    if args.report_only:  # the tables from what has finished, running nothing
+        tasks = [t for t in tasks if finished_run(t[2], t[3]) is not None]
     by_seed: dict = {}
     start = time.time()
 
@@ -258,13 +268,14 @@ def tables(results, args) -> str:
             f"Table 2 (ClardRec): ablations on {args.dataset} (-CS: Table 5)",
         ),
         "",
-        *training_lengths(results, args.backbones),
+        *training_lengths(results, args.backbones, len(args.seeds)),
     ]
     return "\n".join(out)
 
 
-def training_lengths(results, backbones) -> list[str]:
-    """Best epoch / epochs run per cell, mean over seeds: read it beside the tables."""
+def training_lengths(results, backbones, n_seeds: int) -> list[str]:
+    """Best epoch / epochs run per cell, mean over seeds: read it beside the tables.
+    A cell with fewer finished seeds than asked for says how many (n=)."""
     lines = ["Training length (epochs to the best validation score / epochs run, mean over seeds):"]
     for backbone in backbones:
         parts = []
@@ -273,7 +284,8 @@ def training_lengths(results, backbones) -> list[str]:
             if lengths:
                 best, run = (sum(x) / len(lengths) for x in zip(*lengths))
                 label = "base" if name == "base" else LABELS.get(name, name)
-                parts.append(f"{label} {best:.0f}/{run:.0f}")
+                seeds = f" (n={len(lengths)})" if len(lengths) != n_seeds else ""
+                parts.append(f"{label} {best:.0f}/{run:.0f}{seeds}")
         lines.append(f"  {backbone:<8} " + "  ".join(parts))
     return lines
 
@@ -292,6 +304,11 @@ def main(argv=None) -> None:
     parser.add_argument("--max-epochs", type=int, default=100)
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, sharing the cores (default 1)"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="print the tables from the runs that have finished; run nothing",
     )
     parser.add_argument("--quick", action="store_true", help="one seed, few epochs")
     parser.add_argument("--quick-epochs", type=int, default=2)
