@@ -26,7 +26,10 @@ def test_quick_table_runs_the_grid_and_prints_the_papers_layout(tmp_path, capsys
     )  # one epoch each
     runs = list((tmp_path / "quick" / "synthetic").glob("*/*/seed0/metrics.json"))
     assert len(runs) == 2 * 8  # 2 backbones x (4 methods + 4 ablations)
-    assert (tmp_path / "quick" / "synthetic" / "tables.txt").read_text().startswith("Table 1")
+    report = (
+        tmp_path / "quick" / "synthetic" / "tables_mlp-gru4rec.txt"
+    )  # named after the selection
+    assert report.read_text().startswith("Table 1")
 
 
 def test_rerun_reuses_finished_runs(tmp_path, capsys, cache_dir):
@@ -80,7 +83,7 @@ def test_parallel_grid_matches_single_thread_sequential_runs(tmp_path, capsys, c
         main([*args, "--out", str(tmp_path / "sequential")])
     finally:
         torch.set_num_threads(threads)
-    report = Path("synthetic") / "tables.txt"
+    report = Path("synthetic") / "tables_mlp_base_clardrec_seeds0-1.txt"
     assert (tmp_path / "sequential" / report).read_text() == (
         tmp_path / "parallel" / report
     ).read_text()
@@ -110,3 +113,18 @@ def test_report_only_prints_finished_runs_and_runs_nothing(tmp_path, capsys, cac
     out = capsys.readouterr().out
     assert "  mlp      base 1/1 (n=1)" in out  # one of the two seeds asked for has finished
     assert len(list(tmp_path.rglob("metrics.json"))) == 1  # nothing new was run
+
+
+def test_a_partial_report_does_not_overwrite_the_full_one(tmp_path, capsys):
+    full = tmp_path / "synthetic" / "tables.txt"
+    full.parent.mkdir(parents=True)
+    full.write_text("the whole grid\n")
+    main(["--report-only", "--backbones", "mlp", "--seeds", "0", "1", "2", "3", "4",
+          "--out", str(tmp_path)])  # fmt: skip
+    assert full.read_text() == "the whole grid\n"
+    partial = tmp_path / "synthetic" / "tables_mlp_seeds0-1-2-3-4.txt"
+    assert partial.read_text().startswith(
+        "Table 1 (ClardRec): main results on synthetic, 5 seed(s)"
+    )
+    assert f"written to {partial}" in capsys.readouterr().out
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -329,10 +329,26 @@ def main(argv=None) -> None:
     results = collect(args)
     text = tables(results, args)
     print("\n" + text)
-    report = Path(args.out) / args.dataset / "tables.txt"
+    report = report_path(args)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(text + "\n")
+    partial = report.with_suffix(".txt.tmp")
+    partial.write_text(text + "\n")
+    partial.replace(report)  # a reader never sees half a report
     print(f"\nwritten to {report}")
+
+
+def report_path(args) -> Path:
+    """tables.txt for the whole grid on seeds 0 1 2; any other selection gets its own
+    file named after it, so printing part of the grid never overwrites the full report."""
+    parts = []
+    if list(args.backbones) != list(BACKBONES):
+        parts.append("-".join(args.backbones))
+    if list(args.variants) != [*METHODS, *ABLATIONS]:
+        parts.append("_".join(args.variants))
+    if list(args.seeds) != [0, 1, 2] and not args.quick:
+        parts.append("seeds" + "-".join(map(str, args.seeds)))
+    name = "_".join(["tables", *parts]) + ".txt"
+    return Path(args.out) / args.dataset / name
 
 
 if __name__ == "__main__":
