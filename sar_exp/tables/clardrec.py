@@ -21,11 +21,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sar_exp.tables.report import Cell, relative_improvement, render, welch_p
+from sar_exp.train import write_text_atomic
 
 BACKBONES = {"mlp": "cf", "mmoe": "cf", "gru4rec": "seq", "sasrec": "seq"}
 METHODS = ("base", "aug", "jsr", "clardrec")
 LABELS = {"base": "-", "aug": "+AUG", "jsr": "+JSR", "clardrec": "+ClardRec"}
 ABLATIONS = {"-CD": "use_cd", "-FA": "use_fa", "-DA": "use_da", "-CS": "use_cs"}
+ALL_VARIANTS = [*METHODS, *ABLATIONS]  # the whole grid, and what --variants defaults to
+DEFAULT_SEEDS = [0, 1, 2]
 METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")  # the paper's columns
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -296,10 +299,10 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--dataset", choices=["synthetic", "kuaisar"], default="synthetic")
     parser.add_argument("--data", help="KuaiSAR folder (with --dataset kuaisar)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument(
-        "--variants", nargs="+", default=[*METHODS, *ABLATIONS], help="e.g. base aug clardrec -FA"
+        "--variants", nargs="+", default=ALL_VARIANTS, help="e.g. base aug clardrec -FA"
     )
     parser.add_argument("--max-epochs", type=int, default=100)
     parser.add_argument(
@@ -331,9 +334,7 @@ def main(argv=None) -> None:
     print("\n" + text)
     report = report_path(args)
     report.parent.mkdir(parents=True, exist_ok=True)
-    partial = report.with_suffix(".txt.tmp")
-    partial.write_text(text + "\n")
-    partial.replace(report)  # a reader never sees half a report
+    write_text_atomic(report, text + "\n")
     print(f"\nwritten to {report}")
 
 
@@ -343,9 +344,9 @@ def report_path(args) -> Path:
     parts = []
     if list(args.backbones) != list(BACKBONES):
         parts.append("-".join(args.backbones))
-    if list(args.variants) != [*METHODS, *ABLATIONS]:
+    if list(args.variants) != ALL_VARIANTS:
         parts.append("_".join(args.variants))
-    if list(args.seeds) != [0, 1, 2] and not args.quick:
+    if list(args.seeds) != DEFAULT_SEEDS and not args.quick:
         parts.append("seeds" + "-".join(map(str, args.seeds)))
     name = "_".join(["tables", *parts]) + ".txt"
     return Path(args.out) / args.dataset / name
