@@ -40,10 +40,11 @@ clean: ## remove caches and run outputs (keeps .venv)
 
 # ClardRec's Table 1 and Table 2. DATASET=kuaisar DATA=DIR for the real data;
 # QUICK=1 for one seed and two epochs; SEEDS="0 1 2 3 4" for the paper's five seeds;
-# JOBS=2 runs two at a time, each on half the cores.
+# JOBS=2 runs two at a time, each on half the cores; BACKBONES="mlp mmoe" and
+# VARIANTS="base clardrec -CD" run part of the grid.
 DATASET ?= synthetic
 SEEDS ?= 0 1 2
 JOBS ?= 1
 .PHONY: table-clardrec
-table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, QUICK=1)
-	$(PYTHON) -m sar_exp.tables.clardrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) $(if $(QUICK),--quick)
+table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, QUICK=1, BACKBONES=, VARIANTS=)
+	$(PYTHON) -m sar_exp.tables.clardrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) $(if $(QUICK),--quick) $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(VARIANTS),--variants $(VARIANTS))

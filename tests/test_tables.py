@@ -128,3 +128,25 @@ def test_a_partial_report_does_not_overwrite_the_full_one(tmp_path, capsys):
     )
     assert f"written to {partial}" in capsys.readouterr().out
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_real_dataset_path_reads_a_kuaisar_folder_and_takes_ablation_names(
+    tmp_path, capsys, cache_dir, tiny_folder
+):
+    # what `make table-clardrec DATASET=kuaisar DATA=DIR QUICK=1` runs, on a KuaiSAR-format folder
+    main(["--dataset", "kuaisar", "--data", str(tiny_folder), "--quick", "--quick-epochs", "1",
+          "--backbones", "mlp", "--variants", "base", "clardrec", "-CS", "--out", str(tmp_path),
+          "--override", f"paths.cache_dir={cache_dir}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Table 1 (ClardRec): main results on kuaisar, 1 seed(s): 0" in out
+    assert "  mlp      base 1/1  +ClardRec 1/1  -CS 1/1" in out
+    runs = sorted(p.parent.parent.name for p in tmp_path.rglob("kuaisar/mlp/*/seed0/metrics.json"))
+    assert runs == ["-CS", "base", "clardrec"]
+
+
+def test_unknown_variant_names_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["--variants", "base", "clardrec-CD"])
+    assert "--variants: unknown clardrec-CD; choose from base aug jsr clardrec -CD" in (
+        capsys.readouterr().err
+    )

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -322,7 +323,13 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--no-paper", dest="show_paper", action="store_false", help="hide the published numbers"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_ablation_names_as_values(sys.argv[1:] if argv is None else argv))
+    args.variants = [v.strip() for v in args.variants]
+    unknown = [v for v in args.variants if v not in ALL_VARIANTS]
+    if unknown:
+        parser.error(
+            f"--variants: unknown {' '.join(unknown)}; choose from {' '.join(ALL_VARIANTS)}"
+        )
     if args.dataset == "kuaisar" and not args.data:
         parser.error("--dataset kuaisar needs --data DIR")
     if args.quick:
@@ -336,6 +343,13 @@ def main(argv=None) -> None:
     report.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(report, text + "\n")
     print(f"\nwritten to {report}")
+
+
+def _ablation_names_as_values(argv: list[str]) -> list[str]:
+    """argparse takes a token starting with '-' for an option, so `--variants base -CD` would
+    fail on the paper's own ablation names; a leading space makes them plain values (stripped
+    again after parsing)."""
+    return [f" {token}" if token in ABLATIONS else token for token in argv]
 
 
 def report_path(args) -> Path:
