@@ -1,10 +1,12 @@
 """`make bench`: preprocessing and training-throughput figures on a large synthetic set.
 
     python -m sar_exp.bench [--preset kuaisar_scale] [--steps 40] [--backbones ...]
+                            [--methods base clardrec ...]
 
 Prints raw-to-views wall time and peak memory (measured in a child process, from a
-cold cache), then for each backbone the training throughput and the share of step
-time spent waiting for the next batch. Targets (issue #2): preprocessing under
+cold cache), then for each method and backbone the training throughput, the share of
+step time spent waiting for the next batch, and what one epoch over the whole training
+set would take at that speed. Targets (issue #2): preprocessing under
 2 minutes and 8 GB on 2 cores; data waiting under 10% of step time.
 """
 
@@ -75,9 +77,7 @@ class DataWaitTimer:
         return _Timer()
 
 
-def _throughput(folder: str, cache: str, backbone: str, steps: int, batch_size: int) -> dict:
-    import hydra as hydra_lib
-    import lightning.pytorch as pl
+def _compose(folder: str, cache: str, method: str, backbone: str, batch_size: int):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -85,13 +85,23 @@ def _throughput(folder: str, cache: str, backbone: str, steps: int, batch_size: 
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
+        return compose(
             "config",
             overrides=[
-                f"backbone={backbone}", "dataset=kuaisar", f"dataset.path={folder}", f"paths.cache_dir={cache}",
-                "paths.root_dir=.", "paths.output_dir=.", f"data.batch_size={batch_size}",
+                f"method={method}", f"backbone={backbone}", "dataset=kuaisar", f"dataset.path={folder}",
+                f"paths.cache_dir={cache}", "paths.root_dir=.", "paths.output_dir=.",
+                f"data.batch_size={batch_size}",
             ],
         )  # fmt: skip
+
+
+def _throughput(
+    folder: str, cache: str, method: str, backbone: str, steps: int, batch_size: int
+) -> dict:
+    import hydra as hydra_lib
+    import lightning.pytorch as pl
+
+    cfg = _compose(folder, cache, method, backbone, batch_size)
     datamodule = hydra_lib.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     from omegaconf import OmegaConf
@@ -110,10 +120,14 @@ def _throughput(folder: str, cache: str, backbone: str, steps: int, batch_size: 
     )  # fmt: skip
     trainer.fit(model, datamodule=datamodule)
     total = timer.wait + timer.step
+    ms_per_step = 1000 * total / max(1, steps - 4)
+    steps_per_epoch = len(datamodule.train_dataloader())
     return {
         "samples/s": timer.samples / total,
         "data wait share": timer.wait / total,
-        "ms/step": 1000 * total / max(1, steps - 4),
+        "ms/step": ms_per_step,
+        "steps/epoch": steps_per_epoch,
+        "epoch minutes": steps_per_epoch * ms_per_step / 60_000,
     }
 
 
@@ -126,6 +140,12 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
         "--backbones", nargs="+", default=["mlp", "mmoe", "gru4rec", "sasrec", "din"]
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["base", "clardrec"],
+        help="a backbone a method does not support is listed as n/a",
     )
     parser.add_argument(
         "--cache", default=".cache/sar_exp", help="where the generated dataset is kept"
@@ -162,15 +182,28 @@ def main(argv=None) -> None:
         print(
             f"\ntraining throughput, batch {args.batch_size}, {args.steps} steps (target: data wait < 10%)"
         )
-        print(f"  {'backbone':<10} {'samples/s':>10} {'ms/step':>8} {'data wait':>10}")
+        print(
+            f"  {'method':<9} {'backbone':<9} {'samples/s':>10} {'ms/step':>8} {'data wait':>10}"
+            f" {'epoch (steps)':>22}"
+        )
         results = {"preprocessing": timings, "peak_gb": peak_gb, "rows": rows, "training": {}}
-        for backbone in args.backbones:
-            figures = _throughput(str(folder), scratch, backbone, args.steps, args.batch_size)
-            results["training"][backbone] = figures
-            print(
-                f"  {backbone:<10} {figures['samples/s']:>10.0f} {figures['ms/step']:>8.1f} "
-                f"{100 * figures['data wait share']:>9.1f}%"
-            )
+        for method in args.methods:
+            for backbone in args.backbones:
+                supported = _compose(str(folder), scratch, method, backbone, 1).method.backbones
+                if backbone not in supported:
+                    print(f"  {method:<9} {backbone:<9} {'n/a':>10}")
+                    continue
+                figures = _throughput(
+                    str(folder), scratch, method, backbone, args.steps, args.batch_size
+                )
+                results["training"][f"{method}/{backbone}"] = figures
+                print(
+                    f"  {method:<9} {backbone:<9} {figures['samples/s']:>10.0f} "
+                    f"{figures['ms/step']:>8.1f} {100 * figures['data wait share']:>9.1f}% "
+                    f"{figures['epoch minutes']:>9.1f} min ({figures['steps/epoch']:>6})"
+                )
+        results["peak_gb_training"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"  peak memory while training: {results['peak_gb_training']:.2f} GB")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
