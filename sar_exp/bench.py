@@ -13,7 +13,6 @@ set would take at that speed. Targets (issue #2): preprocessing under
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import resource
@@ -131,6 +130,12 @@ def _throughput(
     }
 
 
+def _config_names(group: str) -> list[str]:
+    from sar_exp.train import CONFIG_DIR
+
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,12 +144,16 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
-        "--backbones", nargs="+", default=["mlp", "mmoe", "gru4rec", "sasrec", "din"]
+        "--backbones",
+        nargs="+",
+        default=["mlp", "mmoe", "gru4rec", "sasrec", "din"],
+        choices=_config_names("backbone"),
     )
     parser.add_argument(
         "--methods",
         nargs="+",
         default=["base", "clardrec"],
+        choices=_config_names("method"),
         help="a backbone a method does not support is listed as n/a",
     )
     parser.add_argument(
@@ -207,7 +216,9 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        from sar_exp.train import write_json_atomic
+
+        write_json_atomic(Path(args.json), results)
 
 
 if __name__ == "__main__":
