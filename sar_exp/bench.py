@@ -22,6 +22,8 @@ import time
 import warnings
 from pathlib import Path
 
+from sar_exp.config_checks import method_supports
+
 USER_ATTRS = ["search_active_level", "rec_active_level"]
 ITEM_ATTRS = ["first_level_category_id", "second_level_category_id", "author_id", "upload_type"]
 VIEWS = ("sequential", "cf", "ctr")
@@ -94,13 +96,10 @@ def _compose(folder: str, cache: str, method: str, backbone: str, batch_size: in
         )  # fmt: skip
 
 
-def _throughput(
-    folder: str, cache: str, method: str, backbone: str, steps: int, batch_size: int
-) -> dict:
+def _throughput(cfg, steps: int) -> dict:
     import hydra as hydra_lib
     import lightning.pytorch as pl
 
-    cfg = _compose(folder, cache, method, backbone, batch_size)
     datamodule = hydra_lib.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     from omegaconf import OmegaConf
@@ -120,7 +119,7 @@ def _throughput(
     trainer.fit(model, datamodule=datamodule)
     total = timer.wait + timer.step
     ms_per_step = 1000 * total / max(1, steps - 4)
-    steps_per_epoch = len(datamodule.train_dataloader())
+    steps_per_epoch = int(trainer.num_training_batches)  # batches in one full epoch
     return {
         "samples/s": timer.samples / total,
         "data wait share": timer.wait / total,
@@ -198,13 +197,11 @@ def main(argv=None) -> None:
         results = {"preprocessing": timings, "peak_gb": peak_gb, "rows": rows, "training": {}}
         for method in args.methods:
             for backbone in args.backbones:
-                supported = _compose(str(folder), scratch, method, backbone, 1).method.backbones
-                if backbone not in supported:
+                cfg = _compose(str(folder), scratch, method, backbone, args.batch_size)
+                if not method_supports(cfg.method, backbone, cfg.task):
                     print(f"  {method:<9} {backbone:<9} {'n/a':>10}")
                     continue
-                figures = _throughput(
-                    str(folder), scratch, method, backbone, args.steps, args.batch_size
-                )
+                figures = _throughput(cfg, args.steps)
                 results["training"][f"{method}/{backbone}"] = figures
                 print(
                     f"  {method:<9} {backbone:<9} {figures['samples/s']:>10.0f} "

@@ -23,13 +23,18 @@ def _positive(cfg: DictConfig, key: str, kind=float) -> None:
         raise ConfigError(f"{key} must be {what}, got {node!r}")
 
 
+def method_supports(method: DictConfig, backbone: str, task: str) -> bool:
+    """The method config lists the backbones and tasks it works with."""
+    return backbone in method.backbones and task in method.tasks
+
+
 def check_config(cfg: DictConfig) -> None:
     if cfg.task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {cfg.task!r}")
     if cfg.eval.mode not in EVAL_MODES:
         raise ConfigError(f"eval.mode must be one of {list(EVAL_MODES)}, got {cfg.eval.mode!r}")
     method, backbone = cfg.method, cfg.backbone
-    if backbone.name not in method.backbones or cfg.task not in method.tasks:
+    if not method_supports(method, backbone.name, cfg.task):
         pairs = ", ".join(f"method={method.name} backbone={b}" for b in method.backbones)
         raise ConfigError(
             f"method={method.name} does not work with backbone={backbone.name} task={cfg.task}. "
