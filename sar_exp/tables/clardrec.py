@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sar_exp.tables.report import Cell, relative_improvement, render, welch_p
-from sar_exp.train import write_text_atomic
+from sar_exp.train import CONFIG_DIR, write_text_atomic
 
 BACKBONES = {"mlp": "cf", "mmoe": "cf", "gru4rec": "seq", "sasrec": "seq"}
 METHODS = ("base", "aug", "jsr", "clardrec")
@@ -31,7 +31,7 @@ ABLATIONS = {"-CD": "use_cd", "-FA": "use_fa", "-DA": "use_da", "-CS": "use_cs"}
 ALL_VARIANTS = [*METHODS, *ABLATIONS]  # the whole grid, and what --variants defaults to
 DEFAULT_SEEDS = [0, 1, 2]
 METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")  # the paper's columns
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(CONFIG_DIR)
 
 # The paper's KuaiSAR numbers (HR@1, HR@5, NDCG@5, MRR). Table 1 reports only JSR and
 # ClardRec for MMoE, and its sequential block lists JSR once (read here as SASRec's
