@@ -25,6 +25,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+# The planted truth, by the attribute that carries it: an item's query-independent style
+# shows through its author (80% of an author's items share the author's style), and a
+# query names its session's topic, the item's first-level category.
+STYLE_ATTRIBUTE = "author_id"
+TOPIC_ATTRIBUTE = "first_level_category_id"
+
 START_MS = 1_684_737_000_000  # 2023-05-22 14:30 Beijing time, as in KuaiSAR_v2
 DAY_MS = 86_400_000
 REC_ITEM_TYPES = np.array(["VIDEO", "IMAGE_ATLAS"])

@@ -5,12 +5,16 @@ Equation numbers refer to the paper (../shared/papers/clardrec.txt)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from sar_exp.backbones.embeddings import mlp
+from sar_exp.errors import ConfigError
 from sar_exp.methods.base import TwoDomainRecommender
 from sar_exp.methods.clardrec_losses import (
+    CD_DIRECTIONS,
     constraint_loss,
     counterfactual_deltas,
     counterfactual_loss,
@@ -18,6 +22,8 @@ from sar_exp.methods.clardrec_losses import (
     search_loss,
 )
 from sar_exp.methods.losses import sampled_softmax_ce
+
+log = logging.getLogger(__name__)
 
 
 class GatedDisentangler(nn.Module):
@@ -55,6 +61,8 @@ class ClardRec(TwoDomainRecommender):
       use_fa  feature augmentation (Eq. 18-20); off: r_ui = u_rec . i_rec (Eq. 3)
       use_da  data augmentation (Eq. 21); off: L_da = 0
       use_cs  confidence scores in L_da; off: Eq. 32 instead of Eq. 21
+    cd_direction: "drop" (default) reads Eq. 13-14's variations as score drops, as
+      Eq. 10-12 require; "printed" is their literal form (see clardrec_losses).
     """
 
     def __init__(
@@ -69,11 +77,24 @@ class ClardRec(TwoDomainRecommender):
         use_fa: bool = True,
         use_da: bool = True,
         use_cs: bool = True,
+        cd_direction: str = "drop",
         **kwargs,
     ):
         # Shared bottom embeddings, per-domain user encoders and item MLPs (Eq. 1-5);
         # queries live in d_h so they meet users and items in dot products (Sec. 4.1).
         super().__init__(schema, backbone, **kwargs)
+        if cd_direction not in CD_DIRECTIONS:
+            raise ConfigError(
+                f"method.module.cd_direction must be one of {list(CD_DIRECTIONS)}, got {cd_direction!r}"
+            )
+        if use_cd and self.hparams.item_layers == 1:
+            # An affine Enc^i_src maps i_/q^emb + i_/u^emb = 2 i^emb (Eq. 6) to
+            # Enc(i_/q) + Enc(i_/u) = 2 Enc(i), so Delta_/u = -Delta_/q exactly and the two
+            # matching-wise terms of Eq. 13 are one and the same loss.
+            log.warning(
+                "ClardRec with method.module.item_layers=1 (L_e = 1, Table 4's SASRec row): the "
+                "item encoder is affine, so Delta_/u = -Delta_/q and L_cd^/q and L_cd^/u coincide"
+            )
         d_h = self.hparams.hidden_dim
         self.disentangler = GatedDisentangler(
             self.items.part_dim, len(schema["item_attribute_sizes"]), d_h
@@ -120,7 +141,8 @@ class ClardRec(TwoDomainRecommender):
                 s_ui, dot(u_src, items["i_/q"]), dot(u_src, items["i_/u"]),
                 s_qi, dot(q_src, items["i_/q"]), dot(q_src, items["i_/u"]),
             )  # fmt: skip
-            parts["cd"], parts["con"] = counterfactual_loss(d), constraint_loss(d)
+            parts["cd"] = counterfactual_loss(d, hp.cd_direction)  # Eq. 13-15
+            parts["con"] = constraint_loss(d)  # Eq. 16-17
             aux = aux + hp.alpha * parts["cd"] + hp.gamma * parts["con"]
         if hp.use_da:
             # r^aug_ui = u_rec . i_/q^src. Eq. 21 does not say which negatives its CE

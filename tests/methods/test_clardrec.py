@@ -39,26 +39,79 @@ D = {
 
 
 def test_matching_wise_terms_eq13():
+    # Eq. 13 with the variations read as drops (-Delta), as Eq. 10-11 require:
+    # L^{/q} = -log s(dui/q - dqi/q) - 1/M sum -log s(dqi-/q - dui-/q)
     l_q, l_u = matching_wise_loss(D)
-    # L^{/q} = -log s(dqi/q - dui/q) - 1/M sum -log s(dui-/q - dqi-/q)
-    expected_q = nls(-1.0 - -0.2) + (nls(0.1 - 0.5) + nls(0.3 - 0.0)) / 2
-    # L^{/u} = -log s(dui/u - dqi/u) - 1/M sum -log s(dqi-/u - dui-/u)
-    expected_u = nls(-0.8 - -0.1) + (nls(0.4 - 0.2) + nls(-0.2 - 0.0)) / 2
+    expected_q = nls(-0.2 - -1.0) + (nls(0.5 - 0.1) + nls(0.0 - 0.3)) / 2
+    # L^{/u} = -log s(dqi/u - dui/u) - 1/M sum -log s(dui-/u - dqi-/u)
+    expected_u = nls(-0.1 - -0.8) + (nls(0.2 - 0.4) + nls(0.0 - -0.2)) / 2
     assert l_q.item() == pytest.approx(expected_q, rel=1e-6)
     assert l_u.item() == pytest.approx(expected_u, rel=1e-6)
     assert expected_q == pytest.approx(
-        1.90479, abs=1e-5
-    )  # softplus(0.8) + (softplus(0.4) + softplus(-0.3)) / 2
+        1.05479, abs=1e-5
+    )  # softplus(-0.8) + (softplus(-0.4) + softplus(0.3)) / 2
+    # the literal printed form is the same expression with the signs of Delta flipped
+    l_q_printed, _ = matching_wise_loss(D, "printed")
+    assert l_q_printed.item() == pytest.approx(
+        nls(-1.0 - -0.2) + (nls(0.1 - 0.5) + nls(0.3 - 0.0)) / 2, rel=1e-6
+    )
 
 
 def test_removal_wise_terms_eq14_and_total_eq15():
     l_qi, l_ui = removal_wise_loss(D)
-    expected_qi = nls(-1.0 - -0.1) + (nls(0.4 - 0.5) + nls(-0.2 - 0.0)) / 2
-    expected_ui = nls(-0.8 - -0.2) + (nls(0.1 - 0.2) + nls(0.3 - 0.0)) / 2
+    expected_qi = nls(-0.1 - -1.0) + (nls(0.5 - 0.4) + nls(0.0 - -0.2)) / 2
+    expected_ui = nls(-0.2 - -0.8) + (nls(0.2 - 0.1) + nls(0.0 - 0.3)) / 2
     assert l_qi.item() == pytest.approx(expected_qi, rel=1e-6)
     assert l_ui.item() == pytest.approx(expected_ui, rel=1e-6)
     total = sum(t.item() for t in (*matching_wise_loss(D), l_qi, l_ui))
     assert counterfactual_loss(D).item() == pytest.approx(total, rel=1e-6)
+
+
+# Each relation of Eq. 10-12 as (term, the variation that must move more, the one that
+# must move less). Delta = after - before: a positive's scores drop (Delta < 0), a
+# negative's rise (Delta > 0); "moves more" is the larger |Delta|.
+RELATIONS = [
+    ("/q", "qi/q", "ui/q"),  # Eq. 10
+    ("/u", "ui/u", "qi/u"),  # Eq. 11
+    ("qi", "qi/q", "qi/u"),  # Eq. 12, left
+    ("ui", "ui/u", "ui/q"),  # Eq. 12, right
+]
+
+
+def _term(name: str, d: dict, direction: str = "drop") -> float:
+    l_q, l_u = matching_wise_loss(d, direction)
+    l_qi, l_ui = removal_wise_loss(d, direction)
+    return {"/q": l_q, "/u": l_u, "qi": l_qi, "ui": l_ui}[name].item()
+
+
+def _variations(more: str, less: str, positive: tuple, negative: tuple) -> dict:
+    """One positive and one negative; `positive`/`negative` give (Delta_more, Delta_less)."""
+    d = {k: torch.zeros(1, 2) for k in ("qi/q", "ui/q", "ui/u", "qi/u")}
+    d[more] = torch.tensor([[positive[0], negative[0]]])
+    d[less] = torch.tensor([[positive[1], negative[1]]])
+    return d
+
+
+@pytest.mark.parametrize("name,more,less", RELATIONS, ids=[r[0] for r in RELATIONS])
+def test_each_cd_term_prefers_the_relation_it_encodes(name, more, less):
+    neutral = (0.0, 0.0)
+    # positive: removing features lowers its scores; the relation holds when `more` drops more
+    satisfied = _term(name, _variations(more, less, (-1.0, -0.2), neutral))
+    violated = _term(name, _variations(more, less, (-0.2, -1.0), neutral))
+    assert satisfied < violated
+    # negative: removing features raises its scores; the relation holds when `more` rises more
+    satisfied = _term(name, _variations(more, less, neutral, (1.0, 0.2)))
+    violated = _term(name, _variations(more, less, neutral, (0.2, 1.0)))
+    assert satisfied < violated
+
+
+@pytest.mark.parametrize("name,more,less", RELATIONS, ids=[r[0] for r in RELATIONS])
+def test_the_printed_form_of_eq13_14_rewards_the_reverse_relation(name, more, less):
+    """Why cd_direction defaults to "drop": the literal Eq. 13-14 prefer the violation."""
+    neutral = (0.0, 0.0)
+    satisfied = _term(name, _variations(more, less, (-1.0, -0.2), neutral), "printed")
+    violated = _term(name, _variations(more, less, (-0.2, -1.0), neutral), "printed")
+    assert satisfied > violated
 
 
 def test_constraint_eq16_eq17():
@@ -199,3 +252,39 @@ def test_without_cs_da_is_eq32(batch_and_schema):
     i_q = model.query_independent_items(search["candidates"])["i_/q"]
     r_aug = (model.rec_user(search)[:, None] * i_q).sum(-1)
     assert parts["da"].item() == pytest.approx(data_augmentation_loss(r_aug, None).item(), rel=1e-5)
+
+
+def _deltas(model, batch):
+    """Delta_/q and Delta_/u (after - before) for the user (u) and query (q) scores."""
+    search = batch["search"]
+    items = model.query_independent_items(search["candidates"])
+    removed_q, removed_u = {}, {}
+    for who, vec in (("u", model.search_user(search)), ("q", model.queries(search["query"]))):
+        score = {k: (vec.unsqueeze(1) * v).sum(-1) for k, v in items.items()}
+        removed_q[who] = score["i_/q"] - score["i_src"]
+        removed_u[who] = score["i_/u"] - score["i_src"]
+    return removed_q, removed_u
+
+
+def test_one_item_encoder_layer_makes_the_matching_terms_coincide_and_says_so(
+    batch_and_schema, caplog
+):
+    batch = batch_and_schema[0]
+    with caplog.at_level("WARNING", logger="sar_exp.methods.clardrec"):
+        affine = _model(batch_and_schema, item_layers=1)
+    assert "L_cd^/q and L_cd^/u coincide" in caplog.text
+    removed_q, removed_u = _deltas(affine, batch)
+    for who in ("u", "q"):  # Delta_/u = -Delta_/q when Enc^i_src is affine
+        assert torch.allclose(removed_u[who], -removed_q[who], atol=1e-6, rtol=1e-4)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sar_exp.methods.clardrec"):
+        deep = _model(batch_and_schema, item_layers=2)
+    assert "coincide" not in caplog.text
+    removed_q, removed_u = _deltas(deep, batch)
+    gap = (removed_u["u"] + removed_q["u"]).abs().max()
+    assert gap > 0.01 * removed_q["u"].abs().max(), gap
+
+
+def test_an_unknown_cd_direction_is_refused(batch_and_schema):
+    with pytest.raises(Exception, match="method.module.cd_direction must be one of"):
+        _model(batch_and_schema, cd_direction="reversed")
