@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sar_exp.backbones.embeddings import mlp
+from sar_exp.backbones.sequence import left_aligned
 
 
 class GRU4RecEncoder(nn.Module):
@@ -33,6 +34,7 @@ class GRU4RecEncoder(nn.Module):
         self.out_dim = hidden_dim
 
     def forward(self, user_emb, steps, mask):
+        steps, mask = left_aligned(steps, mask)
         lengths = mask.sum(1)
         # An empty history packs as one padding step (zeros); its state is then ignored.
         packed = nn.utils.rnn.pack_padded_sequence(

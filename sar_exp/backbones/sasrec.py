@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from sar_exp.backbones.embeddings import mlp
+from sar_exp.backbones.sequence import left_aligned
 
 
 class SASRecEncoder(nn.Module):
@@ -33,6 +34,7 @@ class SASRecEncoder(nn.Module):
         self.out_dim = hidden_dim
 
     def forward(self, user_emb, steps, mask):
+        steps, mask = left_aligned(steps, mask)
         batch, length, _ = steps.shape
         positions = torch.arange(length, device=steps.device)
         x = self.project(steps) + self.positions(positions)

@@ -85,7 +85,8 @@ class BatchAssembler:
         self.samples = {k: to_tensor(v) for k, v in view.split(task, split).items()}
         keep = (
             "rec_click_item", "rec_click_time", "session_time", "session_query",
-            "session_source", "session_clicks", "user_click_offsets",
+            "session_source", "session_clicks", "search_click_item", "search_click_query",
+            "user_click_offsets",
         )  # fmt: skip
         self.context = {k: to_tensor(view[k]) for k in keep}
         self.pool = to_tensor(view["rec_item_pool" if task == "rec" else "search_item_pool"])
@@ -132,6 +133,17 @@ class BatchAssembler:
             ses_valid[..., None], c["session_clicks"][ses_idx], 0
         )
         batch["search_history_mask"] = ses_valid
+        # the same cap counts single search clicks for encoders that read them (ClardRec Eq. 29)
+        click_idx, click_valid = history_window(
+            s["search_click_start"][index], s["search_click_end"][index], self.search_cap
+        )
+        batch["search_click_history_item"] = torch.where(
+            click_valid, c["search_click_item"][click_idx], 0
+        )
+        batch["search_click_history_query"] = torch.where(
+            click_valid, c["search_click_query"][click_idx], 0
+        )
+        batch["search_click_history_mask"] = click_valid
         if self.interleaved:
             batch.update(self._interleaved(s, c, index))
         if self.full_ranking_exclusions:

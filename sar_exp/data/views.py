@@ -296,6 +296,12 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
             "session_clicks": session_clicks,
         }
     )
+    # Search clicks as single (query, clicked item) events, oldest first: ClardRec's
+    # H_src (Eq. 29-31) is this sequence, not one averaged step per session.
+    view["search_click_user"] = positives["user"].to_numpy().astype(np.int32)
+    view["search_click_time"] = positives["time"].to_numpy().astype(np.int64)
+    view["search_click_item"] = positives["item"].to_numpy().astype(np.int32)
+    view["search_click_query"] = positives["query"].to_numpy().astype(np.int32)
     view["user_click_offsets"] = np.searchsorted(
         view["rec_click_user"], np.arange(meta["num_users"] + 2)
     ).astype(np.int64)
@@ -315,6 +321,9 @@ def _add_histories(view: View, prefix: str, user: np.ndarray, time: np.ndarray) 
     )
     view[prefix + "search_start"], view[prefix + "search_end"] = _history_pointers(
         view["session_user"], view["session_time"], user, time
+    )
+    view[prefix + "search_click_start"], view[prefix + "search_click_end"] = _history_pointers(
+        view["search_click_user"], view["search_click_time"], user, time
     )
 
 

@@ -69,16 +69,6 @@ class RecommenderModule(pl.LightningModule):
         self.val_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
         self.test_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
 
-    def search_history_steps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """[mean clicked item | query] per past search session (ClardRec Eq. 29) and
-        its mask. Sessions without a click are masked: H_src holds (query, click) pairs."""
-        clicks = batch["search_history_clicks"]
-        clicked = clicks > 0
-        counts = clicked.sum(-1, keepdim=True).clamp(min=1)
-        items = (self.items(clicks) * clicked[..., None]).sum(-2) / counts
-        steps = torch.cat([items, self.queries(batch["search_history_query"])], dim=-1)
-        return steps, batch["search_history_mask"] & clicked.any(-1)
-
     # ------------------------------------------------------------ to implement
     def score(self, batch: dict, candidates: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -209,7 +199,7 @@ class PlainBackbone(RecommenderModule):
 class TwoDomainRecommender(RecommenderModule):
     """Shared bottom embeddings with one user encoder and one item MLP per domain
     (ClardRec Eq. 2, 5; JSR's two towers). The sequential search encoder reads
-    [clicked item | query] per past session (ClardRec Eq. 29-31)."""
+    [clicked item | query] per past search click (ClardRec Eq. 29-31)."""
 
     queries_in_hidden_space = True
 
@@ -236,6 +226,13 @@ class TwoDomainRecommender(RecommenderModule):
         return self.rec_user_encoder(
             user, self.items(batch["rec_history"]), batch["rec_history_mask"]
         )
+
+    def search_history_steps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[clicked item | query] per past search click, oldest first, and its mask
+        (Eq. 29, 31): H_src is the user's sequence of (query, clicked item) pairs."""
+        items = self.items(batch["search_click_history_item"])
+        queries = self.queries(batch["search_click_history_query"])
+        return torch.cat([items, queries], dim=-1), batch["search_click_history_mask"]
 
     def search_user(self, batch) -> torch.Tensor:
         user = self.users(batch["user"])

@@ -72,3 +72,27 @@ def test_query_is_the_mean_of_its_words():
     assert torch.allclose(out[0], (enc.words.weight[1] + enc.words.weight[2]) / 2)
     assert torch.allclose(out[1], enc.words.weight[3])
     assert torch.equal(out[2], torch.zeros(4))
+
+
+@pytest.mark.parametrize(
+    "encoder_class", [GRU4RecEncoder, SASRecEncoder], ids=["gru4rec", "sasrec"]
+)
+def test_a_mask_with_holes_reads_like_its_compacted_form(encoder_class):
+    """Valid steps after a masked one must still be read, the newest included."""
+    torch.manual_seed(0)
+    encoder = encoder_class(DU, DS, H).eval()
+    user, steps = torch.randn(3, DU), torch.randn(3, 5, DS)
+    holes = torch.tensor([[1, 0, 1, 0, 1], [0, 0, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    compact = torch.zeros_like(steps)
+    compact_mask = torch.zeros_like(holes)
+    for row in range(3):
+        valid = steps[row][holes[row]]
+        compact[row, : len(valid)] = valid
+        compact_mask[row, : len(valid)] = True
+    assert torch.allclose(
+        encoder(user, steps, holes), encoder(user, compact, compact_mask), atol=1e-5
+    )
+    # and the newest valid step of a row with holes counts
+    changed = steps.clone()
+    changed[0, 4] += 1.0
+    assert not torch.allclose(encoder(user, steps, holes)[0], encoder(user, changed, holes)[0])

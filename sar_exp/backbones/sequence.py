@@ -1,0 +1,17 @@
+"""Helpers that sequence encoders share."""
+
+from __future__ import annotations
+
+import torch
+
+
+def left_aligned(steps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's valid steps to the front, in their order, padding after them.
+
+    GRU packing reads the first mask.sum() steps and SASRec the step at length - 1, so a
+    mask with holes (a masked step between valid ones) would make them read padding and
+    miss the newest steps. Batches are left-aligned already; this makes every encoder
+    correct for any mask it is given."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    steps = torch.gather(steps, 1, order.unsqueeze(-1).expand_as(steps))
+    return steps, torch.gather(mask, 1, order)
