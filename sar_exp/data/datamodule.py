@@ -61,8 +61,16 @@ class SARDataModule(pl.LightningDataModule):
         self.view_name = view
         self.user_attributes, self.item_attributes = list(user_attributes), list(item_attributes)
         self.protocol = Protocol(
-            **{k: (tuple(v) if k == "cf_split" else v) for k, v in (protocol or {}).items()}
+            **{
+                k: (tuple(v) if k in ("cf_split", "evaluated_tasks") else v)
+                for k, v in (protocol or {}).items()
+            }
         )
+        if main_task not in self.protocol.evaluated_tasks:
+            raise ConfigError(
+                f"data.main_task={main_task} is not in dataset.protocol.evaluated_tasks "
+                f"{list(self.protocol.evaluated_tasks)}"
+            )
         self.synthetic = dict(synthetic or {})
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_train_negatives, self.num_workers = int(num_train_negatives), int(num_workers)

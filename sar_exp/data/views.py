@@ -35,6 +35,8 @@ from sar_exp.errors import ConfigError, DataError
 
 VIEWS = ("cf", "sequential", "ctr")
 SPLITS = ("train", "val", "test")
+TASKS = ("rec", "search")
+DROPPED = -1  # split code of a training sample removed to keep held-out events unseen
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,12 @@ class Protocol:
     cf_split: tuple[float, float, float] = field(default=(0.8, 0.1, 0.1))
     num_eval_negatives: int = 99
     split_seed: int = 0
+    # The tasks whose validation and test events are held out from every task's
+    # training data (a method that evaluates search too adds "search").
+    evaluated_tasks: tuple[str, ...] = ("rec",)
+    # true: ClardRec B.1 read literally, two independent 8:1:1 splits, so a held-out rec
+    # pair (u, i) can be a search training click; false drops such search clicks.
+    cf_independent_splits: bool = False
 
     def __post_init__(self):
         for key in (
@@ -72,6 +80,11 @@ class Protocol:
         if len(self.cf_split) != 3 or abs(sum(self.cf_split) - 1) > 1e-6 or min(self.cf_split) <= 0:
             raise ConfigError(
                 f"dataset.protocol.cf_split must be three positive shares summing to 1, got {list(self.cf_split)}"
+            )
+        if not self.evaluated_tasks or not set(self.evaluated_tasks) <= set(TASKS):
+            raise ConfigError(
+                f"dataset.protocol.evaluated_tasks must be a non-empty subset of {list(TASKS)}, "
+                f"got {list(self.evaluated_tasks)}"
             )
         if self.num_eval_negatives < 1:
             raise ConfigError(
@@ -327,15 +340,24 @@ def _add_histories(view: View, prefix: str, user: np.ndarray, time: np.ndarray) 
     )
 
 
+def _no_histories(view: View, prefix: str, n: int) -> None:
+    for name in ("rec", "search", "search_click"):
+        view[f"{prefix}{name}_start"] = view[f"{prefix}{name}_end"] = np.zeros(n, np.int64)
+
+
 def _store_split(
-    view, task, split_code, arrays, rng, pool, exclude, protocol, what, owner_key="user"
-):
+    view, task, split_code, arrays, rng, pool, exclude, protocol, what, owner_key="user",
+    histories=True,
+):  # fmt: skip
     for code, split in enumerate(SPLITS):
         rows = np.flatnonzero(split_code == code)
         prefix = f"{task}.{split}."
         for name, values in arrays.items():
             view[prefix + name] = values[rows]
-        _add_histories(view, prefix, arrays["user"][rows], arrays["time"][rows])
+        if histories:
+            _add_histories(view, prefix, arrays["user"][rows], arrays["time"][rows])
+        else:
+            _no_histories(view, prefix, rows.size)
         if split != "train" and "item" in arrays:
             owner = arrays[owner_key][rows]
             view[prefix + "negatives"] = sample_negatives(
@@ -379,18 +401,53 @@ def _search_exclusions(frames) -> np.ndarray:
 # ---------------------------------------------------------------- views
 
 
+def _num_users(view: View) -> int:
+    return int(view["user_attributes"].shape[0]) - 1  # row 0 is padding
+
+
+def _first_heldout_time(user: np.ndarray, time: np.ndarray, split: np.ndarray, n_users: int):
+    """Per user, the time of their earliest validation or test event (int64 max if none)."""
+    first = np.full(n_users + 1, np.iinfo(np.int64).max, np.int64)
+    heldout = split > 0
+    np.minimum.at(first, user[heldout], time[heldout])
+    return first
+
+
+def _drop_training_after_heldout(tasks: dict, evaluated: tuple[str, ...], n_users: int) -> None:
+    """No leakage across tasks: a training sample of one task must end strictly before
+    its user's first held-out event of every *other* evaluated task. Its histories hold
+    only earlier events, so they end before it too. (A task's own leave-one-out already
+    puts its training samples no later than its held-out ones.) Without this, a search
+    click after the rec test click trains AUG and ClardRec's L_da with a rec history
+    that contains the test item."""
+    cutoffs = {
+        name: _first_heldout_time(arrays["user"], arrays["time"], split, n_users)
+        for name, (arrays, split) in tasks.items()
+        if name in evaluated
+    }
+    for name, (arrays, split) in tasks.items():
+        for other, cutoff in cutoffs.items():
+            if other != name:
+                late = (split == 0) & (arrays["time"] >= cutoff[arrays["user"]])
+                split[late] = DROPPED
+
+
 def _sequential(view, frames, protocol, rng):
     rc = frames["rec_clicks"]
-    arrays = _sample_arrays(rc)
-    keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
-    arrays = {k: v[keep] for k, v in arrays.items()}
-    arrays["query"] = np.zeros_like(arrays["user"])
-    _store_split(view, "rec", _leave_one_out(arrays["user"]), arrays, rng, view["rec_item_pool"],
-                 _rec_exclusions(frames), protocol, "rec")  # fmt: skip
-
+    rec = _sample_arrays(rc)
+    keep = _filter_both_histories(view, rec["user"], rec["time"], protocol)
+    rec = {k: v[keep] for k, v in rec.items()}
+    rec["query"] = np.zeros_like(rec["user"])
     pos = frames["search_positives"].sort("user", "time", "session_pos", "position")
-    arrays = _sample_arrays(pos, with_query=True)
-    _store_split(view, "search", _leave_one_out(arrays["user"]), arrays, rng, view["search_item_pool"],
+    search = _sample_arrays(pos, with_query=True)
+    tasks = {
+        "rec": (rec, _leave_one_out(rec["user"])),
+        "search": (search, _leave_one_out(search["user"])),
+    }
+    _drop_training_after_heldout(tasks, protocol.evaluated_tasks, _num_users(view))
+    _store_split(view, "rec", tasks["rec"][1], rec, rng, view["rec_item_pool"],
+                 _rec_exclusions(frames), protocol, "rec")  # fmt: skip
+    _store_split(view, "search", tasks["search"][1], search, rng, view["search_item_pool"],
                  _search_exclusions(frames), protocol, "search", owner_key="query")  # fmt: skip
 
 
@@ -403,20 +460,42 @@ def _random_split(rng, n, shares) -> np.ndarray:
     return split
 
 
+def _drop_training_of_heldout_pairs(tasks: dict, evaluated: tuple[str, ...]) -> None:
+    """CF has no time order: a training click of one task whose (user, item) pair is a
+    held-out click of another evaluated task would train on the answer, so it goes."""
+    for name, (arrays, split) in tasks.items():
+        for other in evaluated:
+            if other == name:
+                continue
+            theirs, their_split = tasks[other]
+            heldout = _keys(theirs["user"][their_split > 0], theirs["item"][their_split > 0])
+            mine = arrays["user"].astype(np.int64) << 32 | arrays["item"].astype(np.int64)
+            split[(split == 0) & np.isin(mine, heldout)] = DROPPED
+
+
 def _cf(view, frames, protocol, rng):
     # The paper's D_rec and D_src are sets of clicks, so repeated clicks count once.
     rc = frames["rec_clicks"].unique(["user", "item"], keep="first", maintain_order=True)
-    arrays = _sample_arrays(rc)
-    arrays["query"] = np.zeros_like(arrays["user"])
-    _store_split(view, "rec", _random_split(rng, arrays["user"].size, protocol.cf_split), arrays, rng,
-                 view["rec_item_pool"], _rec_exclusions(frames), protocol, "rec")  # fmt: skip
+    rec = _sample_arrays(rc)
+    rec["query"] = np.zeros_like(rec["user"])
+    rec_split = _random_split(rng, rec["user"].size, protocol.cf_split)
     pos = frames["search_positives"].unique(
         ["user", "query", "item"], keep="first", maintain_order=True
     )
-    arrays = _sample_arrays(pos, with_query=True)
-    _store_split(view, "search", _random_split(rng, arrays["user"].size, protocol.cf_split), arrays, rng,
-                 view["search_item_pool"], _search_exclusions(frames), protocol, "search",
-                 owner_key="query")  # fmt: skip
+    search = _sample_arrays(pos, with_query=True)
+    tasks = {
+        "rec": (rec, rec_split),
+        "search": (search, _random_split(rng, search["user"].size, protocol.cf_split)),
+    }
+    if not protocol.cf_independent_splits:
+        _drop_training_of_heldout_pairs(tasks, protocol.evaluated_tasks)
+    # The CF scenario has no histories (ClardRec Eq. 2, 5): they stay empty, so a random
+    # split cannot put a held-out click into something a model reads.
+    _store_split(view, "rec", rec_split, rec, rng, view["rec_item_pool"], _rec_exclusions(frames),
+                 protocol, "rec", histories=False)  # fmt: skip
+    _store_split(view, "search", tasks["search"][1], search, rng, view["search_item_pool"],
+                 _search_exclusions(frames), protocol, "search", owner_key="query",
+                 histories=False)  # fmt: skip
 
 
 def _csr(owner: np.ndarray, values: np.ndarray, n_owners: int) -> tuple[np.ndarray, np.ndarray]:
@@ -446,8 +525,12 @@ def _ctr(view, frames, protocol, rng):
         for key, values in arrays.items():
             view[prefix + key] = values[rows]
         _add_histories(view, prefix, arrays["user"][rows], arrays["time"][rows])
-    # QueryRec: per query, the clicked items and the shown-but-not-clicked items.
+    # QueryRec: per query, the clicked items and the shown-but-not-clicked items, from
+    # search events before their user's first held-out rec request only: the lists
+    # train the model, so a later search must not reveal what the user is tested on.
+    cutoff = _first_heldout_time(arrays["user"], arrays["time"], split, _num_users(view))
     search = frames["search"]
+    search = search.filter(search["time"].to_numpy() < cutoff[search["user"].to_numpy()])
     n_queries = int(view["query_words"].shape[0])
     pos = search.filter(pl.col("clicked") == 1).unique(["query", "item"])
     neg = search.filter(pl.col("clicked") == 0).unique(["query", "item"])
