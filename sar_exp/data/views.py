@@ -235,21 +235,30 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
     """Arrays every view shares, after the user-level filters of the protocol."""
     rec = tables.rec
     sessions = tables.sessions
-    search = tables.search.join(sessions.select("session", "user", "query", "time"), on="session")
+    # An item shown twice in one session is one search result, clicked if either copy
+    # was, so "search interactions" count the same in every filter and view.
+    search = (
+        tables.search.group_by("session", "item")
+        .agg(clicked=pl.col("clicked").max(), position=pl.col("position").min())
+        .sort("session", "position")
+        .join(sessions.select("session", "user", "query", "time"), on="session")
+    )
 
-    clicks = search.filter(pl.col("clicked") == 1)
+    # ClardRec B.1 in its order: first each user's most recent interactions, then the
+    # users with enough search clicks *inside* that window (the other order keeps users
+    # whose window holds no search at all).
+    if protocol.max_interactions_per_user:
+        rec, sessions, search = _keep_recent_interactions(
+            rec, sessions, search, protocol.max_interactions_per_user
+        )
     if protocol.min_search_interactions > 0:
-        per_user = clicks.group_by("user").len()
+        per_user = search.filter(pl.col("clicked") == 1).group_by("user").len()
         keep = per_user.filter(pl.col("len") >= protocol.min_search_interactions)["user"]
         rec, sessions = (
             rec.filter(pl.col("user").is_in(keep)),
             sessions.filter(pl.col("user").is_in(keep)),
         )
         search = search.filter(pl.col("user").is_in(keep))
-    if protocol.max_interactions_per_user:
-        rec, sessions, search = _keep_recent_interactions(
-            rec, sessions, search, protocol.max_interactions_per_user
-        )
     if search.height == 0 or rec.height == 0:
         raise DataError("no rec or no search events are left after dataset.protocol filters")
 

@@ -100,8 +100,11 @@ def test_time_ordered_views_keep_heldout_events_out_of_training(tables, name, pr
 def test_ctr_query_item_lists_come_from_searches_before_the_heldout_requests(tables):
     view = build_view(tables, "ctr", Protocol())
     _, first = _heldout(view, "rec")
-    search = tables.search.join(
-        tables.sessions.select("session", "user", "query", "time"), on="session"
+    # one search result per (session, item), clicked if any copy was
+    search = (
+        tables.search.group_by("session", "item")
+        .agg(pl.col("clicked").max())
+        .join(tables.sessions.select("session", "user", "query", "time"), on="session")
     )
     before = search.filter(search["time"].to_numpy() < first[search["user"].to_numpy()])
     for kind, clicked in (("clicked", 1), ("unclicked", 0)):

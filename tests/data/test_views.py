@@ -165,3 +165,16 @@ def test_view_cache_is_keyed_on_the_code_that_built_it(tables, tmp_path, monkeyp
     monkeypatch.setattr(views, "code_fingerprint", lambda *modules: "changed-preprocessing")
     load_view(tables, "sequential", Protocol(), tmp_path, "k")
     assert len(list(tmp_path.glob("view-sequential-*"))) == 2  # changed code: rebuilt, not stale
+
+
+def test_clardrec_window_comes_before_the_search_filter(tables):
+    """B.1: keep each user's last N interactions, then drop users with fewer than K
+    search clicks in that window, so every kept user has K of them."""
+    view = build_view(
+        tables, "sequential", Protocol(max_interactions_per_user=20, min_search_interactions=5)
+    )
+    users = np.unique(view["rec_click_user"])
+    search_clicks = np.bincount(view["search_click_user"], minlength=users.max() + 1)
+    assert users.size > 0 and (search_clicks[users] >= 5).all()
+    rec_clicks = np.bincount(view["rec_click_user"], minlength=users.max() + 1)
+    assert (rec_clicks[users] + search_clicks[users] <= 20).all()
