@@ -15,32 +15,34 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
+import queue
 import resource
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 from sar_exp.config_checks import method_supports
+from sar_exp.errors import SarExpError
 
-USER_ATTRS = ["search_active_level", "rec_active_level"]
-ITEM_ATTRS = ["first_level_category_id", "second_level_category_id", "author_id", "upload_type"]
 VIEWS = ("sequential", "cf", "ctr")
 
 
-def _preprocess(folder: str, cache: str, queue) -> None:
-    from sar_exp.data.cache import cache_key
+def _preprocess(folder: str, cache: str, user_attrs, item_attrs, protocol: dict) -> tuple:
+    """Raw files -> canonical tables -> every view, as training builds them (same cache
+    keys, so the views timed here are the ones a run on this folder would use)."""
     from sar_exp.data.canonical import load_canonical
-    from sar_exp.data.views import Protocol, load_view
+    from sar_exp.data.views import load_view, protocol_from_config
 
     timings = {}
     start = time.perf_counter()
-    tables = load_canonical(folder, cache, USER_ATTRS, ITEM_ATTRS)
+    tables = load_canonical(folder, cache, user_attrs, item_attrs)
     timings["canonical tables"] = time.perf_counter() - start
     for name in VIEWS:
         t = time.perf_counter()
-        load_view(tables, name, Protocol(), Path(cache), cache_key(tables.meta))
+        load_view(tables, name, protocol_from_config(protocol), Path(cache))
         timings[f"{name} view"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
     rows = {
@@ -49,7 +51,42 @@ def _preprocess(folder: str, cache: str, queue) -> None:
         "users": tables.meta["num_users"],
     }
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    queue.put((timings, rows, peak_gb))
+    return timings, rows, peak_gb
+
+
+def _child_main(target, args, queue) -> None:
+    """Runs in the child: report the result, or the error, through the queue."""
+    try:
+        queue.put(("ok", target(*args)))
+    except BaseException as err:  # the parent prints it; the child only reports
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def run_in_child(target, args: tuple, what: str, poll_seconds: float = 1.0):
+    """`target(*args)` in a fresh (spawned) process, for a cold start and its own peak
+    memory. A child that fails or dies (killed, out of memory) is reported in one line
+    instead of leaving the parent waiting forever."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_child_main, args=(target, args, results))
+    child.start()
+    while True:
+        try:
+            status, payload = results.get(timeout=poll_seconds)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                try:  # it may have reported just before it exited
+                    status, payload = results.get(timeout=poll_seconds)
+                    break
+                except queue.Empty:
+                    raise SarExpError(
+                        f"{what} died before reporting (exit code {child.exitcode})"
+                    ) from None
+    child.join()
+    if status == "error":
+        raise SarExpError(f"{what} failed: {payload}")
+    return payload
 
 
 class DataWaitTimer:
@@ -175,43 +212,52 @@ def main(argv=None) -> None:
 
     scratch = tempfile.mkdtemp(prefix="sar_exp_bench_")
     try:
-        queue = mp.get_context("spawn").Queue()
-        child = mp.get_context("spawn").Process(
-            target=_preprocess, args=(str(folder), scratch, queue)
-        )
-        child.start()
-        timings, rows, peak_gb = queue.get()
-        child.join()
-        print(f"\npreprocessing raw CSV -> canonical tables -> views ({rows})")
-        for name, seconds in timings.items():
-            print(f"  {name:<18} {seconds:7.1f} s")
-        print(f"  {'peak memory':<18} {peak_gb:7.2f} GB   (targets: < 120 s, < 8 GB)")
-
-        print(
-            f"\ntraining throughput, batch {args.batch_size}, {args.steps} steps (target: data wait < 10%)"
-        )
-        print(
-            f"  {'method':<9} {'backbone':<9} {'samples/s':>10} {'ms/step':>8} {'data wait':>10}"
-            f" {'epoch (steps)':>22}"
-        )
-        results = {"preprocessing": timings, "peak_gb": peak_gb, "rows": rows, "training": {}}
-        for method in args.methods:
-            for backbone in args.backbones:
-                cfg = _compose(str(folder), scratch, method, backbone, args.batch_size)
-                if not method_supports(cfg.method, backbone, cfg.task):
-                    print(f"  {method:<9} {backbone:<9} {'n/a':>10}")
-                    continue
-                figures = _throughput(cfg, args.steps)
-                results["training"][f"{method}/{backbone}"] = figures
-                print(
-                    f"  {method:<9} {backbone:<9} {figures['samples/s']:>10.0f} "
-                    f"{figures['ms/step']:>8.1f} {100 * figures['data wait share']:>9.1f}% "
-                    f"{figures['epoch minutes']:>9.1f} min ({figures['steps/epoch']:>6})"
-                )
-        results["peak_gb_training"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"  peak memory while training: {results['peak_gb_training']:.2f} GB")
+        _run(args, folder, scratch)
+    except SarExpError as err:
+        print(f"sar_exp: error: {err}", file=sys.stderr)
+        sys.exit(2)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(args, folder: Path, scratch: str) -> None:
+    from omegaconf import OmegaConf
+
+    default = _compose(str(folder), scratch, "base", "sasrec", args.batch_size).dataset
+    timings, rows, peak_gb = run_in_child(
+        _preprocess,
+        (str(folder), scratch, list(default.user_attributes), list(default.item_attributes),
+         OmegaConf.to_container(default.protocol, resolve=True)),
+        "the preprocessing process",
+    )  # fmt: skip
+    print(f"\npreprocessing raw CSV -> canonical tables -> views ({rows})")
+    for name, seconds in timings.items():
+        print(f"  {name:<18} {seconds:7.1f} s")
+    print(f"  {'peak memory':<18} {peak_gb:7.2f} GB   (targets: < 120 s, < 8 GB)")
+
+    print(
+        f"\ntraining throughput, batch {args.batch_size}, {args.steps} steps (target: data wait < 10%)"
+    )
+    print(
+        f"  {'method':<9} {'backbone':<9} {'samples/s':>10} {'ms/step':>8} {'data wait':>10}"
+        f" {'epoch (steps)':>22}"
+    )
+    results = {"preprocessing": timings, "peak_gb": peak_gb, "rows": rows, "training": {}}
+    for method in args.methods:
+        for backbone in args.backbones:
+            cfg = _compose(str(folder), scratch, method, backbone, args.batch_size)
+            if not method_supports(cfg.method, backbone, cfg.task):
+                print(f"  {method:<9} {backbone:<9} {'n/a':>10}")
+                continue
+            figures = _throughput(cfg, args.steps)
+            results["training"][f"{method}/{backbone}"] = figures
+            print(
+                f"  {method:<9} {backbone:<9} {figures['samples/s']:>10.0f} "
+                f"{figures['ms/step']:>8.1f} {100 * figures['data wait share']:>9.1f}% "
+                f"{figures['epoch minutes']:>9.1f} min ({figures['steps/epoch']:>6})"
+            )
+    results["peak_gb_training"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"  peak memory while training: {results['peak_gb_training']:.2f} GB")
     if args.json:
         from sar_exp.train import write_json_atomic
 

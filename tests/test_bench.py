@@ -20,3 +20,38 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
     # one epoch = the training set's steps at the measured speed
     assert abs(mlp["epoch minutes"] - mlp["steps/epoch"] * mlp["ms/step"] / 60_000) < 1e-9
     assert results["rows"]["users"] > 0 and results["preprocessing"]["total"] > 0
+
+
+def test_bench_times_the_views_that_training_uses(make_cfg, tiny_folder, tmp_path):
+    """Same cache keys: after bench's preprocessing, a run builds no view of its own."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from sar_exp.bench import _preprocess
+
+    cfg = make_cfg("dataset=kuaisar", f"dataset.path={tiny_folder}", f"paths.cache_dir={tmp_path}")
+    _preprocess(str(tiny_folder), str(tmp_path), list(cfg.dataset.user_attributes),
+                list(cfg.dataset.item_attributes), OmegaConf.to_container(cfg.dataset.protocol))  # fmt: skip
+    built = sorted(p.name for p in tmp_path.glob("view-*"))
+    assert len(built) == 3
+    hydra.utils.instantiate(cfg.data, _convert_="all").load()
+    assert sorted(p.name for p in tmp_path.glob("view-*")) == built
+
+
+def _fails():
+    raise ValueError("the raw files are unreadable")
+
+
+def test_a_failing_or_dying_preprocessing_child_is_reported_not_waited_for():
+    import os
+
+    import pytest
+
+    from sar_exp.bench import run_in_child
+    from sar_exp.errors import SarExpError
+
+    with pytest.raises(SarExpError, match=r"preprocessing died before reporting \(exit code 3\)"):
+        run_in_child(os._exit, (3,), "preprocessing", poll_seconds=0.2)
+    with pytest.raises(SarExpError, match="preprocessing failed: ValueError: the raw files"):
+        run_in_child(_fails, (), "preprocessing", poll_seconds=0.2)
+    assert run_in_child(abs, (-2,), "preprocessing", poll_seconds=0.2) == 2

@@ -34,6 +34,7 @@ class CanonicalTables:
     sessions: pl.DataFrame
     search: pl.DataFrame
     meta: dict
+    key: str = ""  # the cache key these tables were stored under; views build on it
 
     @property
     def user_attributes(self) -> list[str]:
@@ -225,4 +226,5 @@ def load_canonical(
     return CanonicalTables(
         **{name: pl.read_parquet(path / f"{name}.parquet") for name in TABLES},
         meta=json.loads((path / "meta.json").read_text()),
+        key=key,
     )

@@ -8,10 +8,9 @@ import lightning.pytorch as pl
 import torch
 
 from sar_exp.data.batches import AssembledDataset, BatchAssembler, BatchSampler
-from sar_exp.data.cache import cache_key
 from sar_exp.data.canonical import load_canonical
 from sar_exp.data.synthetic import dataset_folder, make_config, write_kuaisar_folder
-from sar_exp.data.views import Protocol, View, load_view
+from sar_exp.data.views import View, load_view, protocol_from_config
 from sar_exp.errors import ConfigError
 
 
@@ -60,12 +59,7 @@ class SARDataModule(pl.LightningDataModule):
         self.source, self.path, self.cache_dir = source, path, Path(cache_dir)
         self.view_name = view
         self.user_attributes, self.item_attributes = list(user_attributes), list(item_attributes)
-        self.protocol = Protocol(
-            **{
-                k: (tuple(v) if k in ("cf_split", "evaluated_tasks") else v)
-                for k, v in (protocol or {}).items()
-            }
-        )
+        self.protocol = protocol_from_config(protocol)
         if main_task not in self.protocol.evaluated_tasks:
             raise ConfigError(
                 f"data.main_task={main_task} is not in dataset.protocol.evaluated_tasks "
@@ -95,8 +89,7 @@ class SARDataModule(pl.LightningDataModule):
             tables = load_canonical(
                 folder, self.cache_dir, self.user_attributes, self.item_attributes
             )
-            tables_key = cache_key(tables.meta, str(folder.resolve()))
-            self.view = load_view(tables, self.view_name, self.protocol, self.cache_dir, tables_key)
+            self.view = load_view(tables, self.view_name, self.protocol, self.cache_dir)
             if self.main_task not in self.view.task_names():
                 raise ConfigError(
                     f"the {self.view_name} view has no {self.main_task!r} task; it has {self.view.task_names()}"

@@ -569,11 +569,23 @@ def build_view(tables: CanonicalTables, name: str, protocol: Protocol) -> View:
     return view
 
 
-def load_view(
-    tables: CanonicalTables, name: str, protocol: Protocol, cache_dir: Path, tables_key: str
-) -> View:
-    """The view from the cache, or built and cached (atomically) on first use."""
-    key = cache_key(code_fingerprint(sys.modules[__name__]), tables_key, name, asdict(protocol))
+def protocol_from_config(values: dict | None) -> Protocol:
+    """`dataset.protocol` (lists from YAML) as a Protocol."""
+    return Protocol(
+        **{
+            k: (tuple(v) if k in ("cf_split", "evaluated_tasks") else v)
+            for k, v in (values or {}).items()
+        }
+    )
+
+
+def load_view(tables: CanonicalTables, name: str, protocol: Protocol, cache_dir: Path) -> View:
+    """The view from the cache, or built and cached (atomically) on first use. Keyed on
+    the tables' own cache key (source files, reader code, attributes), so any change to
+    what built the tables, even one that keeps every row count, builds a new view."""
+    if not tables.key:
+        raise ValueError("load_view needs tables from load_canonical (they carry a cache key)")
+    key = cache_key(code_fingerprint(sys.modules[__name__]), tables.key, name, asdict(protocol))
 
     def build(tmp: Path) -> None:
         with stage(f"building the {name} view (splits, histories, negatives)"):

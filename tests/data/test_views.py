@@ -102,8 +102,8 @@ def test_negatives_are_99_distinct_never_clicked_items(tables, name):
 
 
 def test_negatives_are_stored_with_the_view(tables, tmp_path):
-    first = load_view(tables, "sequential", Protocol(), tmp_path, "k")
-    again = load_view(tables, "sequential", Protocol(), tmp_path, "k")
+    first = load_view(tables, "sequential", Protocol(), tmp_path)
+    again = load_view(tables, "sequential", Protocol(), tmp_path)
     assert np.array_equal(first["rec.test.negatives"], again["rec.test.negatives"])
     other_seed = build_view(tables, "sequential", Protocol(split_seed=1))
     assert not np.array_equal(first["rec.test.negatives"], other_seed["rec.test.negatives"])
@@ -159,11 +159,11 @@ def test_negative_sampling_reports_impossible_requests():
 def test_view_cache_is_keyed_on_the_code_that_built_it(tables, tmp_path, monkeypatch):
     from sar_exp.data import views
 
-    load_view(tables, "sequential", Protocol(), tmp_path, "k")
-    load_view(tables, "sequential", Protocol(), tmp_path, "k")
+    load_view(tables, "sequential", Protocol(), tmp_path)
+    load_view(tables, "sequential", Protocol(), tmp_path)
     assert len(list(tmp_path.glob("view-sequential-*"))) == 1  # same code: reused
     monkeypatch.setattr(views, "code_fingerprint", lambda *modules: "changed-preprocessing")
-    load_view(tables, "sequential", Protocol(), tmp_path, "k")
+    load_view(tables, "sequential", Protocol(), tmp_path)
     assert len(list(tmp_path.glob("view-sequential-*"))) == 2  # changed code: rebuilt, not stale
 
 
@@ -178,3 +178,23 @@ def test_clardrec_window_comes_before_the_search_filter(tables):
     assert users.size > 0 and (search_clicks[users] >= 5).all()
     rec_clicks = np.bincount(view["rec_click_user"], minlength=users.max() + 1)
     assert (rec_clicks[users] + search_clicks[users] <= 20).all()
+
+
+def test_a_reader_change_that_keeps_row_counts_builds_a_new_view(
+    tiny_folder, tmp_path, monkeypatch
+):
+    """Views are keyed on the canonical tables' cache key, not on their row counts."""
+    from sar_exp.data import canonical
+    from sar_exp.data.datamodule import SARDataModule
+
+    def load():
+        dm = SARDataModule(
+            "kuaisar", str(tiny_folder), str(tmp_path), "sequential", USER_ATTRS, ITEM_ATTRS
+        )
+        return dm.load()  # fmt: skip
+
+    first = load()
+    monkeypatch.setattr(canonical, "code_fingerprint", lambda *modules: "changed-reader")
+    second = load()
+    assert first.meta == second.meta  # same sizes and counts...
+    assert len(list(tmp_path.glob("view-sequential-*"))) == 2  # ...yet a fresh view
