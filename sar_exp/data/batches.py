@@ -80,6 +80,7 @@ class BatchAssembler:
         interleaved: bool = False,
         full_ranking_exclusions: bool = False,
         seed: int = 0,
+        rank: int = 0,
     ):
         to_tensor = _as_tensor
         self.samples = {k: to_tensor(v) for k, v in view.split(task, split).items()}
@@ -98,7 +99,7 @@ class BatchAssembler:
         self.num_train_negatives = num_train_negatives if split == "train" else 0
         self.interleaved = interleaved
         self.full_ranking_exclusions = full_ranking_exclusions and split != "train"
-        self.seed = seed
+        self.seed, self.rank = seed, rank
 
     def __len__(self) -> int:
         return int(self.samples["user"].numel())
@@ -154,9 +155,10 @@ class BatchAssembler:
         self, positive: torch.Tensor, epoch: int, batch_number: int
     ) -> torch.Tensor:
         """Uniform draws from the task's item pool, redrawn where they hit the positive.
-        Seeded by (seed, epoch, batch) so workers and reruns draw the same negatives."""
+        Seeded by (run seed, rank, task, epoch, batch): reruns and data-loader workers
+        draw the same negatives, other seeds and other DDP ranks draw their own."""
         generator = torch.Generator().manual_seed(
-            stable_seed(self.seed, self.task, epoch, batch_number)
+            stable_seed(self.seed, self.rank, self.task, epoch, batch_number)
         )
         shape = (positive.numel(), self.num_train_negatives)
         draws = self.pool[torch.randint(0, self.pool.numel(), shape, generator=generator)]
@@ -247,11 +249,16 @@ class AssembledDataset(torch.utils.data.Dataset):
     """Map-style dataset whose 'items' are whole batches: (indices, epoch, number) -> dict."""
 
     def __init__(
-        self, tasks: dict[str, BatchAssembler], companion_sizes: dict[str, int] | None = None
+        self,
+        tasks: dict[str, BatchAssembler],
+        companion_sizes: dict[str, int] | None = None,
+        seed: int = 0,
+        rank: int = 0,
     ):
         self.tasks = tasks  # the first task drives the epoch; others ride along
         self.companion_sizes = companion_sizes or {}
         self.main = next(iter(tasks))
+        self.seed, self.rank = seed, rank
 
     def __len__(self) -> int:
         return len(self.tasks[self.main])
@@ -261,7 +268,10 @@ class AssembledDataset(torch.utils.data.Dataset):
         batch = self.tasks[self.main](index, epoch, number)
         for name, size in self.companion_sizes.items():
             companion = self.tasks[name]
-            generator = torch.Generator().manual_seed(stable_seed("companion", name, epoch, number))
+            # each seed and each DDP rank draws its own companion samples
+            generator = torch.Generator().manual_seed(
+                stable_seed("companion", self.seed, self.rank, name, epoch, number)
+            )
             picks = torch.randint(0, len(companion), (size,), generator=generator)
             batch[name] = companion(picks, epoch, number)
         return batch

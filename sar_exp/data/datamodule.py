@@ -135,7 +135,7 @@ class SARDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _assembler(self, task: str, split: str) -> BatchAssembler:
+    def _assembler(self, task: str, split: str, rank: int = 0) -> BatchAssembler:
         return BatchAssembler(
             self.load(),
             task,
@@ -144,19 +144,20 @@ class SARDataModule(pl.LightningDataModule):
             interleaved=self.interleaved,
             full_ranking_exclusions=self.full_ranking,
             seed=self.seed,
+            rank=rank,
         )
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, task: str | None = None):
         task = task or self.main_task
-        tasks = {task: self._assembler(task, split)}
+        rank, world = self._rank()
+        tasks = {task: self._assembler(task, split, rank)}
         companions = self.companion_batch_sizes if split == "train" else {}
         for name in companions:
-            tasks[name] = self._assembler(name, split)
+            tasks[name] = self._assembler(name, split, rank)
         companions = {
             name: self._companion_size(name, size, tasks) for name, size in companions.items()
         }
-        dataset = AssembledDataset(tasks, companions)
-        rank, world = self._rank()
+        dataset = AssembledDataset(tasks, companions, seed=self.seed, rank=rank)
         sampler = BatchSampler(
             len(dataset), batch_size, shuffle, seed=self.seed, rank=rank, world_size=world
         )

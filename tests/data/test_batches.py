@@ -58,3 +58,31 @@ def test_training_shards_have_equal_length_and_reshuffle_each_epoch():
     assert not torch.equal(first, next(iter(sampler))[0])
     sampler.set_epoch(0)
     assert torch.equal(first, next(iter(sampler))[0])
+
+
+def test_training_draws_depend_on_the_run_seed_and_the_rank(tiny_folder, tmp_path):
+    """Companion samples and training negatives: the same for the same (seed, rank),
+    different for another seed (so seeds vary them) or another DDP rank (no duplicates)."""
+    from sar_exp.data.batches import AssembledDataset, BatchAssembler
+    from sar_exp.data.datamodule import SARDataModule
+
+    dm = SARDataModule("kuaisar", str(tiny_folder), str(tmp_path), "sequential",
+                       ["rec_active_level"], ["author_id"])  # fmt: skip
+    view = dm.load()
+
+    def draw(seed: int, rank: int) -> dict:
+        tasks = {t: BatchAssembler(view, t, "train", num_train_negatives=4, seed=seed, rank=rank)
+                 for t in ("rec", "search")}  # fmt: skip
+        dataset = AssembledDataset(tasks, {"search": 16}, seed=seed, rank=rank)
+        return dataset[(torch.arange(16), 2, 5)]
+
+    def same(a, b) -> bool:
+        return torch.equal(a["candidates"], b["candidates"]) and torch.equal(
+            a["search"]["sample_index"], b["search"]["sample_index"]
+        )
+
+    first = draw(seed=0, rank=0)
+    assert same(first, draw(seed=0, rank=0))
+    for other in (draw(seed=1, rank=0), draw(seed=0, rank=1)):
+        assert not torch.equal(first["candidates"][:, 1:], other["candidates"][:, 1:])
+        assert not torch.equal(first["search"]["sample_index"], other["search"]["sample_index"])
