@@ -1,4 +1,5 @@
-"""CTR metrics: AUC, GAUC (per-user AUC averaged over users with both labels), log loss.
+"""CTR metrics: AUC, GAUC (per-user AUC averaged over users with both labels, each
+weighted by their impressions, as DIN defines it), log loss.
 
 Predictions are gathered with their sample index and sorted by it before computing,
 so the result does not depend on how samples were split across processes. AUC uses
@@ -28,8 +29,8 @@ def _midranks(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 def grouped_auc(
     scores: np.ndarray, labels: np.ndarray, groups: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """AUC per group and a mask of groups that have both labels."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUC per group, a mask of groups that have both labels, and each group's size."""
     _, gid = np.unique(groups, return_inverse=True)
     ranks = _midranks(scores, gid)
     positives = np.bincount(gid, weights=labels)
@@ -38,18 +39,22 @@ def grouped_auc(
     valid = (positives > 0) & (negatives > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
-    return auc, valid
+    return auc, valid, np.bincount(gid)
 
 
 def ctr_metrics(logits: np.ndarray, labels: np.ndarray, users: np.ndarray) -> dict[str, float]:
-    auc, valid = grouped_auc(logits, labels, np.zeros_like(users))
-    user_auc, user_valid = grouped_auc(logits, labels, users)
+    auc, valid, _ = grouped_auc(logits, labels, np.zeros_like(users))
+    user_auc, user_valid, impressions = grouped_auc(logits, labels, users)
+    weights = impressions[user_valid]
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     probs = np.clip(probs, 1e-7, 1 - 1e-7)
     logloss = -np.mean(labels * np.log(probs) + (1 - labels) * np.log(1 - probs))
     return {
         "auc": float(auc[0]) if valid[0] else float("nan"),
-        "gauc": float(user_auc[user_valid].mean()) if user_valid.any() else float("nan"),
+        # DIN (Zhou et al. 2018), Eq. 5: sum_u #impressions_u * AUC_u / sum_u #impressions_u
+        "gauc": float((weights * user_auc[user_valid]).sum() / weights.sum())
+        if user_valid.any()
+        else float("nan"),
         "logloss": float(logloss),
     }
 

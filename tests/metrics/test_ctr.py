@@ -28,11 +28,12 @@ def test_matches_brute_force(seed):
     got = ctr_metrics(logits, labels, users)
     assert got["auc"] == pytest.approx(pairwise_auc(logits, labels), abs=1e-12)
     per_user = [
-        pairwise_auc(logits[users == u], labels[users == u])
+        (pairwise_auc(logits[users == u], labels[users == u]), (users == u).sum())
         for u in np.unique(users)
         if 0 < labels[users == u].sum() < (users == u).sum()
     ]
-    assert got["gauc"] == pytest.approx(np.mean(per_user), abs=1e-12)
+    aucs, impressions = np.array(per_user).T
+    assert got["gauc"] == pytest.approx((aucs * impressions).sum() / impressions.sum(), abs=1e-12)
     p = 1 / (1 + np.exp(-logits))
     expected = -np.mean([y * math.log(q) + (1 - y) * math.log(1 - q) for q, y in zip(p, labels)])
     assert got["logloss"] == pytest.approx(expected, rel=1e-9)
@@ -54,3 +55,12 @@ def test_metric_state_is_order_independent():
         return metric.compute()
 
     assert run(index) == run(rng.permutation(200))
+
+
+def test_gauc_weights_each_user_by_impressions():
+    # user 1: 4 impressions ranked perfectly (AUC 1); user 2: 2 ranked backwards (AUC 0);
+    # user 3 has one label only and does not count
+    logits = np.array([4.0, 3.0, 1.0, 0.0, 0.0, 1.0, 0.5])
+    labels = np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    users = np.array([1, 1, 1, 1, 2, 2, 3])
+    assert ctr_metrics(logits, labels, users)["gauc"] == pytest.approx(4 / 6)  # not (1 + 0) / 2
