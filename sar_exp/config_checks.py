@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 from sar_exp.errors import ConfigError
 
@@ -28,6 +30,37 @@ def method_supports(method: DictConfig, backbone: str, task: str) -> bool:
     return backbone in method.backbones and task in method.tasks
 
 
+def backbone_scenarios() -> dict[str, str]:
+    """Backbone name -> the view its scenario uses (cf or sequential), from conf/backbone."""
+    from sar_exp.train import CONFIG_DIR
+
+    files = sorted((Path(CONFIG_DIR) / "backbone").glob("*.yaml"))
+    return {p.stem: OmegaConf.load(p).scenario for p in files}
+
+
+def check_protocol(cfg: DictConfig) -> None:
+    """A protocol is defined for some views (ClardRec's B.1 has one for CF and one for
+    sequential data); a backbone or task that reads another view is refused."""
+    protocol = cfg.dataset.protocol
+    views = list(protocol.get("views") or [])
+    view = "ctr" if cfg.task == "ctr" else cfg.backbone.scenario
+    if not views or view in views:
+        return
+    name = protocol.get("name", "?")
+    valid = [
+        f"backbone={b}"
+        for b, scenario in backbone_scenarios().items()
+        if scenario in views and method_supports(cfg.method, b, "ranking")
+    ]
+    if "ctr" in views:
+        valid.append("task=ctr")
+    raise ConfigError(
+        f"protocol={name} is defined for the {'/'.join(views)} view, but backbone="
+        f"{cfg.backbone.name} task={cfg.task} reads the {view} view. Valid with "
+        f"protocol={name} method={cfg.method.name}: {', '.join(valid) or 'none'}"
+    )
+
+
 def check_config(cfg: DictConfig) -> None:
     if cfg.task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {cfg.task!r}")
@@ -40,6 +73,7 @@ def check_config(cfg: DictConfig) -> None:
             f"method={method.name} does not work with backbone={backbone.name} task={cfg.task}. "
             f"Valid: {pairs} (task: {', '.join(method.tasks)})"
         )
+    check_protocol(cfg)
     if cfg.task == "ctr" and cfg.eval.mode == "full":
         raise ConfigError(
             "eval.mode=full is a ranking protocol; task=ctr evaluates AUC on impressions"

@@ -92,6 +92,29 @@ def test_incompatible_pair_is_refused_before_loading_data(make_cfg):
 
 
 @pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["protocol=clardrec_seq", "backbone=mlp"],
+         "protocol=clardrec_seq is defined for the sequential view, but backbone=mlp task=ranking "
+         "reads the cf view. Valid with protocol=clardrec_seq method=base: backbone=din, "
+         "backbone=gru4rec, backbone=sasrec"),
+        (["protocol=clardrec_cf", "backbone=sasrec", "method=clardrec"],
+         "protocol=clardrec_cf is defined for the cf view, but backbone=sasrec task=ranking reads "
+         "the sequential view. Valid with protocol=clardrec_cf method=clardrec: backbone=mlp, "
+         "backbone=mmoe"),
+        (["protocol=queryrec", "backbone=din"],
+         "protocol=queryrec is defined for the ctr view, but backbone=din task=ranking reads the "
+         "sequential view. Valid with protocol=queryrec method=base: task=ctr"),
+    ],
+)  # fmt: skip
+def test_a_protocol_for_another_view_is_refused_with_the_valid_pairs(make_cfg, overrides, message):
+    cfg = make_cfg(*overrides, "dataset.source=kuaisar", "dataset.path=/nonexistent")
+    with pytest.raises(ConfigError) as error:
+        train(cfg)  # refused before any data is read
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         ("data.batch_size=0", "data.batch_size must be a positive integer, got 0"),

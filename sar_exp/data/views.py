@@ -43,6 +43,8 @@ DROPPED = -1  # split code of a training sample removed to keep held-out events 
 class Protocol:
     """Filters, caps and split settings; each paper's values are in conf/protocol/."""
 
+    name: str = "default"
+    views: tuple[str, ...] = VIEWS  # the views this protocol is defined for
     max_rec_history: int = 20
     max_search_history: int = 10
     max_clicks_per_session: int = 5
@@ -80,6 +82,11 @@ class Protocol:
         if len(self.cf_split) != 3 or abs(sum(self.cf_split) - 1) > 1e-6 or min(self.cf_split) <= 0:
             raise ConfigError(
                 f"dataset.protocol.cf_split must be three positive shares summing to 1, got {list(self.cf_split)}"
+            )
+        if not self.views or not set(self.views) <= set(VIEWS):
+            raise ConfigError(
+                f"dataset.protocol.views must be a non-empty subset of {list(VIEWS)}, "
+                f"got {list(self.views)}"
             )
         if not self.evaluated_tasks or not set(self.evaluated_tasks) <= set(TASKS):
             raise ConfigError(
@@ -557,6 +564,11 @@ BUILDERS = {"cf": _cf, "sequential": _sequential, "ctr": _ctr}
 def build_view(tables: CanonicalTables, name: str, protocol: Protocol) -> View:
     if name not in BUILDERS:
         raise ConfigError(f"unknown view {name!r}; expected one of {list(VIEWS)}")
+    if name not in protocol.views:
+        raise ConfigError(
+            f"protocol={protocol.name} is defined for the {'/'.join(protocol.views)} view, "
+            f"not the {name} view"
+        )
     view, frames = _context(tables, protocol)
     rng = np.random.default_rng(protocol.split_seed)
     BUILDERS[name](view, frames, protocol, rng)
@@ -573,7 +585,7 @@ def protocol_from_config(values: dict | None) -> Protocol:
     """`dataset.protocol` (lists from YAML) as a Protocol."""
     return Protocol(
         **{
-            k: (tuple(v) if k in ("cf_split", "evaluated_tasks") else v)
+            k: (tuple(v) if k in ("cf_split", "evaluated_tasks", "views") else v)
             for k, v in (values or {}).items()
         }
     )

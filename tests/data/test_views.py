@@ -146,6 +146,10 @@ def test_bad_protocol_values_are_named():
         Protocol(max_rec_history=0)
     with pytest.raises(ConfigError, match="cf_split"):
         Protocol(cf_split=(0.5, 0.5, 0.5))
+    with pytest.raises(ConfigError, match=r"dataset.protocol.views must be a non-empty subset"):
+        Protocol(views=("graph",))
+    with pytest.raises(ConfigError, match=r"protocol=clardrec_cf is defined for the cf view"):
+        build_view(None, "sequential", Protocol(name="clardrec_cf", views=("cf",)))
 
 
 def test_negative_sampling_reports_impossible_requests():
