@@ -47,13 +47,19 @@ def check_protocol(cfg: DictConfig) -> None:
     if not views or view in views:
         return
     name = protocol.get("name", "?")
+    scenarios = backbone_scenarios()
+    # ranking reads a backbone's scenario view; task=ctr reads the ctr view
     valid = [
-        f"backbone={b}"
-        for b, scenario in backbone_scenarios().items()
+        f"task=ranking backbone={b}" if cfg.task != "ranking" else f"backbone={b}"
+        for b, scenario in scenarios.items()
         if scenario in views and method_supports(cfg.method, b, "ranking")
     ]
     if "ctr" in views:
-        valid.append("task=ctr")
+        valid += [
+            f"task=ctr backbone={b}" if cfg.task != "ctr" else f"backbone={b}"
+            for b in scenarios
+            if method_supports(cfg.method, b, "ctr")
+        ]
     raise ConfigError(
         f"protocol={name} is defined for the {'/'.join(views)} view, but backbone="
         f"{cfg.backbone.name} task={cfg.task} reads the {view} view. Valid with "

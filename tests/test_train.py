@@ -104,7 +104,16 @@ def test_incompatible_pair_is_refused_before_loading_data(make_cfg):
          "backbone=mmoe"),
         (["protocol=queryrec", "backbone=din"],
          "protocol=queryrec is defined for the ctr view, but backbone=din task=ranking reads the "
-         "sequential view. Valid with protocol=queryrec method=base: task=ctr"),
+         "sequential view. Valid with protocol=queryrec method=base: task=ctr backbone=din, "
+         "task=ctr backbone=gru4rec, task=ctr backbone=mlp, task=ctr backbone=mmoe, "
+         "task=ctr backbone=sasrec"),
+        (["protocol=queryrec", "method=clardrec"],
+         "protocol=queryrec is defined for the ctr view, but backbone=sasrec task=ranking reads "
+         "the sequential view. Valid with protocol=queryrec method=clardrec: none"),
+        (["protocol=clardrec_seq", "task=ctr", "backbone=din"],
+         "protocol=clardrec_seq is defined for the sequential view, but backbone=din task=ctr "
+         "reads the ctr view. Valid with protocol=clardrec_seq method=base: task=ranking "
+         "backbone=din, task=ranking backbone=gru4rec, task=ranking backbone=sasrec"),
     ],
 )  # fmt: skip
 def test_a_protocol_for_another_view_is_refused_with_the_valid_pairs(make_cfg, overrides, message):

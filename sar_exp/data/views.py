@@ -228,14 +228,20 @@ def _keep_recent_interactions(rec, sessions, search, limit: int):
         )
         return frame.filter(inside).drop("cutoff", row)
 
+    # Sessions inside the window. A session at the cut-off whose clicks were all cut
+    # goes too, with its shown items: kept without a click it would misstate what the
+    # user did (and, with first_shown, gain a pseudo-click beyond the limit).
+    clicked_sessions = search.filter(pl.col("clicked") == 1)["session"]
+    kept_sessions = search.filter(pl.col("search_row").is_in(kept_search))["session"]
+    cut = clicked_sessions.filter(~clicked_sessions.is_in(kept_sessions.implode())).unique()
     sessions = (
-        sessions.join(cutoff, on="user").filter(pl.col("time") >= pl.col("cutoff")).drop("cutoff")
+        sessions.join(cutoff, on="user")
+        .filter((pl.col("time") >= pl.col("cutoff")) & ~pl.col("session").is_in(cut.implode()))
+        .drop("cutoff")
     )
-    return (
-        window(rec, "click", "rec_row", kept_rec),
-        sessions,
-        window(search, "clicked", "search_row", kept_search),
-    )
+    search = window(search, "clicked", "search_row", kept_search)
+    search = search.filter(~pl.col("session").is_in(cut.implode()))
+    return window(rec, "click", "rec_row", kept_rec), sessions, search
 
 
 def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
@@ -284,10 +290,13 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
             ~pl.col("session").is_in(clicked_sessions) & (pl.col("position") == 0)
         )
         positives = pl.concat([positives, first_shown.with_columns(clicked=pl.lit(1, pl.Int8))])
+    # One click per (session, item), and, as for rec clicks, an identical event twice
+    # (same user, item and time, e.g. two sessions in one millisecond) is one event.
     positives = (
         positives.join(sessions.select("session", "session_pos"), on="session")
         .sort("session_pos", "position")
         .unique(["session", "item"], keep="first", maintain_order=True)
+        .unique(["user", "item", "time"], keep="first", maintain_order=True)
     )
 
     c = protocol.max_clicks_per_session
@@ -429,6 +438,11 @@ def _first_heldout_time(user: np.ndarray, time: np.ndarray, split: np.ndarray, n
     return first
 
 
+def _strictly_before(frame: pl.DataFrame, cutoff: np.ndarray) -> pl.DataFrame:
+    """The rows of `frame` (user, time, ...) strictly before their user's cut-off."""
+    return frame.filter(frame["time"].to_numpy() < cutoff[frame["user"].to_numpy()])
+
+
 def _drop_training_after_heldout(tasks: dict, evaluated: tuple[str, ...], n_users: int) -> None:
     """No leakage across tasks: a training sample of one task must end strictly before
     its user's first held-out event of every *other* evaluated task. Its histories hold
@@ -545,8 +559,7 @@ def _ctr(view, frames, protocol, rng):
     # search events before their user's first held-out rec request only: the lists
     # train the model, so a later search must not reveal what the user is tested on.
     cutoff = _first_heldout_time(arrays["user"], arrays["time"], split, _num_users(view))
-    search = frames["search"]
-    search = search.filter(search["time"].to_numpy() < cutoff[search["user"].to_numpy()])
+    search = _strictly_before(frames["search"], cutoff)
     n_queries = int(view["query_words"].shape[0])
     pos = search.filter(pl.col("clicked") == 1).unique(["query", "item"])
     neg = search.filter(pl.col("clicked") == 0).unique(["query", "item"])

@@ -89,11 +89,15 @@ class ClardRec(TwoDomainRecommender):
             )
         if use_cd and self.hparams.item_layers == 1:
             # An affine Enc^i_src maps i_/q^emb + i_/u^emb = 2 i^emb (Eq. 6) to
-            # Enc(i_/q) + Enc(i_/u) = 2 Enc(i), so Delta_/u = -Delta_/q exactly and the two
-            # matching-wise terms of Eq. 13 are one and the same loss.
+            # Enc(i_/q) + Enc(i_/u) = 2 Enc(i), so Delta_/u = -Delta_/q exactly. Then the
+            # two matching-wise terms of Eq. 13 are one loss, Eq. 12/14 ask |Delta_/u| >
+            # |Delta_/q| of equal magnitudes (met only by a positive's score *rising*),
+            # and Eq. 16-17 become |Delta_/q|, pulling i_/q back to i.
             log.warning(
                 "ClardRec with method.module.item_layers=1 (L_e = 1, Table 4's SASRec row): the "
-                "item encoder is affine, so Delta_/u = -Delta_/q and L_cd^/q and L_cd^/u coincide"
+                "item encoder is affine, so Delta_/u = -Delta_/q: L_cd^/q and L_cd^/u coincide, "
+                "Eq. 14 rewards a positive's score rising and L_con pulls i_/q back to i; the "
+                "counterfactual disentangling cannot separate the features (item_layers >= 2 can)"
             )
         d_h = self.hparams.hidden_dim
         self.disentangler = GatedDisentangler(

@@ -150,3 +150,67 @@ def test_cf_independent_splits_is_the_literal_protocol_with_the_overlap(tables):
     default = build_view(tables, "cf", Protocol())
     assert default["search.train.user"].size < literal["search.train.user"].size
     assert np.array_equal(default["rec.test.item"], literal["rec.test.item"])
+
+
+def test_a_sample_at_the_exact_time_of_a_heldout_event_is_dropped():
+    """Ties: "strictly before" the first held-out event, for samples and for CTR lists."""
+    from sar_exp.data.views import (
+        DROPPED,
+        _drop_training_after_heldout,
+        _leave_one_out,
+        _strictly_before,
+    )
+
+    user = np.ones(4, np.int32)
+    rec = {"user": user, "time": np.array([10, 20, 30, 40])}  # validation at 30
+    search = {"user": user, "time": np.array([5, 30, 50, 60])}  # 5 and 30 train
+    tasks = {"rec": (rec, _leave_one_out(user)), "search": (search, _leave_one_out(user))}
+    _drop_training_after_heldout(tasks, ("rec",), n_users=1)
+    assert tasks["search"][1].tolist() == [0, DROPPED, 1, 2]
+    assert tasks["rec"][1].tolist() == [0, 0, 1, 2]  # its own split is left as it was
+    frame = pl.DataFrame({"user": [1, 1, 1], "time": [29, 30, 31]})
+    cutoff = np.array([0, 30])
+    assert _strictly_before(frame, cutoff)["time"].to_list() == [29]
+
+
+def test_twin_search_clicks_are_one_event(tables):
+    """Two sessions of one user in the same millisecond clicking the same item are one
+    search event, so a twin cannot train while the original is held out."""
+    from sar_exp.data.canonical import CanonicalTables
+
+    clicked = tables.search.filter(pl.col("clicked") == 1).row(0, named=True)
+    original = tables.sessions.filter(pl.col("session") == clicked["session"])
+    twin_id = int(tables.sessions["session"].max()) + 1
+    twin = original.with_columns(session=pl.lit(twin_id, original["session"].dtype))
+    twin_rows = tables.search.filter(
+        (pl.col("session") == clicked["session"]) & (pl.col("item") == clicked["item"])
+    ).with_columns(session=pl.lit(twin_id, tables.search["session"].dtype))
+    doubled = CanonicalTables(
+        users=tables.users, items=tables.items, queries=tables.queries, rec=tables.rec,
+        sessions=pl.concat([tables.sessions, twin]), search=pl.concat([tables.search, twin_rows]),
+        meta=tables.meta, key=tables.key,
+    )  # fmt: skip
+    view = build_view(doubled, "sequential", Protocol(evaluated_tasks=("rec", "search")))
+    events = list(
+        zip(view["search_click_user"], view["search_click_item"], view["search_click_time"])
+    )
+    assert len(events) == len(set(events))
+    assert len(events) == build_view(tables, "sequential", Protocol())["search_click_user"].size
+
+
+def test_the_interaction_window_drops_a_session_whose_clicks_were_all_cut():
+    """Two sessions at the cut-off time, one click each, a window of one click: the later
+    one keeps its click; the other goes with its shown items (not left click-less)."""
+    from sar_exp.data.views import _keep_recent_interactions
+
+    rec = pl.DataFrame({"user": [1], "item": [3], "time": [1], "click": [1], "order": [0]})
+    sessions = pl.DataFrame({"session": [1, 2], "user": [1, 1], "time": [10, 10], "query": [1, 1]})
+    search = pl.DataFrame({
+        "session": [1, 1, 2, 2], "item": [7, 8, 9, 6], "clicked": [1, 0, 1, 0],
+        "position": [0, 1, 0, 1], "user": [1, 1, 1, 1], "query": [1, 1, 1, 1],
+        "time": [10, 10, 10, 10],
+    })  # fmt: skip
+    rec, sessions, search = _keep_recent_interactions(rec, sessions, search, limit=1)
+    assert rec.height == 0
+    assert sessions["session"].to_list() == [2]
+    assert search["item"].to_list() == [9, 6]

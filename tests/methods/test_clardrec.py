@@ -273,6 +273,7 @@ def test_one_item_encoder_layer_makes_the_matching_terms_coincide_and_says_so(
     with caplog.at_level("WARNING", logger="sar_exp.methods.clardrec"):
         affine = _model(batch_and_schema, item_layers=1)
     assert "L_cd^/q and L_cd^/u coincide" in caplog.text
+    assert "L_con pulls i_/q back to i" in caplog.text
     removed_q, removed_u = _deltas(affine, batch)
     for who in ("u", "q"):  # Delta_/u = -Delta_/q when Enc^i_src is affine
         assert torch.allclose(removed_u[who], -removed_q[who], atol=1e-6, rtol=1e-4)
