@@ -40,11 +40,13 @@ clean: ## remove caches and run outputs (keeps .venv)
 
 # ClardRec's Table 1 and Table 2. DATASET=kuaisar DATA=DIR for the real data;
 # QUICK=1 for one seed and two epochs; SEEDS="0 1 2 3 4" for the paper's five seeds;
-# JOBS=2 runs two at a time, each on half the cores; BACKBONES="mlp mmoe" and
-# VARIANTS="base clardrec -CD" run part of the grid.
+# JOBS=N runs N at a time (default: one per core), each on THREADS threads (default 1,
+# whatever JOBS is, so the tables do not depend on the scheduling); BACKBONES="mlp mmoe"
+# and VARIANTS="base clardrec -CD" run part of the grid.
 DATASET ?= synthetic
 SEEDS ?= 0 1 2
-JOBS ?= 1
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+THREADS ?= 1
 .PHONY: table-clardrec
-table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, QUICK=1, BACKBONES=, VARIANTS=)
-	$(PYTHON) -m sar_exp.tables.clardrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) $(if $(QUICK),--quick) $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(VARIANTS),--variants $(VARIANTS))
+table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, THREADS=, QUICK=1, BACKBONES=, VARIANTS=)
+	$(PYTHON) -m sar_exp.tables.clardrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) --threads $(THREADS) $(if $(QUICK),--quick) $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(VARIANTS),--variants $(VARIANTS))

@@ -88,6 +88,7 @@ def check_config(cfg: DictConfig) -> None:
     _positive(cfg, "data.eval_batch_size", int)
     _positive(cfg, "method.module.lr")
     _positive(cfg, "trainer.max_epochs", int)
+    _positive(cfg, "threads", int)
     if int(cfg.data.num_train_negatives) < (1 if cfg.task == "ranking" else 0):
         raise ConfigError(
             f"data.num_train_negatives must be >= 1 for ranking, got {cfg.data.num_train_negatives}"

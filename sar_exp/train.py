@@ -59,6 +59,19 @@ def format_table(metrics: dict[str, float], title: str) -> str:
     return "\n".join(lines)
 
 
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads for this process, from the config (not from the
+    machine's core count or OMP_NUM_THREADS), so a result does not depend on how many
+    cores a run happened to get. Inter-op threads can be set only once per process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:  # already set (a second run in this process)
+        pass
+
+
 def _instantiate_all(group: DictConfig | None) -> list:
     if not group:
         return []
@@ -79,6 +92,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], float]:
 
     _quiet()
     check_config(cfg)
+    set_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
@@ -114,7 +128,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, float], float]:
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / "metrics.json", metrics)
+        write_json_atomic(output_dir / "metrics.json", {**metrics, "threads": int(cfg.threads)})
         if ckpt_path:
             metrics_source = f"checkpoint {ckpt_path}"
         else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sar_exp.tables.clardrec import PUBLISHED, main, table4, threads_per_job, training_length
+from sar_exp.tables.clardrec import PUBLISHED, main, table4, training_length
 from sar_exp.tables.report import Cell, relative_improvement, welch_p
 from tests.conftest import TINY_OVERRIDES
 
@@ -67,7 +67,9 @@ def test_changed_settings_rerun_instead_of_reusing(tmp_path, capsys, cache_dir):
     assert len(list(tmp_path.rglob("metrics.json"))) == 1  # --variants ran only base
 
 
-def test_parallel_grid_matches_single_thread_sequential_runs(tmp_path, capsys, cache_dir):
+def test_the_grid_gives_the_same_tables_whatever_jobs_is(tmp_path, capsys, cache_dir):
+    """Every run gets --threads threads (default 1) whether the grid runs them one or
+    two at a time, and whatever threads this process had before."""
     import json
 
     import torch
@@ -77,12 +79,9 @@ def test_parallel_grid_matches_single_thread_sequential_runs(tmp_path, capsys, c
     main([*args, "--jobs", "2", "--out", str(tmp_path / "parallel")])
     out = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("[") and "/4] mlp" in line for line in out) == 4
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads_per_job(2))  # what each of the two workers got
-    try:
-        main([*args, "--out", str(tmp_path / "sequential")])
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)  # what JOBS=1 gave a run before: all the cores
+    main([*args, "--jobs", "1", "--out", str(tmp_path / "sequential")])
+    assert torch.get_num_threads() == 1  # the runs set the configured count
     report = Path("synthetic") / "tables_mlp_base_clardrec_seeds0-1.txt"
     assert (tmp_path / "sequential" / report).read_text() == (
         tmp_path / "parallel" / report
@@ -92,6 +91,7 @@ def test_parallel_grid_matches_single_thread_sequential_runs(tmp_path, capsys, c
     for run in runs:
         twin = tmp_path / "parallel" / run.relative_to(tmp_path / "sequential")
         assert json.loads(twin.read_text()) == json.loads(run.read_text())
+        assert json.loads(run.read_text())["threads"] == 1
 
 
 def test_training_length_reads_the_first_best_epoch_from_the_csv_log(tmp_path):

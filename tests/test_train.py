@@ -22,7 +22,7 @@ def test_one_epoch_for_every_backbone(make_cfg, backbone, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["test/hr@1"] <= metrics["test/hr@5"] <= metrics["test/hr@10"]
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written == metrics
+    assert written == {**metrics, "threads": 1}  # the thread count the results depend on
     csv_log = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "val/ndcg@10" in csv_log and "test/mrr" in csv_log
 
@@ -132,6 +132,7 @@ def test_a_protocol_for_another_view_is_refused_with_the_valid_pairs(make_cfg, o
         ("method.module.lr=-0.1", "method.module.lr must be a positive number, got -0.1"),
         ("task=clicks", "task must be one of"),
         ("train=false", "train=false needs ckpt_path"),
+        ("threads=0", "threads must be a positive integer, got 0"),
     ],
 )
 def test_bad_config_values_are_named(make_cfg, override, message):
@@ -251,3 +252,16 @@ def test_more_eval_negatives_widen_the_rank_histogram(make_cfg, tiny_folder, cac
     assert dm.schema["num_candidates"] == 200
     assert model.test_metrics.max_rank == 200
     assert next(iter(dm.test_dataloader()))["candidates"].shape[1] == 200
+
+
+def test_the_thread_count_comes_from_the_config(make_cfg, tmp_path):
+    """Not from the machine or whatever the process had: results depend on it."""
+    import torch
+
+    torch.set_num_threads(2)
+    train(make_cfg("threads=1", output_dir=tmp_path / "one"))
+    assert torch.get_num_threads() == 1
+    train(make_cfg("threads=2", output_dir=tmp_path / "two"))
+    assert torch.get_num_threads() == 2
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["threads"] == 2
+    torch.set_num_threads(1)

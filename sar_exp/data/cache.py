@@ -34,21 +34,51 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_builds(root: Path, name: str) -> None:
+    """Temporary folders of builds whose process is gone (killed, out of memory)."""
+    for tmp in root.glob(f".{name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def cached_folder(root: Path, name: str, build: Callable[[Path], None]) -> Path:
-    """Return `root/name`, building it with `build(tmp_folder)` first if it is absent."""
+    """Return `root/name`, building it with `build(tmp_folder)` first if it is absent.
+
+    Several processes may build the same entry at once (ranks of a multi-process run
+    started together): the first complete one is kept and the others use it."""
     final = Path(root) / name
     if (final / "COMPLETE").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(final.parent, name)
     tmp = final.parent / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         build(tmp)
         (tmp / "COMPLETE").write_text("ok\n")
-        if final.exists():  # an incomplete leftover from a killed run
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if (final / "COMPLETE").exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        if final.exists():  # an incomplete leftover (never a complete entry)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "COMPLETE").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost the race to a complete entry
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

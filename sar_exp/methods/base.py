@@ -24,6 +24,13 @@ class RecommenderModule(pl.LightningModule):
     # products (ClardRec Sec. 4.1, JSR) embed query words at d_h instead of d_e.
     queries_in_hidden_space = False
 
+    @staticmethod
+    def uses_queries(backbone: dict) -> bool:
+        """Whether the model reads queries. Only what a model uses is built: a parameter
+        that no loss reaches would stop multi-process (DDP) training, and hiding that
+        with find_unused_parameters would hide real bugs too."""
+        return True
+
     def __init__(
         self,
         schema: dict,
@@ -57,7 +64,11 @@ class RecommenderModule(pl.LightningModule):
             tables.get("item_attributes"),
         )
         query_dim = hidden_dim if self.queries_in_hidden_space else embedding_dim
-        self.queries = QueryEncoder(schema["num_words"], query_dim, tables.get("query_words"))
+        self.queries = (
+            QueryEncoder(schema["num_words"], query_dim, tables.get("query_words"))
+            if self.uses_queries(backbone)
+            else None
+        )
         pool = torch.zeros(schema["num_items"] + 1, dtype=torch.bool)
         if "rec_item_pool" in tables:
             pool[tables["rec_item_pool"]] = True
@@ -105,7 +116,7 @@ class RecommenderModule(pl.LightningModule):
         return dict(
             user_dim=self.users.out_dim,
             item_dim=self.items.out_dim,
-            query_dim=self.queries.out_dim,
+            query_dim=self.queries.out_dim if self.queries is not None else 0,
             step_dim=step_dim,
             hidden_dim=self.hparams.hidden_dim,
             max_length=max(self.schema["max_rec_history"], self.schema["max_search_history"]),
@@ -159,6 +170,10 @@ class PlainBackbone(RecommenderModule):
     Eq. 2-3) with an MLP item encoder; DIN scores each candidate with target attention.
     Ranking trains with sampled-softmax CE (Eq. 4), CTR with binary CE."""
 
+    @staticmethod
+    def uses_queries(backbone: dict) -> bool:
+        return bool(backbone["encoder"].get("use_query_history", False))  # DIN (QueryRec Eq. 2)
+
     def __init__(self, schema: dict, backbone: dict, **kwargs):
         super().__init__(schema, backbone, **kwargs)
         hp = self.hparams
@@ -182,7 +197,7 @@ class PlainBackbone(RecommenderModule):
                 self.items(candidates),
                 self.items(batch["rec_history"]),
                 batch["rec_history_mask"],
-                self.queries(batch["search_history_query"]),
+                self.queries(batch["search_history_query"]) if self.queries is not None else None,
                 batch["search_history_mask"],
             )
         user = self.user_representation(batch)

@@ -99,11 +99,15 @@ class ClardRec(TwoDomainRecommender):
                 "Eq. 14 rewards a positive's score rising and L_con pulls i_/q back to i; the "
                 "counterfactual disentangling cannot separate the features (item_layers >= 2 can)"
             )
+        # An ablated part is not built (-CD: no gates, -FA: no fusion gate), so every
+        # parameter a run has is trained (multi-process training requires it).
         d_h = self.hparams.hidden_dim
-        self.disentangler = GatedDisentangler(
-            self.items.part_dim, len(schema["item_attribute_sizes"]), d_h
-        )
-        self.fusion_gate = mlp(2 * d_h, d_h, 2, out_dim=1)  # Eq. 19
+        if use_cd:
+            self.disentangler = GatedDisentangler(
+                self.items.part_dim, len(schema["item_attribute_sizes"]), d_h
+            )
+        if use_fa:
+            self.fusion_gate = mlp(2 * d_h, d_h, 2, out_dim=1)  # Eq. 19
 
     # ------------------------------------------------------------ representations
     def query_independent_items(self, candidates: torch.Tensor) -> dict[str, torch.Tensor]:
