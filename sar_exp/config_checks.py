@@ -67,7 +67,40 @@ def check_protocol(cfg: DictConfig) -> None:
     )
 
 
+def _missing(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys left as ??? (interpolations are not resolved, so a key that only points at a
+    missing one is not named twice)."""
+    found = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            found.append(path)
+        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
+            found += _missing(node[key], path + ".")
+    return found
+
+
+def check_required_values(cfg: DictConfig) -> None:
+    """A value left as ??? (a required key) is named, with what to give."""
+    missing = sorted(_missing(cfg))
+    if not missing:
+        return
+    if "dataset.path" in missing and cfg.dataset.get("source") == "kuaisar":
+        raise ConfigError("dataset=kuaisar needs dataset.path=DIR (the unzipped KuaiSAR folder)")
+    raise ConfigError(f"{missing[0]} needs a value ({missing[0]}=...)")
+
+
+def check_synthetic(cfg: DictConfig) -> None:
+    """dataset.synthetic keys are the generator's settings: a misspelt one is named."""
+    from sar_exp.data.synthetic import check_settings
+
+    if cfg.dataset.get("source") == "synthetic":
+        check_settings(OmegaConf.to_container(cfg.dataset.get("synthetic") or {}, resolve=True))
+
+
 def check_config(cfg: DictConfig) -> None:
+    check_required_values(cfg)
+    check_synthetic(cfg)
     if cfg.task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {cfg.task!r}")
     if cfg.eval.mode not in EVAL_MODES:

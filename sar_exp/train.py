@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from sar_exp import runs
 from sar_exp.errors import ConfigError, SarExpError
 
 # Resolvers used by conf/config.yaml.
@@ -22,11 +25,16 @@ OmegaConf.register_new_resolver(
     "sar_monitor", lambda task: "val/auc" if task == "ctr" else "val/ndcg@10", replace=True
 )
 OmegaConf.register_new_resolver("sar_eq", lambda a, b: str(a) == str(b), replace=True)
+OmegaConf.register_new_resolver("sar_run_name", runs.run_name, replace=True)
+OmegaConf.register_new_resolver("sar_run_dir", runs.run_dir, replace=True)
 
 # The config tree lives at the top of the repository (conf/), beside this package.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RANKING_KEYS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
 CTR_KEYS = ("auc", "gauc", "logloss")
+# Loggers that print on their own (not through the root logger); a run's log file
+# is added to them so train.log holds what they say.
+RUN_LOGGERS = ("lightning.pytorch", "sar_exp.progress", "sar_exp.results")
 
 
 def _quiet() -> None:
@@ -35,9 +43,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*is an instance of `nn.Module`.*")
-    # Lightning prints through its own handler; without this Hydra's root handler
-    # prints every line a second time.
-    logging.getLogger("lightning.pytorch").propagate = False
+    # Lightning prints through its own handler, and our progress and results lines are
+    # printed too: without this Hydra's root handler would print each a second time.
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).propagate = False
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -78,77 +87,208 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(node) for node in group.values() if node and "_target_" in node]
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
     """Seed, build data/model/trainer, fit, test the best checkpoint; return test metrics."""
-    return run(cfg)[0]
+    return run(cfg, overrides)[0]
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, float], float]:
+def _user_overrides() -> list[str]:
+    """The command line's overrides (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _checkpoint_to_test(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, str]:
+    from sar_exp.runs import restore_from_checkpoint
+
+    ckpt_path = str(Path(str(cfg.ckpt_path)).expanduser())
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    return restore_from_checkpoint(cfg, ckpt_path, overrides), ckpt_path
+
+
+def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
+    """ckpt_path with train=true resumes training: `last` is this run's last.ckpt (the
+    run directory of an unfinished run of the same name, see runs.run_dir)."""
+    if not cfg.ckpt_path:
+        return None
+    if str(cfg.ckpt_path) == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(
+                f"ckpt_path=last: no unfinished run named {cfg.run_name} with a last.ckpt "
+                f"under {output_dir.parent}"
+            )
+        return str(path)
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    return str(path)
+
+
+@contextlib.contextmanager
+def run_log(output_dir: Path, enabled: bool = True):
+    """Everything the run logs (Lightning's messages, preprocessing stages, the
+    results) also goes to <run dir>/train.log, beside the console."""
+    if not enabled:
+        yield
+        return
+    path = (output_dir / "train.log").resolve()
+    root = logging.getLogger()
+    handler = next(
+        (h for h in root.handlers if isinstance(h, logging.FileHandler)
+         and Path(h.baseFilename).resolve() == path),
+        None,
+    )  # fmt: skip
+    own = handler is None  # outside Hydra (tables, tests): open it here
+    if own:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, mode="a")
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        )
+        root.addHandler(handler)
+    quiet = [logging.getLogger(name) for name in RUN_LOGGERS]
+    for logger in quiet:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger in quiet:
+            logger.removeHandler(handler)
+        if own:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, float], float]:
     """`train`, also returning the best validation value of `optimized_metric` (what a
     sweep may optimise: tuning on the test metric would leak the test set)."""
     import lightning.pytorch as pl  # imported here so `--help` stays fast
+    import torch
 
+    from sar_exp.checkpointing import AtomicCheckpointIO, RunState
     from sar_exp.config_checks import check_config
+    from sar_exp.loggers import EpochCSVLogger
+    from sar_exp.runs import FINISHED, identity
 
     _quiet()
+    overrides = _user_overrides() if overrides is None else overrides
+    ckpt_to_test = None
+    if not cfg.train:
+        if not cfg.ckpt_path:
+            raise ConfigError("train=false needs ckpt_path=FILE (a checkpoint to test)")
+        cfg, ckpt_to_test = _checkpoint_to_test(cfg, overrides)
     check_config(cfg)
-    set_threads(int(cfg.threads))
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    # _partial_: plain Python objects (dicts, tensors) go to the constructor untouched.
-    build_model = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
-    model = build_model(
-        schema=datamodule.schema,
-        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        task=cfg.task,
-        eval_mode=cfg.eval.mode,
-        lookup_tables=datamodule.lookup_tables(),
-    )
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    output_dir = Path(cfg.paths.output_dir)
+    rank_zero = int(os.environ.get("RANK", "0")) == 0  # torchrun ranks share the directory
+    with run_log(output_dir, enabled=rank_zero):
+        if rank_zero:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / FINISHED).unlink(missing_ok=True)
+            write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        resume_from = _checkpoint_to_resume(cfg, output_dir) if cfg.train else None
+        set_threads(int(cfg.threads))
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        # _partial_: plain Python objects (dicts, tensors) go to the constructor untouched.
+        build_model = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
+        model = build_model(
+            schema=datamodule.schema,
+            backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+            task=cfg.task,
+            eval_mode=cfg.eval.mode,
+            lookup_tables=datamodule.lookup_tables(),
+        )
+        callbacks = [*_instantiate_all(cfg.get("callbacks")), RunState(identity(cfg))]
+        loggers = _instantiate_all(cfg.get("logger"))
+        if not any(isinstance(logger, EpochCSVLogger) for logger in loggers):
+            loggers.append(EpochCSVLogger(str(output_dir)))  # the ground truth, always
+        config = OmegaConf.to_container(cfg, resolve=True)
+        for logger in loggers:
+            logger.log_hyperparams(config)  # the whole run, not only the model's arguments
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+        )
 
-    best_validation = float("nan")
-    if cfg.train:
-        trainer.fit(model, datamodule=datamodule)
-        callback = trainer.checkpoint_callback
-        ckpt_path = (callback.best_model_path or None) if callback else None
-        if callback is not None and callback.best_model_score is not None:
-            best_validation = float(callback.best_model_score)
-    else:
-        ckpt_path = str(Path(cfg.ckpt_path).expanduser())
-        if not Path(ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-    results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-    keys = CTR_KEYS if cfg.task == "ctr" else RANKING_KEYS
-    metrics = {f"test/{k}": float(results[0][f"test/{k}"]) for k in keys}
-
-    if trainer.is_global_zero:
-        output_dir = Path(cfg.paths.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / "metrics.json", {**metrics, "threads": int(cfg.threads)})
-        if ckpt_path:
-            metrics_source = f"checkpoint {ckpt_path}"
+        best_validation = float("nan")
+        if cfg.train:
+            if resume_from:
+                epoch = int(
+                    torch.load(resume_from, map_location="cpu", weights_only=False)["epoch"]
+                )
+                for logger in loggers:
+                    if isinstance(logger, EpochCSVLogger):
+                        logger.resume_before(epoch + 1)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+            callback = trainer.checkpoint_callback
+            ckpt_path = (callback.best_model_path or None) if callback else None
+            if callback is not None and callback.best_model_score is not None:
+                best_validation = float(callback.best_model_score)
         else:
-            metrics_source = "last weights"
-        title = f"{cfg.method.name} + {cfg.backbone.name} on {cfg.dataset.source} (test, {metrics_source})"
-        print("\n" + format_table({k.removeprefix("test/"): v for k, v in metrics.items()}, title))
-        print(f"\nmetrics.json and logs: {output_dir}")
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
+            ckpt_path = ckpt_to_test
+        try:
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        except RuntimeError as err:
+            if "state_dict" not in str(err):
+                raise
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} does not fit this model: {str(err).splitlines()[0]}"
+            ) from None
+        keys = CTR_KEYS if cfg.task == "ctr" else RANKING_KEYS
+        metrics = {f"test/{k}": float(results[0][f"test/{k}"]) for k in keys}
+
+        if trainer.is_global_zero:
+            source = f"checkpoint {ckpt_path}" if ckpt_path else "last weights"
+            title = (
+                f"{cfg.method.name} + {cfg.backbone.name} on {cfg.dataset.source} (test, {source})"
+            )
+            table = format_table({k.removeprefix("test/"): v for k, v in metrics.items()}, title)
+            print("\n" + table)
+            print(f"\nmetrics.json and logs: {output_dir}")
+            logging.getLogger("sar_exp.results").info("\n" + table)
+            # written last: a run directory with metrics.json is a finished run
+            write_json_atomic(output_dir / FINISHED, {**metrics, "threads": int(cfg.threads)})
+        if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
             import wandb
 
             wandb.finish()  # lets several runs share one process (multiruns, tests)
     return metrics, best_validation
 
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    """One run. A run that fails is marked FAILED (see runs.mark_failed); in a multirun
+    the other jobs go on, and a sweep sees NaN for it."""
+    from sar_exp.runs import mark_failed
+
     try:
         _, best_validation = run(cfg)
-    except SarExpError as err:
-        print(f"sar_exp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt | SystemExit):
+            raise
+        output_dir = Path(cfg.paths.output_dir)
+        reason = str(err) if isinstance(err, SarExpError) else traceback.format_exc()
+        marked = mark_failed(output_dir, reason)
+        if isinstance(err, SarExpError):
+            message = f"sar_exp: error: {err}"
+        else:
+            message = f"sar_exp: {type(err).__name__}: {err} (traceback in {marked / 'FAILED'})"
+        print(message, file=sys.stderr)
+        if _multirun():
+            return float("nan")  # the sweep goes on; the summary marks this job
+        if isinstance(err, SarExpError):
+            sys.exit(2)
+        raise
     return best_validation  # what Optuna sweeps maximise

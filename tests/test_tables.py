@@ -144,9 +144,34 @@ def test_real_dataset_path_reads_a_kuaisar_folder_and_takes_ablation_names(
     assert runs == ["-CS", "base", "clardrec"]
 
 
-def test_unknown_variant_names_the_choices(capsys):
-    with pytest.raises(SystemExit):
-        main(["--variants", "base", "clardrec-CD"])
-    assert "--variants: unknown clardrec-CD; choose from base aug jsr clardrec -CD" in (
-        capsys.readouterr().err
+@pytest.mark.parametrize("given", [["base", "clardrec-CD"], ["-XX"]])
+def test_unknown_variant_is_one_line_naming_the_choices(capsys, given):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--variants", *given])
+    assert exit_code.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"python -m sar_exp.tables.clardrec: error: --variants: unknown {given[-1]}; "
+        "choose from base aug jsr clardrec -CD -FA -DA -CS"
+    ]
+
+
+def test_an_interrupted_cell_resumes_from_its_last_checkpoint(tmp_path, capsys, cache_dir):
+    """A cell killed mid-run (its last.ckpt and overrides are there, no metrics.json) goes
+    on from where it stopped and ends as an uninterrupted run does."""
+    import json
+    import shutil
+
+    args = ["--backbones", "mlp", "--variants", "base", "--seeds", "0", "--max-epochs", "3",
+            "--override", *TINY_OVERRIDES, f"paths.cache_dir={cache_dir}",
+            "callbacks.early_stopping.patience=10"]  # fmt: skip
+    main([*args, "--out", str(tmp_path / "whole")])
+    cell = Path("synthetic") / "mlp" / "base" / "seed0"
+    shutil.copytree(tmp_path / "whole", tmp_path / "killed")
+    killed = tmp_path / "killed" / cell
+    (killed / "metrics.json").unlink()  # as if killed after the last epoch's checkpoint
+    main([*args, "--out", str(tmp_path / "killed")])
+    assert "Restored all states" in (killed / "train.log").read_text()  # resumed, not rerun
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads(
+        (tmp_path / "whole" / cell / "metrics.json").read_text()
     )

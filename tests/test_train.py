@@ -10,7 +10,7 @@ import pytest
 
 from sar_exp.errors import ConfigError
 from sar_exp.train import train
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_OVERRIDES
 
 RANKING = ["test/hr@1", "test/hr@10", "test/hr@5", "test/mrr", "test/ndcg@10", "test/ndcg@5"]
 
@@ -67,7 +67,8 @@ def test_testing_a_checkpoint_in_two_processes_gives_the_same_metrics(make_cfg, 
     single = train(make_cfg(*common, output_dir=tmp_path / "one"))
     double = train(make_cfg(*common, "trainer=ddp_sim", output_dir=tmp_path / "two"))
     assert single == double
-    assert single == json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    written = json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    assert single == {k: v for k, v in written.items() if k.startswith("test/")}
 
 
 def test_kuaisar_dataset_reads_a_folder(make_cfg, tiny_folder):
@@ -140,6 +141,22 @@ def test_bad_config_values_are_named(make_cfg, override, message):
         train(make_cfg(override))
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dataset=kuaisar"], "dataset=kuaisar needs dataset.path=DIR (the unzipped KuaiSAR folder)"),
+        (["+dataset.synthetic.n_user=100"],
+         "dataset.synthetic.n_user is not a setting of the synthetic generator; the settings are: days,"),
+        (["dataset.synthetic.preset=huge"],
+         "dataset.synthetic.preset=huge is not a preset; choose one of ['kuaisar_scale', 'small']"),
+    ],
+)  # fmt: skip
+def test_config_mistakes_are_named_in_one_line(make_cfg, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        train(make_cfg(*overrides))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
 def _cli(*args, cwd=REPO):
     return subprocess.run(
         [sys.executable, "-m", "sar_exp", *args],
@@ -160,6 +177,45 @@ def test_cli_prints_one_clear_error_without_traceback(tmp_path):
     assert result.returncode == 2
     assert f"sar_exp: error: dataset folder {tmp_path}/missing does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+    # the refused run is marked as such: renamed, with the reason, and no metrics.json
+    assert not (tmp_path / "run").exists()
+    failed = tmp_path / "run_FAILED"
+    assert (failed / "FAILED").read_text().startswith(f"dataset folder {tmp_path}/missing")
+    assert not (failed / "metrics.json").exists()
+
+
+def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
+    result = _cli("-m", "seed=0,1", "hydra/launcher=submitit_slurm", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "sar_exp: error: hydra/launcher=submitit_slurm needs a SLURM cluster (no srun on this "
+        "machine); hydra/launcher=joblib runs jobs in parallel here"
+    ]
+
+
+def test_a_failing_multirun_job_does_not_stop_the_others_and_the_summary_marks_it(tmp_path):
+    from sar_exp.report import main as report
+
+    result = _cli("-m", "data.batch_size=0,64", "backbone=mlp", "trainer.max_epochs=2",
+                  "logger=csv", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
+                  *TINY_OVERRIDES)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sar_exp: error: data.batch_size must be a positive integer, got 0" in result.stderr
+    jobs = sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit())
+    assert jobs == [
+        "0_base_mlp_synthetic_default_seed0_FAILED",
+        "1_base_mlp_synthetic_default_seed0",
+    ]
+    assert (tmp_path / jobs[1] / "metrics.json").exists()
+    report([str(tmp_path)])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| all runs | 1 | 0 | 0 | 0 |" in summary
+    assert "refused: data.batch_size=0" in summary
+    assert (
+        f"- failed: `{tmp_path / jobs[0]}`: data.batch_size must be a positive integer" in summary
+    )
+    assert (tmp_path / "summary.csv").read_text().startswith("configuration,runs,failed")
+    assert len(list((tmp_path / "curves").glob("*.png"))) == 1
 
 
 @pytest.mark.slow

@@ -19,11 +19,13 @@ each with a knob (README, "The embedded dataset"):
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from sar_exp.errors import ConfigError
 
 # The planted truth, by the attribute that carries it: an item's query-independent style
 # shows through its author (80% of an author's items share the author's style), and a
@@ -79,9 +81,24 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def make_config(preset: str = "small", **overrides) -> SyntheticConfig:
+def check_settings(settings: dict) -> None:
+    """dataset.synthetic: a preset and any SyntheticConfig field; anything else is named."""
+    preset = settings.get("preset", "small")
     if preset not in PRESETS:
-        raise ValueError(f"unknown synthetic preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(
+            f"dataset.synthetic.preset={preset} is not a preset; choose one of {sorted(PRESETS)}"
+        )
+    known = {f.name for f in fields(SyntheticConfig)}
+    unknown = sorted(set(settings) - known - {"preset"})
+    if unknown:
+        raise ConfigError(
+            f"dataset.synthetic.{unknown[0]} is not a setting of the synthetic generator; "
+            f"the settings are: {', '.join(sorted(known))}"
+        )
+
+
+def make_config(preset: str = "small", **overrides) -> SyntheticConfig:
+    check_settings({"preset": preset, **overrides})
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return SyntheticConfig(**values)
 

@@ -91,9 +91,10 @@ class RecommenderModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, parts = self.training_loss(batch)
         size = batch["user"].numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        # per step for the curves, and the epoch mean for the CSV log's one row per epoch
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, on_step=True, on_epoch=True)
         for name, value in parts.items():
-            self.log(f"train/{name}", value, batch_size=size)
+            self.log(f"train/{name}", value, batch_size=size, on_step=True, on_epoch=True)
         return loss
 
     def configure_optimizers(self):

@@ -11,16 +11,16 @@ is not run again, so an interrupted grid resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sar_exp.tables.report import Cell, relative_improvement, render, welch_p
+from sar_exp.tables.report import Cell, relative_improvement, render, training_length, welch_p
 from sar_exp.train import CONFIG_DIR, write_text_atomic
 
 BACKBONES = {"mlp": "cf", "mmoe": "cf", "gru4rec": "seq", "sasrec": "seq"}
@@ -110,10 +110,16 @@ def finished_run(overrides: list[str], run_dir: Path) -> dict | None:
 
 
 def run_one(overrides: list[str], run_dir: Path, seed: int) -> dict:
-    """Run one cell, or reuse it when it finished before with the same overrides."""
+    """Run one cell, or reuse it when it finished before with the same overrides; a
+    cell that was interrupted with the same overrides resumes from its last.ckpt."""
     if (metrics := finished_run(overrides, run_dir)) is not None:
         return metrics
     recorded = run_dir / "table_overrides.json"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    same = recorded.exists() and json.loads(recorded.read_text()) == overrides
+    resume = [f"ckpt_path={last}"] if same and last.exists() else []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(overrides))  # before training: what a resume must match
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -124,25 +130,9 @@ def run_one(overrides: list[str], run_dir: Path, seed: int) -> dict:
         cfg = compose(
             "config",
             overrides=[f"seed={seed}", f"paths.output_dir={run_dir}", f"paths.root_dir={Path.cwd()}",
-                       f"paths.cache_dir={Path.cwd() / '.cache' / 'sar_exp'}", *overrides],
+                       f"paths.cache_dir={Path.cwd() / '.cache' / 'sar_exp'}", *overrides, *resume],
         )  # fmt: skip
-    metrics = train(cfg)
-    recorded.write_text(json.dumps(overrides))
-    return metrics
-
-
-def training_length(run_dir: Path, monitor: str = "val/ndcg@10") -> tuple[int, int] | None:
-    """(epoch of the best validation score, epochs run) from the run's CSV log: with
-    early stopping, a method that trains longer can win for that reason alone."""
-    log = run_dir / "csv" / "metrics.csv"
-    if not log.exists():
-        return None
-    with log.open() as f:
-        scores = [(float(r[monitor]), int(r["epoch"])) for r in csv.DictReader(f) if r.get(monitor)]
-    if not scores:
-        return None
-    best_epoch = max(scores, key=lambda s: (s[0], -s[1]))[1]  # the first best, as the checkpoint
-    return best_epoch + 1, max(epoch for _, epoch in scores) + 1  # counted from 1
+    return train(cfg, overrides=[])
 
 
 def _quiet_lightning() -> None:
@@ -287,7 +277,9 @@ def training_lengths(results, backbones, n_seeds: int) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m sar_exp.tables.clardrec",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dataset", choices=["synthetic", "kuaisar"], default="synthetic")
     parser.add_argument("--data", help="KuaiSAR folder (with --dataset kuaisar)")
@@ -324,12 +316,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(_ablation_names_as_values(sys.argv[1:] if argv is None else argv))
     args.variants = [v.strip() for v in args.variants]
     unknown = [v for v in args.variants if v not in ALL_VARIANTS]
-    if unknown:
-        parser.error(
-            f"--variants: unknown {' '.join(unknown)}; choose from {' '.join(ALL_VARIANTS)}"
-        )
+    if unknown:  # one line, not argparse's usage block
+        parser.exit(2, f"{parser.prog}: error: --variants: unknown {' '.join(unknown)}; "
+                       f"choose from {' '.join(ALL_VARIANTS)}\n")  # fmt: skip
     if args.dataset == "kuaisar" and not args.data:
-        parser.error("--dataset kuaisar needs --data DIR")
+        parser.exit(2, f"{parser.prog}: error: --dataset kuaisar needs --data DIR\n")
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out = str(Path(args.out) / "quick")
@@ -346,8 +337,8 @@ def main(argv=None) -> None:
 def _ablation_names_as_values(argv: list[str]) -> list[str]:
     """argparse takes a token starting with '-' for an option, so `--variants base -CD` would
     fail on the paper's own ablation names; a leading space makes them plain values (stripped
-    again after parsing)."""
-    return [f" {token}" if token in ABLATIONS else token for token in argv]
+    again after parsing). A misspelt one (-XX) is shielded too, so it is named as unknown."""
+    return [f" {token}" if re.fullmatch(r"-[A-Z]{2}", token) else token for token in argv]
 
 
 def report_path(args) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -64,3 +66,17 @@ def render(
         "each cell: ours (mean±std over seeds) and, in brackets, the paper's KuaiSAR value"
     )
     return "\n".join(lines)
+
+
+def training_length(run_dir: Path, monitor: str = "val/ndcg@10") -> tuple[int, int] | None:
+    """(epoch of the best validation score, epochs run) from the run's CSV log: with
+    early stopping, a method that trains longer can win for that reason alone."""
+    log = run_dir / "csv" / "metrics.csv"
+    if not log.exists():
+        return None
+    with log.open() as f:
+        scores = [(float(r[monitor]), int(r["epoch"])) for r in csv.DictReader(f) if r.get(monitor)]
+    if not scores:
+        return None
+    best_epoch = max(scores, key=lambda s: (s[0], -s[1]))[1]  # the first best, as the checkpoint
+    return best_epoch + 1, max(epoch for _, epoch in scores) + 1  # counted from 1
