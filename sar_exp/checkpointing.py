@@ -63,3 +63,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(path.name + ".tmp")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
+
+
+class Threads(pl.Callback):
+    """Sets the run's thread count in every process that trains (spawned DDP ranks
+    start with torch's default, or with what Lightning chose for them)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+
+    def setup(self, trainer, module, stage) -> None:
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)
+        torch.set_num_threads(self.threads)

@@ -19,12 +19,20 @@ TEST_ROW = "test"
 
 class EpochCSVLogger(Logger):
     """`<save_dir>/<name>/metrics.csv` (and hparams.yaml), rewritten atomically at
-    each log, so a killed run leaves a readable file."""
+    each log, so a killed run leaves a readable file.
+
+    The file on disk is the state: a process that logs first reads what is there, so
+    spawned DDP processes (which get a copy of this object) and a resumed run add their
+    rows to the earlier ones. A new run starts without the file (train.run removes a
+    stale one)."""
 
     def __init__(self, save_dir: str, name: str = "csv", version: str = ""):
         super().__init__()
         self._save_dir, self._name, self._version = str(save_dir), name, version
         self.rows: dict = {}  # epoch (or "test") -> {column: value}
+        self._read_pid: int | None = None  # the process that read the file into `rows`
+        self.config: dict = {}
+        self.model_hparams: dict = {}
 
     @property
     def name(self) -> str:
@@ -46,29 +54,41 @@ class EpochCSVLogger(Logger):
     def metrics_file(self) -> Path:
         return Path(self.log_dir) / "metrics.csv"
 
-    @rank_zero_only
-    def resume_before(self, epoch: int) -> None:
-        """Keep the rows a resumed run already wrote for the epochs before `epoch`."""
+    def _read(self) -> None:
+        if self._read_pid == os.getpid():
+            return
+        self._read_pid, self.rows = os.getpid(), {}
         if not self.metrics_file.exists():
             return
         with self.metrics_file.open() as handle:
             for row in csv.DictReader(handle):
-                if row["epoch"].isdigit() and int(row["epoch"]) < epoch:
-                    values = {k: v for k, v in row.items() if v not in ("", None)}
-                    self.rows[int(row["epoch"])] = {**values, "epoch": int(row["epoch"])}
+                key = int(row["epoch"]) if row["epoch"].isdigit() else row["epoch"]
+                values = {k: v for k, v in row.items() if v not in ("", None)}
+                self.rows[key] = {**values, "epoch": key}
+
+    @rank_zero_only
+    def resume_before(self, epoch: int) -> None:
+        """Keep the rows a resumed run already wrote for the epochs before `epoch` (a
+        killed run may have logged part of a later one; its test row is gone too)."""
+        self._read()
+        self.rows = {k: v for k, v in self.rows.items() if isinstance(k, int) and k < epoch}
+        self._write()
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
-        if not isinstance(params, dict):
-            params = vars(params) if hasattr(params, "__dict__") else {"params": str(params)}
-        try:
-            text = OmegaConf.to_yaml(OmegaConf.create(_plain(params)))
-        except Exception:  # a value OmegaConf cannot hold: keep its text
-            text = "\n".join(f"{k}: {v!r}" for k, v in params.items()) + "\n"
+        """hparams.yaml: `config` (the run's whole config) and `model` (the arguments
+        Lightning logs for the module)."""
+        params = _plain(dict(params) if not isinstance(params, dict) else params)
+        if "run_name" in params:
+            self.config = params
+        else:
+            self.model_hparams = params
         path = Path(self.log_dir) / "hparams.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        previous = path.read_text() if path.exists() else ""
-        _write_atomic(path, previous + text if previous and text not in previous else text)
+        text = OmegaConf.to_yaml(
+            OmegaConf.create({"config": self.config, "model": self.model_hparams})
+        )
+        _write_atomic(path, text)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
@@ -81,6 +101,7 @@ class EpochCSVLogger(Logger):
             values[key.removesuffix("_epoch")] = float(value)
         if not values:
             return
+        self._read()
         key = TEST_ROW if any(k.startswith("test/") for k in values) else epoch
         row = self.rows.setdefault(key, {"epoch": key})
         row.update(values)
@@ -121,9 +142,9 @@ def _plain(value):
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from sar_exp.runs import write_atomic
+
+    write_atomic(path, text)
 
 
 class WandbLogger(LightningWandbLogger):

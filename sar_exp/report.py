@@ -22,15 +22,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from sar_exp.runs import FAILED, FINISHED
+from sar_exp.runs import INCIDENTAL as IGNORED  # seed, where a run wrote, how it reported
 from sar_exp.tables.report import Cell, training_length
 
-FINISHED, FAILED = "metrics.json", "FAILED"
-# Keys that differ between runs of one configuration without changing what ran.
-IGNORED = re.compile(
-    r"^(seed|run_name|data\.seed|ckpt_path|train|paths\..*|logger\..*|hydra\..*"
-    r"|callbacks\.progress_bar\..*|callbacks\.model_checkpoint\.dirpath"
-    r"|trainer\.(enable_progress_bar|default_root_dir))$"
-)
+# What else a run directory holds: a config.yaml without any of these is someone else's.
+RUN_MARKERS = ("train.log", FINISHED, FAILED, "csv", "checkpoints", ".hydra")
 
 
 @dataclass
@@ -78,32 +75,56 @@ def _curve(run_dir: Path, monitor: str) -> list[tuple[int, float]]:
                 if r.get(monitor) and r["epoch"].isdigit()]  # fmt: skip
 
 
+def _reason(path: Path) -> str:
+    lines = path.read_text().strip().splitlines()
+    return lines[-1] if lines else "(no reason recorded)"
+
+
+def _is_run(run_dir: Path) -> bool:
+    if "wandb" in run_dir.parts or run_dir.name == ".hydra":
+        return False
+    return (run_dir / "table_overrides.json").exists() or any(
+        (run_dir / m).exists() for m in RUN_MARKERS
+    )
+
+
+def _read_run(run_dir: Path) -> Run | None:
+    config = _read_config(run_dir)
+    if config is None:
+        return None
+    run = Run(run_dir, config, config.get("seed"))
+    if (run_dir / FINISHED).exists():
+        run.metrics = json.loads((run_dir / FINISHED).read_text())
+    elif (run_dir / FAILED).exists():
+        run.failure = _reason(run_dir / FAILED)
+    monitor = str(config.get("optimized_metric", "val/ndcg@10"))
+    run.curve = _curve(run_dir, monitor)
+    run.length = training_length(run_dir, monitor)
+    return run
+
+
 def find_runs(root: Path) -> list[Run]:
-    runs = []
+    runs: dict[Path, Run] = {}
     for marker in sorted({*root.rglob("config.yaml"), *root.rglob("table_overrides.json")}):
         run_dir = marker.parent
-        if run_dir.name == ".hydra" or any(r.path == run_dir for r in runs):
+        if run_dir in runs or not _is_run(run_dir):
             continue
-        config = _read_config(run_dir)
-        if config is None:
-            continue
-        run = Run(run_dir, config, config.get("seed"))
-        if (run_dir / FINISHED).exists():
-            run.metrics = json.loads((run_dir / FINISHED).read_text())
-        elif (run_dir / FAILED).exists():
-            run.failure = (run_dir / FAILED).read_text().strip().splitlines()[-1]
-        monitor = str(config.get("optimized_metric", "val/ndcg@10"))
-        run.curve = _curve(run_dir, monitor)
-        run.length = training_length(run_dir, monitor)
-        runs.append(run)
+        try:
+            run = _read_run(run_dir)
+        except Exception as err:  # a half-written or foreign file: list it, go on
+            run = Run(run_dir, {}, None, failure=f"unreadable: {type(err).__name__}: {err}")
+        if run is not None:
+            runs[run_dir] = run
     # a failed run refused before it wrote its config still says why (and what it was)
     for marker in sorted(root.rglob(FAILED)):
-        if not any(r.path == marker.parent for r in runs):
-            reason = marker.read_text().strip().splitlines()[-1]
+        if marker.parent not in runs and "wandb" not in marker.parts:
             given = marker.parent / ".hydra" / "overrides.yaml"
-            asked = " ".join(OmegaConf.load(given)) if given.exists() else ""
-            runs.append(Run(marker.parent, {}, None, failure=reason, asked=asked))
-    return runs
+            try:
+                asked = " ".join(map(str, OmegaConf.load(given))) if given.exists() else ""
+            except Exception:
+                asked = ""
+            runs[marker.parent] = Run(marker.parent, {}, None, failure=_reason(marker), asked=asked)
+    return list(runs.values())
 
 
 def configurations(runs: list[Run]) -> dict[str, list[Run]]:

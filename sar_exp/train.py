@@ -26,7 +26,7 @@ OmegaConf.register_new_resolver(
 )
 OmegaConf.register_new_resolver("sar_eq", lambda a, b: str(a) == str(b), replace=True)
 OmegaConf.register_new_resolver("sar_run_name", runs.run_name, replace=True)
-OmegaConf.register_new_resolver("sar_run_dir", runs.run_dir, replace=True)
+OmegaConf.register_new_resolver("sar_run_dir", runs.run_dir, replace=True, use_cache=True)
 
 # The config tree lives at the top of the repository (conf/), beside this package.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -51,9 +51,7 @@ def _quiet() -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write beside `path` and rename into place: a reader never sees half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    runs.write_atomic(Path(path), text)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -74,6 +72,9 @@ def set_threads(threads: int) -> None:
     cores a run happened to get. Inter-op threads can be set only once per process."""
     import torch
 
+    # Spawned DDP ranks inherit it, and Lightning then leaves their thread count alone
+    # (it sets cpu_count / processes when OMP_NUM_THREADS is unset).
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(threads)
@@ -149,18 +150,60 @@ def run_log(output_dir: Path, enabled: bool = True):
             logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         )
         root.addHandler(handler)
+    # INFO reaches the file; the console shows what it showed before (the table runner
+    # keeps Lightning's banners off it)
     quiet = [logging.getLogger(name) for name in RUN_LOGGERS]
+    saved = [(logger, logger.level, [(h, h.level) for h in logger.handlers]) for logger in quiet]
     for logger in quiet:
+        shown = logger.getEffectiveLevel()
+        for other in logger.handlers:
+            other.setLevel(max(other.level, shown))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     try:
         yield
     finally:
-        for logger in quiet:
+        for logger, level, handlers in saved:
             logger.removeHandler(handler)
+            logger.setLevel(level)
+            for other, other_level in handlers:
+                other.setLevel(other_level)
         if own:
             root.removeHandler(handler)
             handler.close()
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is the first of its run (torchrun sets RANK; Lightning's
+    own launcher sets LOCAL_RANK and NODE_RANK in the ranks it starts)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _start_fresh(output_dir: Path) -> None:
+    """A new (not resumed) run in a directory that held one: nothing of the old run
+    may pass for this one's (a stale last.ckpt would be resumed, a stale CSV merged)."""
+    for stale in [*output_dir.glob("checkpoints/*.ckpt"), output_dir / "csv" / "metrics.csv"]:
+        stale.unlink(missing_ok=True)
+
+
+def _best_score(callback) -> float:
+    """The best validation score, also when the fit ran in spawned processes (which
+    send back the best checkpoint's path but not its score)."""
+    if callback is None:
+        return float("nan")
+    if callback.best_model_score is not None:
+        return float(callback.best_model_score)
+    if callback.best_model_path and Path(callback.best_model_path).is_file():
+        import torch
+
+        states = torch.load(callback.best_model_path, map_location="cpu", weights_only=False)
+        for key, state in states.get("callbacks", {}).items():
+            if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
+                if state.get("monitor") == callback.monitor:
+                    return float(state["best_model_score"])
+    return float("nan")
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, float], float]:
@@ -169,7 +212,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
     import lightning.pytorch as pl  # imported here so `--help` stays fast
     import torch
 
-    from sar_exp.checkpointing import AtomicCheckpointIO, RunState
+    from sar_exp.checkpointing import AtomicCheckpointIO, RunState, Threads
     from sar_exp.config_checks import check_config
     from sar_exp.loggers import EpochCSVLogger
     from sar_exp.runs import FINISHED, identity
@@ -183,13 +226,18 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
         cfg, ckpt_to_test = _checkpoint_to_test(cfg, overrides)
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    rank_zero = int(os.environ.get("RANK", "0")) == 0  # torchrun ranks share the directory
+    rank_zero = is_rank_zero()  # the ranks of a run share its directory
     with run_log(output_dir, enabled=rank_zero):
+        resume_from = _checkpoint_to_resume(cfg, output_dir) if cfg.train else None
         if rank_zero:
             output_dir.mkdir(parents=True, exist_ok=True)
+            runs.hold_run_lock(output_dir)
+            if resume_from and Path(resume_from).parent.parent == output_dir:
+                runs.check_same_run(output_dir, cfg)
+            elif cfg.train:
+                _start_fresh(output_dir)
             (output_dir / FINISHED).unlink(missing_ok=True)
             write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        resume_from = _checkpoint_to_resume(cfg, output_dir) if cfg.train else None
         set_threads(int(cfg.threads))
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
@@ -204,7 +252,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             eval_mode=cfg.eval.mode,
             lookup_tables=datamodule.lookup_tables(),
         )
-        callbacks = [*_instantiate_all(cfg.get("callbacks")), RunState(identity(cfg))]
+        callbacks = [
+            *_instantiate_all(cfg.get("callbacks")),
+            RunState(identity(cfg)),
+            Threads(int(cfg.threads)),
+        ]
         loggers = _instantiate_all(cfg.get("logger"))
         if not any(isinstance(logger, EpochCSVLogger) for logger in loggers):
             loggers.append(EpochCSVLogger(str(output_dir)))  # the ground truth, always
@@ -227,8 +279,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
             callback = trainer.checkpoint_callback
             ckpt_path = (callback.best_model_path or None) if callback else None
-            if callback is not None and callback.best_model_score is not None:
-                best_validation = float(callback.best_model_score)
+            best_validation = _best_score(callback)
         else:
             ckpt_path = ckpt_to_test
         try:
@@ -257,6 +308,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             import wandb
 
             wandb.finish()  # lets several runs share one process (multiruns, tests)
+    runs.release_run_lock(output_dir)
     return metrics, best_validation
 
 
@@ -279,8 +331,13 @@ def main(cfg: DictConfig) -> float:
         if isinstance(err, KeyboardInterrupt | SystemExit):
             raise
         output_dir = Path(cfg.paths.output_dir)
+        runs.release_run_lock(output_dir)
         reason = str(err) if isinstance(err, SarExpError) else traceback.format_exc()
-        marked = mark_failed(output_dir, reason)
+        # an attempt to resume that fails leaves the interrupted run as it was
+        continuing = (
+            str(cfg.ckpt_path) == "last" and (output_dir / "checkpoints" / "last.ckpt").exists()
+        )
+        marked = output_dir if continuing else mark_failed(output_dir, reason)
         if isinstance(err, SarExpError):
             message = f"sar_exp: error: {err}"
         else:

@@ -33,9 +33,12 @@ class FirstBatchProbe(pl.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx != 0 or trainer.current_epoch != 0:
             return
+        import torch
+
         record = {
             "rec": batch["sample_index"].tolist(),
             "negatives": batch["candidates"][:, 1:].tolist(),
+            "threads": torch.get_num_threads(),
         }
         if "search" in batch:
             record["search"] = batch["search"]["sample_index"].tolist()

@@ -28,24 +28,38 @@ def test_run_names_say_what_differs():
         == "clardrec-no_cd_sasrec_synthetic_clardrec_seq_seed3"
     )
     base = OmegaConf.create({"name": "base", "module": {}})
+    din = OmegaConf.create({"name": "din", "encoder": {"use_query_history": True}})
     assert (
-        run_name(base, "din", "kuaisar", "queryrec", "ctr", "full", 0)
-        == "base_din_kuaisar_queryrec_ctr_full-ranking_seed0"
+        run_name(base, din, "kuaisar", "queryrec", "ctr", "full", 0)
+        == "base_din+query_history_kuaisar_queryrec_ctr_full-ranking_seed0"
     )
 
 
 def test_ckpt_path_last_finds_the_newest_unfinished_run(tmp_path):
+    from sar_exp.runs import hold_run_lock, release_run_lock
+
     base = tmp_path / "base_sasrec_synthetic_default_seed0"
     for name, finished in (("2026-01-01_10-00-00", False), ("2026-01-02_10-00-00", False),
-                           ("2026-01-03_10-00-00", True)):  # fmt: skip
+                           ("2026-01-03_10-00-00", True), ("2026-01-04_10-00-00_FAILED", False),
+                           ("2026-01-05_10-00-00", False)):  # fmt: skip
         (base / name / "checkpoints").mkdir(parents=True)
         (base / name / "checkpoints" / "last.ckpt").write_bytes(b"x")
         if finished:
             (base / name / "metrics.json").write_text("{}")
-    assert latest_unfinished(base) == base / "2026-01-02_10-00-00"
-    assert run_dir(str(base), "last") == str(base / "2026-01-02_10-00-00")
-    fresh = run_dir(str(base), None)
-    assert Path(fresh).parent == base and Path(fresh).name.startswith("20")
+    hold_run_lock(base / "2026-01-05_10-00-00")  # still running: not to be joined
+    try:
+        # finished, failed and running runs are passed over
+        assert latest_unfinished(base) == base / "2026-01-02_10-00-00"
+        assert run_dir(str(base), "last", True) == str(base / "2026-01-02_10-00-00")
+    finally:
+        release_run_lock(base / "2026-01-05_10-00-00")
+    assert latest_unfinished(base) == base / "2026-01-05_10-00-00"
+    # testing (train=false) never lands in an unfinished run's directory
+    existing = {p.name for p in base.iterdir()}
+    assert Path(run_dir(str(base), "last", False)).name not in existing
+    # two runs of one name in the same second get two directories
+    first, second = run_dir(str(tmp_path / "x"), None, "a"), run_dir(str(tmp_path / "x"), None, "b")
+    assert first != second and Path(first).is_dir() and Path(second).is_dir()
 
 
 def test_a_failed_run_is_renamed_and_says_why(tmp_path):
@@ -135,6 +149,8 @@ def test_testing_a_checkpoint_restores_its_own_config(make_cfg, tmp_path, clardr
         (["method=clardrec", "method.module.use_fa=false"],
          "was trained with method.module.use_fa=True; the override method.module.use_fa=false"),
         (["protocol=default"], "was trained with protocol=clardrec_cf"),
+        (["++dataset.synthetic.n_users=50"], "was trained with dataset.synthetic.n_users=120"),
+        (["+dataset.synthetic.nmu_users=50"], "was trained without dataset.synthetic.nmu_users"),
     ],
 )  # fmt: skip
 def test_an_override_that_contradicts_the_checkpoint_is_refused(
@@ -163,18 +179,33 @@ def test_a_checkpoint_of_another_shape_is_one_line_not_a_traceback(
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_cfg, tmp_path):
-    """The sampler, the negatives, the companion batches and the random states resume
-    where they stopped: 2 epochs + 2 resumed epochs = 4 epochs, metric for metric."""
-    common = ("method=clardrec", "backbone=sasrec", "callbacks.early_stopping.patience=10")
+    """The sampler, the negatives, the companion batches and the random states (dropout
+    draws from them) resume where they stopped: 2 + 2 resumed epochs = 4 epochs."""
+    common = ("method=clardrec", "backbone=sasrec", "callbacks.early_stopping.patience=10",
+              "backbone.encoder.dropout=0.3")  # fmt: skip
     whole = train(make_cfg(*common, "trainer.max_epochs=4", output_dir=tmp_path / "whole"))
     train(make_cfg(*common, "trainer.max_epochs=2", output_dir=tmp_path / "part"))
     last = tmp_path / "part" / "checkpoints" / "last.ckpt"
     resumed = train(make_cfg(*common, "trainer.max_epochs=4", f"ckpt_path={last}",
                              output_dir=tmp_path / "part"))  # fmt: skip
+    assert (
+        "Restored all states from the checkpoint" in (tmp_path / "part" / "train.log").read_text()
+    )
     assert resumed == whole
     assert (tmp_path / "part" / "csv" / "metrics.csv").read_text() == (
         tmp_path / "whole" / "csv" / "metrics.csv"
     ).read_text()
+
+
+def test_resuming_with_another_config_is_refused(make_cfg, tmp_path):
+    train(make_cfg("backbone=mlp", "trainer.max_epochs=1", output_dir=tmp_path))
+    (tmp_path / "metrics.json").unlink()  # as if it had been killed
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    cfg = make_cfg("backbone=mlp", "data.batch_size=64", f"ckpt_path={last}", output_dir=tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"started with data.batch_size=256; this command has data.batch_size=64"
+    ):
+        train(cfg)
 
 
 def test_a_preprocessing_kill_leaves_no_cache_a_later_run_trusts(tmp_path):
@@ -228,3 +259,63 @@ def test_kill_9_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tmp_path,
     assert json.loads((interrupted / "metrics.json").read_text()) == json.loads(
         (tmp_path / "whole" / "metrics.json").read_text()
     )
+
+
+def test_a_moved_dataset_is_not_a_contradiction(make_cfg, tmp_path, tiny_folder, cache_dir):
+    import shutil
+
+    train(make_cfg("dataset=kuaisar", f"dataset.path={tiny_folder}", "backbone=mlp", tiny=False,
+                   output_dir=tmp_path / "fit"))  # fmt: skip
+    moved = shutil.copytree(tiny_folder, tmp_path / "moved")
+    checkpoint = tmp_path / "fit" / "checkpoints" / "best.ckpt"
+    overrides = [
+        "train=false",
+        f"ckpt_path={checkpoint}",
+        "dataset=kuaisar",
+        f"dataset.path={moved}",
+    ]
+    train(make_cfg(*overrides, tiny=False, output_dir=tmp_path / "test"), overrides=overrides)
+    assert OmegaConf.load(tmp_path / "test" / "config.yaml").dataset.path == str(moved)
+
+
+def test_a_failed_attempt_to_resume_leaves_the_interrupted_run_as_it_was(tmp_path, cache_dir):
+    common = ["backbone=mlp", "trainer.max_epochs=1", "logger=csv", f"paths.cache_dir={cache_dir}",
+              *TINY_OVERRIDES]  # fmt: skip
+    first = _cli(*common, cwd=tmp_path)
+    assert first.wait(timeout=600) == 0, first.stdout.read()[-3000:]
+    (run,) = (tmp_path / "outputs" / "runs" / "base_mlp_synthetic_default_seed0").iterdir()
+    (run / "metrics.json").unlink()  # as if it had been killed
+    again = _cli(*common, "ckpt_path=last", "threads=0", cwd=tmp_path)
+    assert again.wait(timeout=600) == 2
+    assert "threads must be a positive integer, got 0" in again.stdout.read()
+    assert run.is_dir() and not (run / "FAILED").exists()  # still resumable
+
+
+def test_report_keeps_tests_of_checkpoints_apart_and_lists_what_it_cannot_read(tmp_path):
+    from sar_exp.report import configurations, find_runs
+
+    def run(name, seed, train=True, metrics='{"test/mrr": 0.5}'):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(
+            f"seed: {seed}\ntrain: {train}\nmethod:\n  name: base\n"
+        )
+        (folder / "metrics.json").write_text(metrics)
+        return folder
+
+    run("a", 0), run("b", 1), run("c", 0, train=False)
+    run("broken", 2, metrics="{half")
+    (tmp_path / "refused").mkdir()
+    (tmp_path / "refused" / "FAILED").write_text("")
+    (tmp_path / "a" / "wandb" / "files").mkdir(parents=True)
+    (tmp_path / "a" / "wandb" / "files" / "config.yaml").write_text("seed: 9\n")
+    runs = find_runs(tmp_path)
+    assert sorted(r.path.name for r in runs) == ["a", "b", "broken", "c", "refused"]
+    groups = configurations(runs)
+    finished = {
+        label: sorted(r.seed for r in group if r.metrics) for label, group in groups.items()
+    }
+    assert finished["train=True"] == [0, 1] and finished["train=False"] == [0]
+    broken = next(r for r in runs if r.path.name == "broken")
+    assert broken.failure.startswith("unreadable: JSONDecodeError")
+    assert next(r for r in runs if r.path.name == "refused").failure == "(no reason recorded)"

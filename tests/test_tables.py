@@ -175,3 +175,20 @@ def test_an_interrupted_cell_resumes_from_its_last_checkpoint(tmp_path, capsys, 
     assert json.loads((killed / "metrics.json").read_text()) == json.loads(
         (tmp_path / "whole" / cell / "metrics.json").read_text()
     )
+
+
+def test_a_cell_run_with_another_thread_count_is_run_again(tmp_path, capsys, cache_dir):
+    import json
+
+    args = ["--backbones", "mlp", "--variants", "base", "--seeds", "0", "--max-epochs", "1",
+            "--out", str(tmp_path), "--override", *TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    main(args)
+    metrics = next(tmp_path.rglob("metrics.json"))
+    recorded = json.loads(metrics.read_text())
+    del recorded["threads"]  # a cell from before the count was recorded: unknown
+    metrics.write_text(json.dumps(recorded))
+    capsys.readouterr()
+    main([*args, "--report-only"])
+    assert "  mlp      base" not in capsys.readouterr().out.split("Training length")[1]
+    main(args)
+    assert json.loads(metrics.read_text())["threads"] == 1  # run again, with the count

@@ -199,8 +199,11 @@ def test_a_failing_multirun_job_does_not_stop_the_others_and_the_summary_marks_i
     result = _cli("-m", "data.batch_size=0,64", "backbone=mlp", "trainer.max_epochs=2",
                   "logger=csv", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
                   *TINY_OVERRIDES)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-2000:]  # the sweep ran, one job failed
     assert "sar_exp: error: data.batch_size must be a positive integer, got 0" in result.stderr
+    assert "sar_exp: 1 job(s) of the sweep failed (0_base_mlp_synthetic_default_seed0_FAILED)" in (
+        result.stderr
+    )
     jobs = sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit())
     assert jobs == [
         "0_base_mlp_synthetic_default_seed0_FAILED",

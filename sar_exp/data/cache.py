@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,9 +45,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _build_tag() -> str:
+    """Host and process of a build: a shared cache folder may see builds of other hosts."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def _remove_stale_builds(root: Path, name: str) -> None:
-    """Temporary folders of builds whose process is gone (killed, out of memory)."""
-    for tmp in root.glob(f".{name}.tmp-*"):
+    """Temporary folders of this host's builds whose process is gone (killed, out of
+    memory); another host's builds are left alone (their pids mean nothing here)."""
+    host = socket.gethostname()
+    for tmp in root.glob(f".{name}.tmp-{host}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -62,23 +70,20 @@ def cached_folder(root: Path, name: str, build: Callable[[Path], None]) -> Path:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(final.parent, name)
-    tmp = final.parent / f".{name}.tmp-{os.getpid()}"
+    tmp = final.parent / f".{name}.tmp-{_build_tag()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         build(tmp)
         (tmp / "COMPLETE").write_text("ok\n")
-        if (final / "COMPLETE").exists():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-        if final.exists():  # an incomplete leftover (never a complete entry)
-            shutil.rmtree(final, ignore_errors=True)
+        # Entries appear only complete (renamed into place), so one that exists now is
+        # another process's finished build: use it.
         try:
             os.replace(tmp, final)
         except OSError:
             if not (final / "COMPLETE").exists():
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)  # lost the race to a complete entry
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

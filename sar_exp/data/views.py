@@ -561,8 +561,8 @@ def _ctr(view, frames, protocol, rng):
     cutoff = _first_heldout_time(arrays["user"], arrays["time"], split, _num_users(view))
     search = _strictly_before(frames["search"], cutoff)
     n_queries = int(view["query_words"].shape[0])
-    pos = search.filter(pl.col("clicked") == 1).unique(["query", "item"])
-    neg = search.filter(pl.col("clicked") == 0).unique(["query", "item"])
+    pos = search.filter(pl.col("clicked") == 1).unique(["query", "item"], maintain_order=True)
+    neg = search.filter(pl.col("clicked") == 0).unique(["query", "item"], maintain_order=True)
     view["query_clicked_offsets"], view["query_clicked_items"] = _csr(
         pos["query"].to_numpy(), pos["item"].to_numpy(), n_queries
     )

@@ -64,11 +64,10 @@ class RecommenderModule(pl.LightningModule):
             tables.get("item_attributes"),
         )
         query_dim = hidden_dim if self.queries_in_hidden_space else embedding_dim
-        self.queries = (
-            QueryEncoder(schema["num_words"], query_dim, tables.get("query_words"))
-            if self.uses_queries(backbone)
-            else None
-        )
+        # Drawn even when unused (then dropped), so every other part starts from the
+        # same random weights whether or not the model reads queries.
+        queries = QueryEncoder(schema["num_words"], query_dim, tables.get("query_words"))
+        self.queries = queries if self.uses_queries(backbone) else None
         pool = torch.zeros(schema["num_items"] + 1, dtype=torch.bool)
         if "rec_item_pool" in tables:
             pool[tables["rec_item_pool"]] = True

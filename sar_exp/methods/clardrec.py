@@ -99,15 +99,19 @@ class ClardRec(TwoDomainRecommender):
                 "Eq. 14 rewards a positive's score rising and L_con pulls i_/q back to i; the "
                 "counterfactual disentangling cannot separate the features (item_layers >= 2 can)"
             )
-        # An ablated part is not built (-CD: no gates, -FA: no fusion gate), so every
-        # parameter a run has is trained (multi-process training requires it).
+        # An ablated part is not kept (-CD: no gates, -FA: no fusion gate), so every
+        # parameter a run has is trained (multi-process training requires it). Both are
+        # drawn all the same, so an ablation starts from the full model's initial
+        # weights in every other part and differs only in what it removes.
         d_h = self.hparams.hidden_dim
+        disentangler = GatedDisentangler(
+            self.items.part_dim, len(schema["item_attribute_sizes"]), d_h
+        )  # Eq. 6-8
+        fusion_gate = mlp(2 * d_h, d_h, 2, out_dim=1)  # Eq. 19
         if use_cd:
-            self.disentangler = GatedDisentangler(
-                self.items.part_dim, len(schema["item_attribute_sizes"]), d_h
-            )
+            self.disentangler = disentangler
         if use_fa:
-            self.fusion_gate = mlp(2 * d_h, d_h, 2, out_dim=1)  # Eq. 19
+            self.fusion_gate = fusion_gate
 
     # ------------------------------------------------------------ representations
     def query_independent_items(self, candidates: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from sar_exp import runs
 from sar_exp.tables.report import Cell, relative_improvement, render, training_length, welch_p
 from sar_exp.train import CONFIG_DIR, write_text_atomic
 
@@ -101,25 +102,31 @@ def run_overrides(backbone: str, method: str, ablation: str | None, args) -> lis
     return out + list(args.override)
 
 
-def finished_run(overrides: list[str], run_dir: Path) -> dict | None:
-    """The metrics of a run that finished with exactly these overrides, else None."""
+def finished_run(overrides: list[str], run_dir: Path, threads: int) -> dict | None:
+    """The metrics of a run that finished with exactly these overrides and this thread
+    count (results depend on it; a run that did not record it does not count), else None."""
     done, recorded = run_dir / "metrics.json", run_dir / "table_overrides.json"
     if done.exists() and recorded.exists() and json.loads(recorded.read_text()) == overrides:
-        return json.loads(done.read_text())
+        metrics = json.loads(done.read_text())
+        if metrics.get("threads") == threads:
+            return metrics
     return None
 
 
-def run_one(overrides: list[str], run_dir: Path, seed: int) -> dict:
+def run_one(overrides: list[str], run_dir: Path, seed: int, threads: int) -> dict:
     """Run one cell, or reuse it when it finished before with the same overrides; a
     cell that was interrupted with the same overrides resumes from its last.ckpt."""
-    if (metrics := finished_run(overrides, run_dir)) is not None:
+    if (metrics := finished_run(overrides, run_dir, threads)) is not None:
         return metrics
     recorded = run_dir / "table_overrides.json"
     last = run_dir / "checkpoints" / "last.ckpt"
     same = recorded.exists() and json.loads(recorded.read_text()) == overrides
     resume = [f"ckpt_path={last}"] if same and last.exists() else []
+    if not resume:  # another run's checkpoints must never be resumed under these overrides
+        for stale in run_dir.glob("checkpoints/*.ckpt"):
+            stale.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(overrides))  # before training: what a resume must match
+    runs.write_atomic(recorded, json.dumps(overrides))  # before training: what a resume must match
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -151,8 +158,8 @@ def _init_worker() -> None:
 
 
 def _run_task(task: tuple) -> tuple:
-    key, seed, overrides, run_dir = task
-    metrics = run_one(overrides, run_dir, seed)
+    key, seed, overrides, run_dir, threads = task
+    metrics = run_one(overrides, run_dir, seed, threads)
     return key, seed, {**metrics, "length": training_length(run_dir)}
 
 
@@ -164,11 +171,12 @@ def collect(args) -> dict:
     variants = [(m, a) for m, a in variants if (a or m) in args.variants]
     tasks = [
         ((backbone, ablation or method), seed, run_overrides(backbone, method, ablation, args),
-         Path(args.out) / args.dataset / backbone / (ablation or method) / f"seed{seed}")
+         Path(args.out) / args.dataset / backbone / (ablation or method) / f"seed{seed}",
+         args.threads)
         for backbone in args.backbones for method, ablation in variants for seed in args.seeds
     ]  # fmt: skip
     if args.report_only:  # the tables from what has finished, running nothing
-        tasks = [t for t in tasks if finished_run(t[2], t[3]) is not None]
+        tasks = [t for t in tasks if finished_run(t[2], t[3], t[4]) is not None]
     by_seed: dict = {}
     start = time.time()
 
@@ -337,8 +345,10 @@ def main(argv=None) -> None:
 def _ablation_names_as_values(argv: list[str]) -> list[str]:
     """argparse takes a token starting with '-' for an option, so `--variants base -CD` would
     fail on the paper's own ablation names; a leading space makes them plain values (stripped
-    again after parsing). A misspelt one (-XX) is shielded too, so it is named as unknown."""
-    return [f" {token}" if re.fullmatch(r"-[A-Z]{2}", token) else token for token in argv]
+    again after parsing). A misspelt one (-XX, -cd) is shielded too, so it is named as
+    unknown; the parser has no short option but -h."""
+    return [f" {token}" if re.fullmatch(r"-[A-Za-z]+", token) and token != "-h" else token
+            for token in argv]  # fmt: skip
 
 
 def report_path(args) -> Path:
