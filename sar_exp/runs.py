@@ -165,7 +165,9 @@ def check_same_run(output_dir: Path, cfg: DictConfig) -> None:
     before = _flatten(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
     allowed = re.compile(INCIDENTAL.pattern + r"|^(train|trainer\.max_epochs)$")
-    for key in sorted(set(before) | set(now)):
+    # a key the run's config did not have yet (added by a later release) holds its
+    # default, which the run used all along
+    for key in sorted(before):
         if not allowed.match(key) and before.get(key) != now.get(key):
             raise ConfigError(
                 f"ckpt_path resumes the run in {output_dir}, which was started with "
