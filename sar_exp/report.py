@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sar_exp.runs import FAILED, FINISHED
+from sar_exp.runs import FAILED, FINISHED, flatten
 from sar_exp.runs import INCIDENTAL as IGNORED  # seed, where a run wrote, how it reported
 from sar_exp.tables.report import Cell, training_length
 
@@ -46,18 +46,9 @@ class Run:
         return "finished" if self.metrics else ("failed" if self.failure else "unfinished")
 
 
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: json.dumps(node) if isinstance(node, list) else node}
-
-
 def _read_config(run_dir: Path) -> dict | None:
     if (run_dir / "config.yaml").exists():
-        return _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+        return flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
     if (run_dir / "table_overrides.json").exists():  # a table run of older code
         overrides = json.loads((run_dir / "table_overrides.json").read_text())
         values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)

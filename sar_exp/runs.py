@@ -162,8 +162,8 @@ def check_same_run(output_dir: Path, cfg: DictConfig) -> None:
     recorded = output_dir / "config.yaml"
     if not recorded.exists():
         return
-    before = _flatten(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    before = flatten(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
     allowed = re.compile(INCIDENTAL.pattern + r"|^(train|trainer\.max_epochs)$")
     # a key the run's config did not have yet (added by a later release) holds its
     # default, which the run used all along
@@ -201,11 +201,12 @@ def stored_config(ckpt_path: str) -> dict | None:
     return (checkpoint.get(CHECKPOINT_KEY) or {}).get("config")
 
 
-def _flatten(node, prefix: str = "") -> dict:
+def flatten(node, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b.c": leaf}; lists are leaves."""
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: node}
 
@@ -249,8 +250,8 @@ def restore_from_checkpoint(cfg: DictConfig, ckpt_path: str, overrides: list[str
         return cfg
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
     moved = {key: OmegaConf.select(cfg, key) for key in MOVABLE if key in given}
-    trained = _flatten({k: stored[k] for k in IDENTITY})
-    now = _flatten({k: identity(cfg)[k] for k in IDENTITY})
+    trained = flatten({k: stored[k] for k in IDENTITY})
+    now = flatten({k: identity(cfg)[k] for k in IDENTITY})
     differing = {p: trained.get(p) for p in set(trained) | set(now)
                  if trained.get(p) != now.get(p) and p not in moved}  # fmt: skip
     for override in overrides:
