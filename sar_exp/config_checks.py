@@ -85,8 +85,11 @@ def check_required_values(cfg: DictConfig) -> None:
     missing = sorted(_missing(cfg))
     if not missing:
         return
-    if "dataset.path" in missing and cfg.dataset.get("source") == "kuaisar":
-        raise ConfigError("dataset=kuaisar needs dataset.path=DIR (the unzipped KuaiSAR folder)")
+    if "dataset.path" in missing:
+        from sar_exp.data.datamodule import SOURCES
+
+        source = cfg.dataset.get("source")
+        raise ConfigError(f"dataset={source} needs dataset.path=DIR ({SOURCES.get(source, '')})")
     raise ConfigError(f"{missing[0]} needs a value ({missing[0]}=...)")
 
 
@@ -113,6 +116,11 @@ def check_config(cfg: DictConfig) -> None:
             f"Valid: {pairs} (task: {', '.join(method.tasks)})"
         )
     check_protocol(cfg)
+    if cfg.task == "ctr" and cfg.dataset.get("source") == "amazon":
+        raise ConfigError(
+            "dataset=amazon holds purchases only, no shown-but-not-clicked items: task=ctr "
+            "needs them (KuaiSAR and the synthetic data have them)"
+        )
     if cfg.task == "ctr" and cfg.eval.mode == "full":
         raise ConfigError(
             "eval.mode=full is a ranking protocol; task=ctr evaluates AUC on impressions"

@@ -92,6 +92,13 @@ class BatchAssembler:
         self.context = {k: to_tensor(view[k]) for k in keep}
         self.pool = to_tensor(view["rec_item_pool" if task == "rec" else "search_item_pool"])
         protocol = view.meta["protocol"]
+        # popularity: draw in proportion to training clicks, never the user's own clicks
+        self.cumulative = self.user_clicks = None
+        if protocol.get("negatives") == "popularity" and f"{task}_popularity" in view:
+            weights = torch.from_numpy(view[f"{task}_popularity"]).double()[self.pool]
+            self.pool = self.pool[weights > 0]
+            self.cumulative = torch.cumsum(weights[weights > 0], 0)
+            self.user_clicks = torch.from_numpy(view[f"{task}_train_clicks"])
         self.rec_cap = protocol["max_rec_history"]
         self.search_cap = protocol["max_search_history"]
         self.interleaved_cap = protocol["max_interleaved_history"]
@@ -116,7 +123,10 @@ class BatchAssembler:
             batch["candidates"] = torch.cat([batch["item"][:, None], s["negatives"][index]], dim=1)
         elif self.num_train_negatives:
             batch["candidates"] = torch.cat(
-                [batch["item"][:, None], self._train_negatives(batch["item"], epoch, batch_number)],
+                [
+                    batch["item"][:, None],
+                    self._train_negatives(batch["user"], batch["item"], epoch, batch_number),
+                ],
                 dim=1,
             )
 
@@ -152,7 +162,7 @@ class BatchAssembler:
         return batch
 
     def _train_negatives(
-        self, positive: torch.Tensor, epoch: int, batch_number: int
+        self, user: torch.Tensor, positive: torch.Tensor, epoch: int, batch_number: int
     ) -> torch.Tensor:
         """Uniform draws from the task's item pool, redrawn where they hit the positive.
         Seeded by (run seed, rank, task, epoch, batch): reruns and data-loader workers
@@ -161,6 +171,8 @@ class BatchAssembler:
             stable_seed(self.seed, self.rank, self.task, epoch, batch_number)
         )
         shape = (positive.numel(), self.num_train_negatives)
+        if self.cumulative is not None:
+            return self._popular_negatives(user, positive, shape, generator)
         draws = self.pool[torch.randint(0, self.pool.numel(), shape, generator=generator)]
         for _ in range(10):
             hit = draws == positive[:, None]
@@ -169,6 +181,30 @@ class BatchAssembler:
             draws[hit] = self.pool[
                 torch.randint(0, self.pool.numel(), (int(hit.sum()),), generator=generator)
             ]
+        return draws
+
+    def _popular_negatives(self, user, positive, shape, generator) -> torch.Tensor:
+        """In proportion to training clicks; redrawn where they hit the positive or an
+        item the user clicked in training (10 passes, then what is left stays)."""
+
+        def draw(size):
+            u = torch.rand(size, generator=generator, dtype=torch.float64)
+            index = torch.searchsorted(self.cumulative, u * self.cumulative[-1], right=True)
+            return self.pool[index.clamp(max=self.pool.numel() - 1)]
+
+        draws = draw(shape)
+        clicks = self.user_clicks
+        for _ in range(10):
+            keys = (user[:, None] << 32) + draws
+            found = torch.searchsorted(clicks, keys).clamp(max=max(clicks.numel() - 1, 0))
+            hit = (draws == positive[:, None]) | (
+                (clicks[found] == keys)
+                if clicks.numel()
+                else torch.zeros_like(draws, dtype=torch.bool)
+            )
+            if not hit.any():
+                break
+            draws[hit] = draw((int(hit.sum()),))
         return draws
 
     def _interleaved(self, s, c, index):

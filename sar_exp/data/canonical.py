@@ -16,10 +16,11 @@ from pathlib import Path
 
 import polars as pl
 
-from sar_exp.data import kuaisar
+from sar_exp.data import amazon, kuaisar
 from sar_exp.data.cache import cache_key, cached_folder, code_fingerprint, file_fingerprint
 from sar_exp.data.kuaisar import KuaiSARRaw, read_kuaisar, source_files
 from sar_exp.data.progress import stage
+from sar_exp.errors import ConfigError
 
 MISSING_ATTRIBUTE_VALUES = ["", "0", "空", "empty", "null", "None"]
 TABLES = ("users", "items", "queries", "rec", "sessions", "search")
@@ -194,25 +195,48 @@ def build_canonical(
     )
 
 
+def _reader(source: str, options: dict):
+    """(read(folder, user_attributes, item_attributes), source files, reader module) of
+    a dataset source; every source yields the same raw tables."""
+    if source == "amazon":
+        category = options.get("category")
+        if not category:
+            raise ConfigError("dataset=amazon needs dataset.category (e.g. Kindle_Store)")
+        queries, seed = options.get("queries", "generated"), int(options.get("query_seed", 0))
+
+        def read(folder, user_attributes, item_attributes):
+            return amazon.read_amazon(folder, category, queries, seed)
+
+        return read, lambda folder: amazon.source_files(folder, category, queries), amazon
+    return read_kuaisar, source_files, kuaisar
+
+
 def load_canonical(
     folder: str | Path,
     cache_dir: str | Path,
     user_attributes: list[str],
     item_attributes: list[str],
+    source: str = "kuaisar",
+    reader_options: dict | None = None,
 ) -> CanonicalTables:
-    """Canonical tables for a KuaiSAR folder, from the cache when its sources are unchanged."""
+    """Canonical tables for a dataset folder, from the cache when its sources are unchanged."""
     folder = Path(folder)
+    options = dict(reader_options or {})
+    read, files, module = _reader(source, options)
     key = cache_key(
-        code_fingerprint(kuaisar, sys.modules[__name__]),
+        code_fingerprint(module, sys.modules[__name__]),
         str(folder.resolve()),
-        [file_fingerprint(p) for p in source_files(folder)],
+        [file_fingerprint(p) for p in files(folder)],
         user_attributes,
         item_attributes,
+        source,
+        options,
     )
+    label = "Amazon" if source == "amazon" else "KuaiSAR"
 
     def build(tmp: Path) -> None:
-        with stage(f"reading the KuaiSAR files in {folder}"):
-            raw = read_kuaisar(folder, user_attributes, item_attributes)
+        with stage(f"reading the {label} files in {folder}"):
+            raw = read(folder, user_attributes, item_attributes)
         rows = f"{raw.rec.height:,} rec rows, {raw.search.height:,} search rows"
         with stage(f"building canonical tables ({rows})"):
             tables = build_canonical(raw, user_attributes, item_attributes)
@@ -221,7 +245,7 @@ def load_canonical(
         (tmp / "meta.json").write_text(json.dumps(tables.meta, indent=1))
 
     if not folder.is_dir():  # checked here so the message is not about the cache
-        read_kuaisar(folder, user_attributes, item_attributes)
+        read(folder, user_attributes, item_attributes)
     path = cached_folder(Path(cache_dir), f"canonical-{key}", build)
     return CanonicalTables(
         **{name: pl.read_parquet(path / f"{name}.parquet") for name in TABLES},

@@ -13,6 +13,13 @@ from sar_exp.data.synthetic import dataset_folder, make_config, write_kuaisar_fo
 from sar_exp.data.views import View, load_view, protocol_from_config
 from sar_exp.errors import ConfigError
 
+# dataset.source -> what dataset.path must hold
+SOURCES = {
+    "kuaisar": "the unzipped KuaiSAR folder",
+    "synthetic": "generated; no path",
+    "amazon": "the folder with reviews_<Category>_5.json(.gz) and meta_<Category>.json(.gz)",
+}
+
 
 class SARDataModule(pl.LightningDataModule):
     """Serves one task view.
@@ -40,6 +47,7 @@ class SARDataModule(pl.LightningDataModule):
         interleaved: bool = False,
         full_ranking: bool = False,
         seed: int = 0,
+        reader_options: dict | None = None,
     ):
         super().__init__()
         if batch_size is None or int(batch_size) <= 0:
@@ -50,12 +58,10 @@ class SARDataModule(pl.LightningDataModule):
             )
         if num_train_negatives is None or int(num_train_negatives) < 0:
             raise ConfigError(f"data.num_train_negatives must be >= 0, got {num_train_negatives}")
-        if source not in ("kuaisar", "synthetic"):
-            raise ConfigError(f"dataset.source must be 'kuaisar' or 'synthetic', got {source!r}")
-        if source == "kuaisar" and not path:
-            raise ConfigError(
-                "dataset=kuaisar needs dataset.path=DIR (the unzipped KuaiSAR folder)"
-            )
+        if source not in SOURCES:
+            raise ConfigError(f"dataset.source must be one of {list(SOURCES)}, got {source!r}")
+        if source != "synthetic" and not path:
+            raise ConfigError(f"dataset={source} needs dataset.path=DIR ({SOURCES[source]})")
         self.source, self.path, self.cache_dir = source, path, Path(cache_dir)
         self.view_name = view
         self.user_attributes, self.item_attributes = list(user_attributes), list(item_attributes)
@@ -66,6 +72,7 @@ class SARDataModule(pl.LightningDataModule):
                 f"{list(self.protocol.evaluated_tasks)}"
             )
         self.synthetic = dict(synthetic or {})
+        self.reader_options = dict(reader_options or {})
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_train_negatives, self.num_workers = int(num_train_negatives), int(num_workers)
         self.main_task = main_task
@@ -75,7 +82,7 @@ class SARDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------ building
     def dataset_folder(self) -> Path:
-        if self.source == "kuaisar":
+        if self.source != "synthetic":
             return Path(self.path).expanduser()
         options = dict(self.synthetic)
         preset = options.pop("preset", "small")
@@ -87,8 +94,10 @@ class SARDataModule(pl.LightningDataModule):
         if self.view is None:
             folder = self.dataset_folder()
             tables = load_canonical(
-                folder, self.cache_dir, self.user_attributes, self.item_attributes
-            )
+                folder, self.cache_dir, self.user_attributes, self.item_attributes,
+                source="amazon" if self.source == "amazon" else "kuaisar",
+                reader_options=self.reader_options,
+            )  # fmt: skip
             self.view = load_view(tables, self.view_name, self.protocol, self.cache_dir)
             if self.main_task not in self.view.task_names():
                 raise ConfigError(

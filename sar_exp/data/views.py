@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from sar_exp.data import filters
 from sar_exp.data.cache import cache_key, cached_folder, code_fingerprint
 from sar_exp.data.canonical import CanonicalTables
 from sar_exp.data.progress import stage
@@ -36,6 +37,8 @@ from sar_exp.errors import ConfigError, DataError
 VIEWS = ("cf", "sequential", "ctr")
 SPLITS = ("train", "val", "test")
 TASKS = ("rec", "search")
+SPLIT_RULES = ("leave_one_out", "time")
+NEGATIVE_SAMPLERS = ("uniform", "popularity")
 DROPPED = -1  # split code of a training sample removed to keep held-out events unseen
 
 
@@ -59,6 +62,16 @@ class Protocol:
     # The tasks whose validation and test events are held out from every task's
     # training data (a method that evaluates search too adds "search").
     evaluated_tasks: tuple[str, ...] = ("rec",)
+    # leave_one_out (per user and task) or time (UniSAR on KuaiSAR: the last day is test,
+    # the day before validation, in the dataset's local days)
+    split: str = "leave_one_out"
+    drop_last_days: int = 0  # UniSAR drops KuaiSAR's last two days before splitting
+    local_time_offset_hours: float = 0.0  # where days begin: KuaiSAR's are Beijing's (+8)
+    k_core: int = 0  # users and items with fewer clicks go, repeatedly (UniSAR, SESRec: 5)
+    require_both_behaviours: bool = False  # only users with rec and search clicks (UniSAR)
+    # negatives of training and of the stored evaluation candidates: uniform over the
+    # task's items, or in proportion to their training clicks (the UniSAR family)
+    negatives: str = "uniform"
     # true: ClardRec B.1 read literally, two independent 8:1:1 splits, so a held-out rec
     # pair (u, i) can be a search training click; false drops such search clicks.
     cf_independent_splits: bool = False
@@ -83,6 +96,14 @@ class Protocol:
             raise ConfigError(
                 f"dataset.protocol.cf_split must be three positive shares summing to 1, got {list(self.cf_split)}"
             )
+        for key, allowed in (("split", SPLIT_RULES), ("negatives", NEGATIVE_SAMPLERS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"dataset.protocol.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}"
+                )
+        for key in ("drop_last_days", "k_core"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"dataset.protocol.{key} must be >= 0, got {getattr(self, key)}")
         if not self.views or not set(self.views) <= set(VIEWS):
             raise ConfigError(
                 f"dataset.protocol.views must be a non-empty subset of {list(VIEWS)}, "
@@ -148,19 +169,35 @@ def _leave_one_out(owner: np.ndarray) -> np.ndarray:
     return np.where(count >= 3, split, 0).astype(np.int8)
 
 
-def sample_negatives(rng, pool, owner, positive, exclude_keys, count, what):
+def _drawer(rng, pool: np.ndarray, weights: np.ndarray | None):
+    """size -> items of `pool`: uniform, or in proportion to `weights` (one per item id)."""
+    if weights is None:
+        return lambda size: pool[rng.integers(0, pool.size, size)]
+    cumulative = np.cumsum(weights[pool].astype(np.float64))
+    return lambda size: pool[
+        np.searchsorted(cumulative, rng.random(size) * cumulative[-1], side="right")
+    ]
+
+
+def sample_negatives(rng, pool, owner, positive, exclude_keys, count, what, weights=None):
     """`count` distinct items per row from `pool`, none of them in `exclude_keys`
-    (sorted owner * 2**32 + item keys) nor equal to the positive.
+    (sorted owner * 2**32 + item keys) nor equal to the positive; uniform, or in
+    proportion to `weights` (popularity: an item without weight is never drawn).
 
     All rows are drawn at once; later passes redraw only the rows that still hold a
     forbidden or repeated item, so the cost stays close to one vectorised draw."""
     n = owner.size
+    if n == 0:
+        return np.zeros((0, count), np.int32)
     pool = np.asarray(pool)
+    if weights is not None:
+        pool = pool[weights[pool] > 0]
     if pool.size < count + 1:
         raise DataError(
             f"only {pool.size} candidate items for {what} negatives; {count} are needed per positive"
         )
-    draws = pool[rng.integers(0, pool.size, (n, count))]
+    draw = _drawer(rng, pool, weights)
+    draws = draw((n, count))
     todo = np.arange(n)
     for _ in range(200):
         rows = draws[todo]
@@ -178,7 +215,7 @@ def sample_negatives(rng, pool, owner, positive, exclude_keys, count, what):
         bad |= dup
         if not bad.any():
             return draws.astype(np.int32)
-        rows[bad] = pool[rng.integers(0, pool.size, int(bad.sum()))]
+        rows[bad] = draw(int(bad.sum()))
         draws[todo] = rows
         todo = todo[bad.any(axis=1)]
     raise DataError(
@@ -244,6 +281,13 @@ def _keep_recent_interactions(rec, sessions, search, limit: int):
     return window(rec, "click", "rec_row", kept_rec), sessions, search
 
 
+def _attribute_array(frame: pl.DataFrame, attributes: list[str]) -> np.ndarray:
+    """[rows, attributes] codes; a dataset without attributes (Amazon) has 0 columns."""
+    if not attributes:
+        return np.zeros((frame.height, 0), np.int32)
+    return frame.select(attributes).to_numpy().astype(np.int32)
+
+
 def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
     """Arrays every view shares, after the user-level filters of the protocol."""
     rec = tables.rec
@@ -272,6 +316,16 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
             sessions.filter(pl.col("user").is_in(keep)),
         )
         search = search.filter(pl.col("user").is_in(keep))
+    # UniSAR 5.1 in its order: users with both behaviours, the last days dropped, k-core
+    if protocol.require_both_behaviours:
+        rec, sessions, search = filters.keep_users_with_both_behaviours(rec, sessions, search)
+    if protocol.drop_last_days:
+        rec, sessions, search = filters.drop_last_days(
+            rec, sessions, search, protocol.drop_last_days,
+            tables.meta["time_origin_ms"], protocol.local_time_offset_hours,
+        )  # fmt: skip
+    if protocol.k_core:
+        rec, sessions, search = filters.k_core(rec, sessions, search, protocol.k_core)
     if search.height == 0 or rec.height == 0:
         raise DataError("no rec or no search events are left after dataset.protocol filters")
 
@@ -309,8 +363,8 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
     ].to_numpy()
 
     meta = dict(tables.meta)
-    u_attr = tables.users.select(tables.user_attributes).to_numpy().astype(np.int32)
-    i_attr = tables.items.select(tables.item_attributes).to_numpy().astype(np.int32)
+    u_attr = _attribute_array(tables.users, tables.user_attributes)
+    i_attr = _attribute_array(tables.items, tables.item_attributes)
     words = tables.queries["words"].to_list()
     query_words = np.zeros((meta["num_queries"] + 1, max(1, meta["max_query_words"])), np.int32)
     for q, w in zip(tables.queries["query"].to_list(), words):
@@ -344,6 +398,7 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
         view["rec_click_user"], np.arange(meta["num_users"] + 2)
     ).astype(np.int64)
     frames = {
+        "origin_ms": int(tables.meta["time_origin_ms"]),
         "rec": rec,
         "rec_clicks": rec_clicks,
         "sessions": sessions,
@@ -374,6 +429,13 @@ def _store_split(
     view, task, split_code, arrays, rng, pool, exclude, protocol, what, owner_key="user",
     histories=True,
 ):  # fmt: skip
+    if protocol.negatives == "popularity" and "item" in arrays:
+        # training clicks per item: what both stored and training negatives follow;
+        # and each user's training clicks, which training negatives must avoid
+        train = split_code == 0
+        size = view["item_attributes"].shape[0]
+        view[f"{task}_popularity"] = np.bincount(arrays["item"][train], minlength=size)
+        view[f"{task}_train_clicks"] = _keys(arrays["user"][train], arrays["item"][train])
     for code, split in enumerate(SPLITS):
         rows = np.flatnonzero(split_code == code)
         prefix = f"{task}.{split}."
@@ -386,8 +448,9 @@ def _store_split(
         if split != "train" and "item" in arrays:
             owner = arrays[owner_key][rows]
             view[prefix + "negatives"] = sample_negatives(
-                rng, pool, owner, arrays["item"][rows], exclude, protocol.num_eval_negatives, what
-            )
+                rng, pool, owner, arrays["item"][rows], exclude, protocol.num_eval_negatives, what,
+                weights=view.get(f"{task}_popularity"),
+            )  # fmt: skip
 
 
 def _filter_both_histories(view, user, time, protocol) -> np.ndarray:
@@ -462,6 +525,24 @@ def _drop_training_after_heldout(tasks: dict, evaluated: tuple[str, ...], n_user
                 split[late] = DROPPED
 
 
+def _last_day(frames, protocol) -> int:
+    """The dataset's last local day with a click (after the protocol's filters)."""
+    times = np.concatenate(
+        [frames["rec_clicks"]["time"].to_numpy(), frames["search_positives"]["time"].to_numpy()]
+    )
+    return int(filters.day_of(times, frames["origin_ms"], protocol.local_time_offset_hours).max())
+
+
+def _split(arrays: dict, frames: dict, protocol: Protocol) -> np.ndarray:
+    """Split code per sample (0 train, 1 validation, 2 test): the user's last and second
+    last (leave_one_out), or the dataset's last and second last local day (time)."""
+    if protocol.split == "leave_one_out":
+        return _leave_one_out(arrays["user"])
+    day = filters.day_of(arrays["time"], frames["origin_ms"], protocol.local_time_offset_hours)
+    last = _last_day(frames, protocol)
+    return np.where(day == last, 2, np.where(day == last - 1, 1, 0)).astype(np.int8)
+
+
 def _sequential(view, frames, protocol, rng):
     rc = frames["rec_clicks"]
     rec = _sample_arrays(rc)
@@ -471,8 +552,8 @@ def _sequential(view, frames, protocol, rng):
     pos = frames["search_positives"].sort("user", "time", "session_pos", "position")
     search = _sample_arrays(pos, with_query=True)
     tasks = {
-        "rec": (rec, _leave_one_out(rec["user"])),
-        "search": (search, _leave_one_out(search["user"])),
+        "rec": (rec, _split(rec, frames, protocol)),
+        "search": (search, _split(search, frames, protocol)),
     }
     _drop_training_after_heldout(tasks, protocol.evaluated_tasks, _num_users(view))
     _store_split(view, "rec", tasks["rec"][1], rec, rng, view["rec_item_pool"],
@@ -504,6 +585,11 @@ def _drop_training_of_heldout_pairs(tasks: dict, evaluated: tuple[str, ...]) -> 
 
 
 def _cf(view, frames, protocol, rng):
+    if protocol.split != "leave_one_out":
+        raise ConfigError(
+            f"dataset.protocol.split={protocol.split} is for the sequential and ctr views; "
+            "the cf view splits clicks at random (cf_split)"
+        )
     # The paper's D_rec and D_src are sets of clicks, so repeated clicks count once.
     rc = frames["rec_clicks"].unique(["user", "item"], keep="first", maintain_order=True)
     rec = _sample_arrays(rc)
@@ -548,7 +634,10 @@ def _ctr(view, frames, protocol, rng):
     ]
     request_id = np.cumsum(request) - 1
     request_user = arrays["user"][request]
-    split = _leave_one_out(request_user)[request_id]
+    if protocol.split == "time":  # by day, like the other views; a request is on one day
+        split = _split(arrays, frames, protocol)
+    else:
+        split = _leave_one_out(request_user)[request_id]
     for code, name in enumerate(SPLITS):
         rows = np.flatnonzero(split == code)
         prefix = f"rec.{name}."

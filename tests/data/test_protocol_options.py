@@ -1,0 +1,167 @@
+"""Protocol options on small hand-built tables with hand-checked splits: time split (local
+days), dropped last days, k-core, users with both behaviours, popularity negatives; the
+papers' presets and the statistics command."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from sar_exp.data.canonical import CanonicalTables
+from sar_exp.data.views import Protocol, build_view
+from sar_exp.errors import ConfigError
+
+HOUR, DAY = 3_600_000, 86_400_000
+ORIGIN = 1_684_713_600_000  # 2023-05-22 00:00 UTC = 08:00 in Beijing
+
+
+def tables(rec_events, search_events, n_items=40, n_users=4) -> CanonicalTables:
+    """rec_events: (user, item, time_ms); search_events: (user, item, time_ms, query)."""
+    rec = pl.DataFrame(
+        {
+            "user": [u for u, _, _ in rec_events], "item": [i for _, i, _ in rec_events],
+            "time": [t for _, _, t in rec_events], "click": [1] * len(rec_events),
+            "order": list(range(len(rec_events))),
+        },
+        schema={"user": pl.Int32, "item": pl.Int32, "time": pl.Int64, "click": pl.Int8, "order": pl.UInt32},
+    )  # fmt: skip
+    sessions = pl.DataFrame(
+        {"session": list(range(1, len(search_events) + 1)), "user": [e[0] for e in search_events],
+         "query": [e[3] for e in search_events], "time": [e[2] for e in search_events],
+         "source": [1] * len(search_events)},
+        schema={"session": pl.Int32, "user": pl.Int32, "query": pl.Int32, "time": pl.Int64, "source": pl.Int32},
+    )  # fmt: skip
+    search = pl.DataFrame(
+        {"session": list(range(1, len(search_events) + 1)), "item": [e[1] for e in search_events],
+         "clicked": [1] * len(search_events), "position": [0] * len(search_events)},
+        schema={"session": pl.Int32, "item": pl.Int32, "clicked": pl.Int8, "position": pl.Int32},
+    )  # fmt: skip
+    items = pl.DataFrame({"item": range(1, n_items + 1), "in_rec": True, "in_search": True},
+                         schema={"item": pl.Int32, "in_rec": pl.Boolean, "in_search": pl.Boolean})  # fmt: skip
+    meta = {"num_users": n_users, "num_items": n_items, "num_words": 3, "num_queries": 3,
+            "num_sources": 1, "user_attributes": [], "item_attributes": [],
+            "user_attribute_sizes": [], "item_attribute_sizes": [], "max_query_words": 1,
+            "time_origin_ms": ORIGIN}  # fmt: skip
+    return CanonicalTables(
+        users=pl.DataFrame({"user": range(1, n_users + 1)}, schema={"user": pl.Int32}),
+        items=items,
+        queries=pl.DataFrame({"query": [1, 2, 3], "words": [[1], [2], [3]]}),
+        rec=rec, sessions=sessions, search=search, meta=meta, key="hand-built",
+    )  # fmt: skip
+
+
+def split_of(view, task):
+    return {s: sorted(zip(view[f"{task}.{s}.user"].tolist(), view[f"{task}.{s}.item"].tolist()))
+            for s in ("train", "val", "test")}  # fmt: skip
+
+
+def test_time_split_uses_the_datasets_local_days():
+    # Beijing days begin at 16:00 UTC; the origin is 08:00 in Beijing on day D
+    t = lambda day, hour: day * DAY + hour * HOUR  # noqa: E731  (hours after the origin)
+    rec = [(1, 1, t(0, 1)), (1, 2, t(1, 1)), (1, 3, t(1, 15)), (1, 4, t(2, 2)), (2, 5, t(1, 2)),
+           (2, 6, t(2, 20))]  # fmt: skip
+    search = [(1, 7, t(0, 2), 1), (2, 8, t(2, 3), 2)]
+    view = build_view(tables(rec, search), "sequential",
+                      Protocol(split="time", local_time_offset_hours=8, num_eval_negatives=3))  # fmt: skip
+    # local days: t(2,20) is 04:00 of day D+3 (the last, test); day D+2 (validation) runs
+    # from t(1,16) to t(2,16): (1,4), (2,8) search; (1,3) at t(1,15) is still day D+1
+    assert split_of(view, "rec") == {
+        "train": [(1, 1), (1, 2), (1, 3), (2, 5)], "val": [(1, 4)], "test": [(2, 6)],
+    }  # fmt: skip
+    assert split_of(view, "search")["val"] == [(2, 8)]
+    utc = build_view(tables(rec, search), "sequential",
+                     Protocol(split="time", num_eval_negatives=3))  # fmt: skip
+    assert split_of(utc, "rec")["test"] == [(1, 4), (2, 6)]  # UTC days: both on day D+2
+
+
+def test_last_days_are_dropped_before_the_split():
+    rec = [(1, i, i * DAY) for i in range(1, 7)] + [(2, 10 + i, i * DAY) for i in range(1, 5)]
+    search = [(1, 20, 2 * DAY + 5, 1), (2, 21, 3 * DAY + 5, 1)]
+    view = build_view(tables(rec, search), "sequential",
+                      Protocol(split="time", drop_last_days=2, num_eval_negatives=3))  # fmt: skip
+    # days 5 and 6 go; day 4 is then the last (test), day 3 validation
+    assert split_of(view, "rec") == {
+        "train": [(1, 1), (1, 2), (2, 11), (2, 12)], "val": [(1, 3), (2, 13)], "test": [(1, 4), (2, 14)],
+    }  # fmt: skip
+
+
+def test_k_core_removes_until_every_user_and_item_has_k_clicks():
+    # user 3 has 2 clicks -> goes; then item 2 falls to 2 clicks -> goes; then user 2 has 2
+    rec = ([(1, 1, k) for k in range(3)] + [(2, 1, 10 + k) for k in range(2)] + [(2, 2, 20)]
+           + [(3, 2, 30), (3, 1, 31)] + [(1, 2, 40)] + [(1, 3, 50 + k) for k in range(3)])  # fmt: skip
+    search = [(1, 3, 5, 1), (1, 1, 6, 1)]  # before the rec validation event
+    view = build_view(tables(rec, search), "sequential",
+                      Protocol(k_core=3, num_eval_negatives=3))  # fmt: skip
+    assert set(view["rec_click_user"].tolist()) == {1}
+    assert set(view["rec_click_item"].tolist()) == {1, 3}
+    assert set(view["search_click_item"].tolist()) == {1, 3}
+
+
+def test_only_users_with_both_behaviours():
+    rec = [(1, 1, 1), (1, 2, 2), (1, 3, 3), (2, 4, 1), (2, 5, 2), (2, 6, 3)]
+    search = [(1, 7, 0, 1)]
+    view = build_view(tables(rec, search), "sequential",
+                      Protocol(require_both_behaviours=True, num_eval_negatives=3))  # fmt: skip
+    assert set(view["rec_click_user"].tolist()) == {1}
+
+
+def test_popularity_negatives_follow_training_clicks_and_avoid_the_users_clicks():
+    from sar_exp.data.batches import BatchAssembler
+
+    rng = np.random.default_rng(0)
+    rec = []
+    for user in range(1, 41):  # item 1 is bought by everyone, items 2-30 rarely
+        items = [1, *rng.choice(np.arange(2, 31), 5, replace=False).tolist()]
+        rec += [(user, int(i), k * DAY) for k, i in enumerate(items)]
+    search = [(u, 31, 0, 1) for u in range(1, 41)]  # one each: nothing held out
+    view = build_view(tables(rec, search, n_items=40, n_users=40), "sequential",
+                      Protocol(negatives="popularity", num_eval_negatives=5))  # fmt: skip
+    negatives = view["rec.test.negatives"]
+    trained = set(view["rec.train.item"].tolist())
+    assert set(negatives.ravel().tolist()) <= trained  # only items with training clicks
+    clicked = set(zip(view["rec_click_user"].tolist(), view["rec_click_item"].tolist()))
+    users = view["rec.test.user"].tolist()
+    assert not any((u, i) in clicked for u, row in zip(users, negatives.tolist()) for i in row)
+    # training negatives: by popularity, never an item the user clicked in training
+    assembler = BatchAssembler(view, "rec", "train", num_train_negatives=20, seed=0)
+    index = np.arange(view["rec.train.user"].size)
+    import torch
+
+    batch = assembler(torch.from_numpy(index), 0, 0)
+    train_clicks = set(zip(view["rec.train.user"].tolist(), view["rec.train.item"].tolist()))
+    drawn = batch["candidates"][:, 1:].tolist()
+    assert not any(
+        (u, i) in train_clicks for u, row in zip(batch["user"].tolist(), drawn) for i in row
+    )
+    counts = np.bincount(np.array(drawn).ravel(), minlength=41)
+    popularity = view["rec_popularity"]
+    assert np.corrcoef(counts[2:31], popularity[2:31])[0, 1] > 0.5
+
+
+def test_the_cf_view_refuses_a_time_split(tiny_folder, tmp_path):
+    from sar_exp.data.canonical import load_canonical
+
+    loaded = load_canonical(tiny_folder, tmp_path, [], ["author_id"])
+    with pytest.raises(ConfigError, match="split=time is for the sequential and ctr views"):
+        build_view(loaded, "cf", Protocol(split="time"))
+
+
+@pytest.mark.parametrize(
+    "dataset, protocol",
+    [("synthetic", "unisar_kuaisar"), ("amazon", "unisar_amazon"), ("amazon", "sesrec_amazon")],
+)
+def test_presets_and_the_statistics_command(dataset, protocol, capsys):
+    from pathlib import Path
+
+    from sar_exp.data.stats import main
+
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "amazon"
+    extra = [f"dataset.path={fixture}", "dataset.category=Toy_Store"] if dataset == "amazon" else []
+    main([f"dataset={dataset}", f"protocol={protocol}", "dataset.protocol.num_eval_negatives=9",
+          *extra])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith(f"{dataset}, protocol={protocol}, sequential view")
+    rows = {line.split()[0]: [int(n.replace(",", "")) for n in line.split()[1:]]
+            for line in out.splitlines() if line.startswith("    rec") or line.startswith("    search")}  # fmt: skip
+    assert all(n > 0 for n in rows["rec"]) and all(n > 0 for n in rows["search"])
