@@ -250,6 +250,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
             task=cfg.task,
             eval_mode=cfg.eval.mode,
+            evaluated_tasks=list(datamodule.protocol.evaluated_tasks),
             lookup_tables=datamodule.lookup_tables(),
         )
         callbacks = [
@@ -290,8 +291,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             raise ConfigError(
                 f"ckpt_path={ckpt_path} does not fit this model: {str(err).splitlines()[0]}"
             ) from None
-        keys = CTR_KEYS if cfg.task == "ctr" else RANKING_KEYS
-        metrics = {f"test/{k}": float(results[0][f"test/{k}"]) for k in keys}
+        keys = [f"test/{k}" for k in (CTR_KEYS if cfg.task == "ctr" else RANKING_KEYS)]
+        if "search" in datamodule.protocol.evaluated_tasks:
+            keys += [f"test/search/{k}" for k in RANKING_KEYS]
+        logged = {k: v for result in results for k, v in result.items()}
+        metrics = {key: float(logged[key]) for key in keys}
 
         if trainer.is_global_zero:
             source = f"checkpoint {ckpt_path}" if ckpt_path else "last weights"

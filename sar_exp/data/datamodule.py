@@ -193,8 +193,15 @@ class SARDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         return self._loader("train", True, self.batch_size)
 
+    def _evaluation_loaders(self, split: str):
+        """One loader per evaluated task, in evaluated_tasks order (what the model's
+        dataloader_idx refers to); a single loader when only one task is evaluated."""
+        tasks = list(self.protocol.evaluated_tasks)
+        loaders = [self._loader(split, False, self.eval_batch_size, task) for task in tasks]
+        return loaders[0] if len(loaders) == 1 else loaders
+
     def val_dataloader(self):
-        return self._loader("val", False, self.eval_batch_size)
+        return self._evaluation_loaders("val")
 
     def test_dataloader(self):
-        return self._loader("test", False, self.eval_batch_size)
+        return self._evaluation_loaders("test")

@@ -533,6 +533,16 @@ def _last_day(frames, protocol) -> int:
     return int(filters.day_of(times, frames["origin_ms"], protocol.local_time_offset_hours).max())
 
 
+def _leave_one_session_out(user: np.ndarray, session: np.ndarray) -> np.ndarray:
+    """Leave-one-out over clicked sessions (rows sorted by user, time, session): all
+    clicks of a user's last session are test, of the one before validation; users with
+    fewer than 3 clicked sessions keep everything in training."""
+    first_of_session = np.r_[True, (session[1:] != session[:-1]) | (user[1:] != user[:-1])]
+    session_id = np.cumsum(first_of_session) - 1
+    session_user = user[first_of_session]
+    return _leave_one_out(session_user)[session_id]
+
+
 def _split(arrays: dict, frames: dict, protocol: Protocol) -> np.ndarray:
     """Split code per sample (0 train, 1 validation, 2 test): the user's last and second
     last (leave_one_out), or the dataset's last and second last local day (time)."""
@@ -551,9 +561,15 @@ def _sequential(view, frames, protocol, rng):
     rec["query"] = np.zeros_like(rec["user"])
     pos = frames["search_positives"].sort("user", "time", "session_pos", "position")
     search = _sample_arrays(pos, with_query=True)
+    if "search" in protocol.evaluated_tasks and protocol.split == "leave_one_out":
+        # evaluated search is held out by session: the last clicked session is test, the
+        # one before validation, so two clicks of one session never sit in two splits
+        search_split = _leave_one_session_out(search["user"], pos["session_pos"].to_numpy())
+    else:
+        search_split = _split(search, frames, protocol)
     tasks = {
         "rec": (rec, _split(rec, frames, protocol)),
-        "search": (search, _split(search, frames, protocol)),
+        "search": (search, search_split),
     }
     _drop_training_after_heldout(tasks, protocol.evaluated_tasks, _num_users(view))
     _store_split(view, "rec", tasks["rec"][1], rec, rng, view["rec_item_pool"],

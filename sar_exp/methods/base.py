@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sar_exp.backbones.embeddings import FeatureEmbedding, QueryEncoder, mlp
+from sar_exp.errors import ConfigError
 from sar_exp.methods.losses import binary_ce, sampled_softmax_ce
 from sar_exp.metrics.ctr import CTRMetrics
 from sar_exp.metrics.ranking import RankingMetrics, positive_rank
@@ -42,6 +43,7 @@ class RecommenderModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         eval_mode: str = "sampled",
+        evaluated_tasks: tuple[str, ...] | list[str] = ("rec",),
         lookup_tables: dict | None = None,
     ):
         super().__init__()
@@ -78,12 +80,33 @@ class RecommenderModule(pl.LightningModule):
         )
         self.val_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
         self.test_metrics = RankingMetrics(max_rank) if task == "ranking" else CTRMetrics()
+        # Evaluating search too (UniSAR): the clicked item under its query among its
+        # stored negatives, scored by the method's search model.
+        self.evaluated_tasks = list(evaluated_tasks)
+        if "search" in self.evaluated_tasks:
+            if type(self).search_scores is RecommenderModule.search_scores:
+                raise ConfigError(
+                    f"{type(self).__name__} has no search model to evaluate; "
+                    "dataset.protocol.evaluated_tasks=[rec] for it"
+                )
+            if task != "ranking" or eval_mode != "sampled":
+                raise ConfigError(
+                    "evaluating search needs task=ranking and eval.mode=sampled (its stored negatives)"
+                )
+            candidates = schema.get("num_candidates", 100)
+            self.search_val_metrics = RankingMetrics(candidates)
+            self.search_test_metrics = RankingMetrics(candidates)
 
     # ------------------------------------------------------------ to implement
     def score(self, batch: dict, candidates: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def search_scores(self, batch: dict, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, K] search scores of candidate items under each sample's query; methods
+        that model search implement it, so the search task can be evaluated."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ training
@@ -142,25 +165,47 @@ class RecommenderModule(pl.LightningModule):
             above += ((scores >= positive) & counted).sum(1)
         return above
 
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, self.val_metrics)
+    def _evaluate_task(self, batch, dataloader_idx: int, stage: str) -> None:
+        """Evaluation loaders come in evaluated_tasks order (rec first)."""
+        if self.evaluated_tasks[dataloader_idx] == "search":
+            metrics = getattr(self, f"search_{stage}_metrics")
+            metrics.update(positive_rank(self.search_scores(batch, batch["candidates"])))
+        else:
+            self._evaluate(batch, getattr(self, f"{stage}_metrics"))
 
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch, self.test_metrics)
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self._evaluate_task(batch, dataloader_idx, "val")
 
-    def _log_epoch(self, stage, metrics):
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        self._evaluate_task(batch, dataloader_idx, "test")
+
+    def _log_epoch(self, stage):
+        """`stage/metric` for rec, `stage/search/metric` for search, and with both
+        `stage/mean_metric`, their mean (UniSAR selects on the mean of the NDCG@5s)."""
+        values = {}
+        if "rec" in self.evaluated_tasks:
+            rec = self._computed(f"{stage}_metrics")
+            values.update({f"{stage}/{k}": float(v) for k, v in rec.items()})
+        if "search" in self.evaluated_tasks:
+            search = self._computed(f"search_{stage}_metrics")
+            values.update({f"{stage}/search/{k}": float(v) for k, v in search.items()})
+            if "rec" in self.evaluated_tasks:
+                values.update({f"{stage}/mean_{k}": (values[f"{stage}/{k}"] + float(v)) / 2
+                               for k, v in search.items()})  # fmt: skip
+        # values are already reduced across processes by the metrics themselves
+        self.log_dict(values, prog_bar=stage == "val")
+
+    def _computed(self, name: str) -> dict:
+        metrics = getattr(self, name)
         values = metrics.compute()
         metrics.reset()
-        # values are already reduced across processes by the metric itself
-        self.log_dict(
-            {f"{stage}/{k}": float(v) for k, v in values.items()}, prog_bar=stage == "val"
-        )
+        return values
 
     def on_validation_epoch_end(self):
-        self._log_epoch("val", self.val_metrics)
+        self._log_epoch("val")
 
     def on_test_epoch_end(self):
-        self._log_epoch("test", self.test_metrics)
+        self._log_epoch("test")
 
 
 class PlainBackbone(RecommenderModule):

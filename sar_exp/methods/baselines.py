@@ -35,7 +35,7 @@ class JointSearchRec(TwoDomainRecommender):
     def __init__(self, schema: dict, backbone: dict, search_weight: float = 1.0, **kwargs):
         super().__init__(schema, backbone, **kwargs)
 
-    def search_score(self, batch, candidates):
+    def search_scores(self, batch, candidates):
         user_and_query = self.search_user(batch) + self.queries(batch["query"])
         return (user_and_query.unsqueeze(1) * self.search_item_encoder(self.items(candidates))).sum(
             -1
@@ -44,5 +44,5 @@ class JointSearchRec(TwoDomainRecommender):
     def training_loss(self, batch):
         rec = sampled_softmax_ce(self.score(batch, batch["candidates"]))
         search = batch["search"]
-        src = sampled_softmax_ce(self.search_score(search, search["candidates"]))
+        src = sampled_softmax_ce(self.search_scores(search, search["candidates"]))
         return rec + self.hparams.search_weight * src, {"rec": rec.detach(), "src": src.detach()}

@@ -26,14 +26,19 @@ def tables(rec_events, search_events, n_items=40, n_users=4) -> CanonicalTables:
         },
         schema={"user": pl.Int32, "item": pl.Int32, "time": pl.Int64, "click": pl.Int8, "order": pl.UInt32},
     )  # fmt: skip
+    # a 5th field puts several clicks in one session; else each event is its own
+    session_of = [e[4] if len(e) > 4 else k + 1 for k, e in enumerate(search_events)]
+    first = {}
+    for k, (e, sid) in enumerate(zip(search_events, session_of)):
+        first.setdefault(sid, e)
     sessions = pl.DataFrame(
-        {"session": list(range(1, len(search_events) + 1)), "user": [e[0] for e in search_events],
-         "query": [e[3] for e in search_events], "time": [e[2] for e in search_events],
-         "source": [1] * len(search_events)},
+        {"session": list(first), "user": [e[0] for e in first.values()],
+         "query": [e[3] for e in first.values()], "time": [e[2] for e in first.values()],
+         "source": [1] * len(first)},
         schema={"session": pl.Int32, "user": pl.Int32, "query": pl.Int32, "time": pl.Int64, "source": pl.Int32},
     )  # fmt: skip
     search = pl.DataFrame(
-        {"session": list(range(1, len(search_events) + 1)), "item": [e[1] for e in search_events],
+        {"session": session_of, "item": [e[1] for e in search_events],
          "clicked": [1] * len(search_events), "position": [0] * len(search_events)},
         schema={"session": pl.Int32, "item": pl.Int32, "clicked": pl.Int8, "position": pl.Int32},
     )  # fmt: skip
@@ -165,3 +170,17 @@ def test_presets_and_the_statistics_command(dataset, protocol, capsys):
     rows = {line.split()[0]: [int(n.replace(",", "")) for n in line.split()[1:]]
             for line in out.splitlines() if line.startswith("    rec") or line.startswith("    search")}  # fmt: skip
     assert all(n > 0 for n in rows["rec"]) and all(n > 0 for n in rows["search"])
+
+
+def test_evaluated_search_is_held_out_by_session():
+    """Clicks of one session never sit in two splits; the last clicked session is test."""
+    rec = [(1, i, i * DAY) for i in range(1, 4)] + [(2, 10 + i, i * DAY) for i in range(1, 4)]
+    # user 1: session 1 (1 click), 2, 3 and 4 (2 clicks each), one hour apart
+    search = [(1, 20, 1 * HOUR, 1, 1), (1, 21, 2 * HOUR, 1, 2), (1, 22, 2 * HOUR, 1, 2),
+              (1, 23, 3 * HOUR, 2, 3), (1, 24, 3 * HOUR, 2, 3), (1, 25, 4 * HOUR, 3, 4),
+              (1, 26, 4 * HOUR, 3, 4)]  # fmt: skip
+    both = Protocol(evaluated_tasks=("rec", "search"), num_eval_negatives=3)
+    view = build_view(tables(rec, search), "sequential", both)
+    assert split_of(view, "search") == {
+        "train": [(1, 20), (1, 21), (1, 22)], "val": [(1, 23), (1, 24)], "test": [(1, 25), (1, 26)],
+    }  # fmt: skip
