@@ -29,7 +29,7 @@ def tables(rec_events, search_events, n_items=40, n_users=4) -> CanonicalTables:
     # a 5th field puts several clicks in one session; else each event is its own
     session_of = [e[4] if len(e) > 4 else k + 1 for k, e in enumerate(search_events)]
     first = {}
-    for k, (e, sid) in enumerate(zip(search_events, session_of)):
+    for e, sid in zip(search_events, session_of):
         first.setdefault(sid, e)
     sessions = pl.DataFrame(
         {"session": list(first), "user": [e[0] for e in first.values()],
