@@ -116,6 +116,15 @@ def check_config(cfg: DictConfig) -> None:
             f"Valid: {pairs} (task: {', '.join(method.tasks)})"
         )
     check_protocol(cfg)
+    monitor = str(cfg.get("optimized_metric", ""))
+    if ("search/" in monitor or "/mean_" in monitor) and not (
+        cfg.method.get("search_model")
+        and "search" in cfg.dataset.protocol.get("evaluated_tasks", [])
+    ):
+        raise ConfigError(
+            f"optimized_metric={monitor} needs search scored: a method with a search model "
+            f"(method={cfg.method.name} has none) and dataset.protocol.evaluated_tasks=[rec,search]"
+        )
     if cfg.task == "ctr" and cfg.dataset.get("source") == "amazon":
         raise ConfigError(
             "dataset=amazon holds purchases only, no shown-but-not-clicked items: task=ctr "

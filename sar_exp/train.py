@@ -250,7 +250,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
             task=cfg.task,
             eval_mode=cfg.eval.mode,
-            evaluated_tasks=list(datamodule.protocol.evaluated_tasks),
+            evaluated_tasks=list(datamodule.evaluation_tasks),
             lookup_tables=datamodule.lookup_tables(),
         )
         callbacks = [
@@ -291,8 +291,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             raise ConfigError(
                 f"ckpt_path={ckpt_path} does not fit this model: {str(err).splitlines()[0]}"
             ) from None
-        keys = [f"test/{k}" for k in (CTR_KEYS if cfg.task == "ctr" else RANKING_KEYS)]
-        if "search" in datamodule.protocol.evaluated_tasks:
+        keys = []
+        if "rec" in datamodule.evaluation_tasks:
+            keys += [f"test/{k}" for k in (CTR_KEYS if cfg.task == "ctr" else RANKING_KEYS)]
+        if "search" in datamodule.evaluation_tasks:
             keys += [f"test/search/{k}" for k in RANKING_KEYS]
         logged = {k: v for result in results for k, v in result.items()}
         metrics = {key: float(logged[key]) for key in keys}

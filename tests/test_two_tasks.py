@@ -19,7 +19,9 @@ BOTH = ("dataset.protocol.evaluated_tasks=[rec,search]", "optimized_metric=val/m
 
 
 def test_both_tasks_are_validated_and_tested(make_cfg, tmp_path):
-    cfg = make_cfg("method=jsr", "backbone=mlp", "trainer.max_epochs=2", *BOTH, output_dir=tmp_path)
+    cfg = make_cfg(
+        "method=jsr", "backbone=sasrec", "trainer.max_epochs=2", *BOTH, output_dir=tmp_path
+    )
     metrics, best = run(cfg)
     assert {k.removeprefix("test/search/") for k in metrics if k.startswith("test/search/")} == {
         "hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr",
@@ -51,9 +53,20 @@ def test_both_tasks_are_validated_and_tested(make_cfg, tmp_path):
     assert int(counts.sum()) == datamodule.load().split("search", "test")["user"].size
 
 
-def test_a_method_without_a_search_model_is_refused(make_cfg):
-    with pytest.raises(ConfigError, match="PlainBackbone has no search model to evaluate"):
-        train(make_cfg("backbone=mlp", *BOTH))
+def test_a_method_without_a_search_model_is_scored_on_rec_with_search_held_out(make_cfg, tmp_path):
+    """Baselines of a two-task table train on the same data (search held out) and report
+    rec only; selecting on a search metric is refused before any data is read."""
+    metrics = train(make_cfg("backbone=mlp", BOTH[0], output_dir=tmp_path))
+    assert sorted(metrics) == sorted(
+        f"test/{k}" for k in ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"optimized_metric=val/mean_ndcg@5 needs search scored: .*method=base has none",
+    ):
+        train(
+            make_cfg("backbone=mlp", *BOTH, "dataset.source=kuaisar", "dataset.path=/nonexistent")
+        )
 
 
 def test_the_two_task_run_keeps_rec_out_of_search_evaluation_and_vice_versa(make_cfg):

@@ -14,8 +14,12 @@ Queries (`queries=generated`), following DATASETS.md: per category path of an it
 level names joined, letters only, lowercased, stop words dropped, repeated words kept
 at their deepest occurrence; an item's queries are its paths' queries, and each item's
 purchases are searched with one of them, drawn once per item from `query_seed`
-(SESRec/UniSAR). Ai et al.'s released queries are also singularised ("accessories" ->
-"accessory"); the recipe above does not, so use `ai_released` to match their text.
+(SESRec/UniSAR). Like Ai et al.'s released texts, a possessive is dropped ("Children's
+Books" -> "children books") and a hyphen joins ("Hip-Hop" -> "hiphop"). Their texts
+also differ in ways this recipe does not copy: words are lemmatised, not always
+consistently ("accessories" -> "accessory", "listening" -> "listen", but "parts"
+stays), their stop list differs (it drops "new", keeps "can"), and no query is a
+single word. Use `queries=ai_released` to match their text exactly.
 
 Ties: review times have day resolution, so a user's purchases of one day share a
 timestamp. They are ordered by (user, time, asin) in both tasks; a purchase's rec click
@@ -66,9 +70,13 @@ def _find(folder: Path, stem: str) -> Path:
 
 def _lines(path: Path):
     opener = gzip.open if path.suffix == ".gz" else open
+    number = 0
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
-            yield from enumerate(handle, start=1)
+            for number, line in enumerate(handle, start=1):
+                yield number, line
+    except UnicodeDecodeError:
+        raise DataError(f"{path}, line {number + 1}: not UTF-8 text") from None
     except (OSError, EOFError) as err:
         raise DataError(f"{path}: cannot be read ({err})") from None
 
@@ -140,9 +148,11 @@ def path_query(levels: list[str]) -> str:
     """One category path -> its query: letters only, lowercase, no stop words, each word
     once, at its deepest occurrence ("Camera, Photo > Digital Camera Lenses" ->
     "photo digital camera lenses")."""
-    words = [
-        w for w in re.sub(r"[^a-z]+", " ", " ".join(levels).lower()).split() if w not in STOP_WORDS
-    ]
+    text = " ".join(levels).lower()
+    # as in Ai et al.'s released queries: a possessive goes ("children's" -> "children"),
+    # a hyphenated word stays one word ("hip-hop" -> "hiphop")
+    text = re.sub(r"'s\b", "", text).replace("-", "").replace("'", "")
+    words = [w for w in re.sub(r"[^a-z]+", " ", text).split() if w not in STOP_WORDS]
     last = {w: i for i, w in enumerate(words)}
     return " ".join(w for i, w in enumerate(words) if last[w] == i)
 
@@ -156,23 +166,24 @@ def generated_queries(categories: dict[str, list[list[str]]], seed: int) -> dict
         options = list(dict.fromkeys(q for q in map(path_query, categories[asin]) if q))
         if not options:
             raise DataError(
-                f"item {asin}: its categories {categories[asin]} give no query words "
-                "(all stop words or no letters)"
+                f"metadata of item {asin}: its categories {categories[asin]} give no query "
+                "words (all stop words or no letters)"
             )
         chosen[asin] = options[int(rng.integers(len(options)))]
     return chosen
 
 
 def read_released_queries(
-    folder: Path, category: str
+    folder: Path, category: str, seed: int = 0
 ) -> tuple[list[str], dict[tuple[str, str], int]]:
-    """Ai et al.'s files: the query texts (index = id) and (reviewerID, asin) -> query id
-    (the first line of the train then test qrels that names the pair)."""
+    """Ai et al.'s files: the query texts (index = id) and (reviewerID, asin) -> query
+    id. A pair the qrels list under several queries (one per category path) gets one of
+    them, drawn from `seed` as generated queries are."""
     text_path = folder / f"{category}__query_text.txt.gz"
     if not text_path.exists():
         raise DataError(f"{text_path}: file not found (dataset.queries=ai_released reads it)")
     queries = [line.strip() for _, line in _lines(text_path)]
-    assigned: dict[tuple[str, str], int] = {}
+    listed: dict[tuple[str, str], list[int]] = {}
     qrels = [folder / f"{category}__{part}.qrels.gz" for part in ("train", "test")]
     if not any(p.exists() for p in qrels):
         raise DataError(f"{qrels[0]}: file not found (nor {qrels[1].name})")
@@ -192,7 +203,12 @@ def read_released_queries(
                     f"{path}, line {number}: query id {query} is not a line of {text_path.name} "
                     f"({len(queries)} lines)"
                 )
-            assigned.setdefault((user, fields[2]), int(query))
+            options = listed.setdefault((user, fields[2]), [])
+            if int(query) not in options:
+                options.append(int(query))
+    rng = np.random.default_rng(seed)
+    assigned = {pair: options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
+                for pair, options in sorted(listed.items())}  # fmt: skip
     return queries, assigned
 
 
@@ -215,7 +231,7 @@ def read_amazon(folder: str | Path, category: str, queries: str = "generated",
         per_item = generated_queries(categories, query_seed)
         text = reviews["item_id"].replace_strict(per_item, return_dtype=pl.String)
     else:
-        released, assigned = read_released_queries(folder, category)
+        released, assigned = read_released_queries(folder, category, query_seed)
         pairs = zip(reviews["user_id"].to_list(), reviews["item_id"].to_list())
         text = pl.Series([released[assigned[p]] if p in assigned else None for p in pairs])
     vocabulary = sorted({w for q in text.drop_nulls().to_list() for w in q.split()})

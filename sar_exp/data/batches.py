@@ -208,9 +208,15 @@ class BatchAssembler:
         return draws
 
     def _interleaved(self, s, c, index):
+        """The last rec_cap rec clicks and search_cap sessions merged by time, of which
+        the newest interleaved_cap stay (UniSAR's code: 30 + 30 -> 60 slots)."""
         cap = self.interleaved_cap
-        rec_idx, rec_valid = history_window(s["rec_start"][index], s["rec_end"][index], cap)
-        ses_idx, ses_valid = history_window(s["search_start"][index], s["search_end"][index], cap)
+        rec_idx, rec_valid = history_window(
+            s["rec_start"][index], s["rec_end"][index], self.rec_cap
+        )
+        ses_idx, ses_valid = history_window(
+            s["search_start"][index], s["search_end"][index], self.search_cap
+        )
         source, position, valid = merge_by_time(
             c["rec_click_time"][rec_idx], rec_valid, c["session_time"][ses_idx], ses_valid, cap
         )

@@ -48,6 +48,7 @@ class SARDataModule(pl.LightningDataModule):
         full_ranking: bool = False,
         seed: int = 0,
         reader_options: dict | None = None,
+        search_model: bool = False,
     ):
         super().__init__()
         if batch_size is None or int(batch_size) <= 0:
@@ -73,6 +74,16 @@ class SARDataModule(pl.LightningDataModule):
             )
         self.synthetic = dict(synthetic or {})
         self.reader_options = dict(reader_options or {})
+        # held out (protocol) is not scored (model): a method without a search model is
+        # evaluated on rec alone, on the same data as one that also scores search
+        self.evaluation_tasks = [
+            t for t in self.protocol.evaluated_tasks if t != "search" or search_model
+        ]
+        if not self.evaluation_tasks:
+            raise ConfigError(
+                "nothing to evaluate: dataset.protocol.evaluated_tasks=[search] needs a method "
+                "with a search model"
+            )
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_train_negatives, self.num_workers = int(num_train_negatives), int(num_workers)
         self.main_task = main_task
@@ -196,8 +207,9 @@ class SARDataModule(pl.LightningDataModule):
     def _evaluation_loaders(self, split: str):
         """One loader per evaluated task, in evaluated_tasks order (what the model's
         dataloader_idx refers to); a single loader when only one task is evaluated."""
-        tasks = list(self.protocol.evaluated_tasks)
-        loaders = [self._loader(split, False, self.eval_batch_size, task) for task in tasks]
+        loaders = [
+            self._loader(split, False, self.eval_batch_size, task) for task in self.evaluation_tasks
+        ]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def val_dataloader(self):

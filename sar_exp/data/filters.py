@@ -46,27 +46,50 @@ def keep_users_with_both_behaviours(rec, sessions, search):
     )
 
 
+def last_click_day(rec, search, origin_ms: int, offset_hours: float) -> int:
+    """The dataset's last local day with a click (rec or search): its "last day" for
+    both dropping days and the time split."""
+    times = pl.concat(
+        [
+            rec.filter(pl.col("click") == 1).select("time"),
+            search.filter(pl.col("clicked") == 1).select("time"),
+        ]
+    )
+    return int(times.select(day_of(pl.col("time"), origin_ms, offset_hours).max()).item())
+
+
 def drop_last_days(rec, sessions, search, days: int, origin_ms: int, offset_hours: float):
     """Everything on the dataset's last `days` local days goes (UniSAR drops KuaiSAR's
     last two, whose search is sparse)."""
-    last = max(
-        int(rec.select(day_of(pl.col("time"), origin_ms, offset_hours).max()).item()),
-        int(sessions.select(day_of(pl.col("time"), origin_ms, offset_hours).max()).item()),
-    )
+    last = last_click_day(rec, search, origin_ms, offset_hours)
     before = day_of(pl.col("time"), origin_ms, offset_hours) <= last - days
     return rec.filter(before), sessions.filter(before), search.filter(before)
 
 
+def both_and_k_core(rec, sessions, search, both: bool, k: int):
+    """Users with both behaviours and the k-core, re-applied until neither removes
+    anything: a k-core can leave a user without one behaviour, and the reverse."""
+    while True:
+        size = (rec.height, search.height)
+        if both:
+            rec, sessions, search = keep_users_with_both_behaviours(rec, sessions, search)
+        if k:
+            rec, sessions, search = k_core(rec, sessions, search, k)
+        if (rec.height, search.height) == size:
+            return rec, sessions, search
+
+
 def k_core(rec, sessions, search, k: int):
-    """Repeatedly drop users and items with fewer than k clicks (rec and search clicks
-    together) and their events, until every one left has k (UniSAR, SESRec: 5)."""
+    """Repeatedly drop users and items with fewer than k clicks and their events, until
+    every one left has k (UniSAR, SESRec: 5). A click is a distinct (user, item, time):
+    an Amazon purchase, which is a rec click and a search click at one time, counts once."""
     while True:
         clicks = pl.concat(
             [
-                rec.filter(pl.col("click") == 1).select("user", "item"),
-                search.filter(pl.col("clicked") == 1).select("user", "item"),
+                rec.filter(pl.col("click") == 1).select("user", "item", "time"),
+                search.filter(pl.col("clicked") == 1).select("user", "item", "time"),
             ]
-        )
+        ).unique()
         users = clicks.group_by("user").len().filter(pl.col("len") < k)["user"].implode()
         items = clicks.group_by("item").len().filter(pl.col("len") < k)["item"].implode()
         if users.list.len().item() == 0 and items.list.len().item() == 0:

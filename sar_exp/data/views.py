@@ -72,6 +72,9 @@ class Protocol:
     # negatives of training and of the stored evaluation candidates: uniform over the
     # task's items, or in proportion to their training clicks (the UniSAR family)
     negatives: str = "uniform"
+    # what a stored search negative avoids: items clicked under that query by anyone
+    # (ClardRec B.1) or items the user ever clicked, in rec or search (UniSAR, SESRec)
+    search_negatives_avoid: str = "query"
     # true: ClardRec B.1 read literally, two independent 8:1:1 splits, so a held-out rec
     # pair (u, i) can be a search training click; false drops such search clicks.
     cf_independent_splits: bool = False
@@ -96,7 +99,8 @@ class Protocol:
             raise ConfigError(
                 f"dataset.protocol.cf_split must be three positive shares summing to 1, got {list(self.cf_split)}"
             )
-        for key, allowed in (("split", SPLIT_RULES), ("negatives", NEGATIVE_SAMPLERS)):
+        for key, allowed in (("split", SPLIT_RULES), ("negatives", NEGATIVE_SAMPLERS),
+                             ("search_negatives_avoid", ("query", "user"))):  # fmt: skip
             if getattr(self, key) not in allowed:
                 raise ConfigError(
                     f"dataset.protocol.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}"
@@ -281,6 +285,15 @@ def _keep_recent_interactions(rec, sessions, search, limit: int):
     return window(rec, "click", "rec_row", kept_rec), sessions, search
 
 
+def _pool(tables: CanonicalTables, domain: str, events: pl.DataFrame | None) -> np.ndarray:
+    """The items a domain's negatives come from: every item of the domain, or only those
+    still in its (filtered) events."""
+    items = tables.items.filter(domain)["item"]
+    if events is not None:
+        items = items.filter(items.is_in(events["item"].unique().implode()))
+    return items.to_numpy().astype(np.int32)
+
+
 def _attribute_array(frame: pl.DataFrame, attributes: list[str]) -> np.ndarray:
     """[rows, attributes] codes; a dataset without attributes (Amazon) has 0 columns."""
     if not attributes:
@@ -316,16 +329,21 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
             sessions.filter(pl.col("user").is_in(keep)),
         )
         search = search.filter(pl.col("user").is_in(keep))
-    # UniSAR 5.1 in its order: users with both behaviours, the last days dropped, k-core
-    if protocol.require_both_behaviours:
-        rec, sessions, search = filters.keep_users_with_both_behaviours(rec, sessions, search)
+    # UniSAR 5.1 in its order: users with both behaviours, the last days dropped,
+    # k-core (both again after it, until neither removes anything)
     if protocol.drop_last_days:
         rec, sessions, search = filters.drop_last_days(
             rec, sessions, search, protocol.drop_last_days,
             tables.meta["time_origin_ms"], protocol.local_time_offset_hours,
         )  # fmt: skip
-    if protocol.k_core:
-        rec, sessions, search = filters.k_core(rec, sessions, search, protocol.k_core)
+    rec, sessions, search = filters.both_and_k_core(
+        rec, sessions, search, protocol.require_both_behaviours, protocol.k_core
+    )
+    # items these filters remove leave the negative pools too (ClardRec's user-level
+    # filters keep the whole catalogue, as before)
+    item_filters = bool(
+        protocol.require_both_behaviours or protocol.drop_last_days or protocol.k_core
+    )
     if search.height == 0 or rec.height == 0:
         raise DataError("no rec or no search events are left after dataset.protocol filters")
 
@@ -374,10 +392,8 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
             "user_attributes": np.vstack([np.zeros((1, u_attr.shape[1]), np.int32), u_attr]),
             "item_attributes": np.vstack([np.zeros((1, i_attr.shape[1]), np.int32), i_attr]),
             "query_words": query_words,
-            "rec_item_pool": tables.items.filter("in_rec")["item"].to_numpy().astype(np.int32),
-            "search_item_pool": tables.items.filter("in_search")["item"]
-            .to_numpy()
-            .astype(np.int32),
+            "rec_item_pool": _pool(tables, "in_rec", rec if item_filters else None),
+            "search_item_pool": _pool(tables, "in_search", search if item_filters else None),
             "rec_click_user": rec_clicks["user"].to_numpy().astype(np.int32),
             "rec_click_item": rec_clicks["item"].to_numpy().astype(np.int32),
             "rec_click_time": rec_clicks["time"].to_numpy().astype(np.int64),
@@ -480,6 +496,21 @@ def _rec_exclusions(frames) -> np.ndarray:
     return _keys(rc["user"].to_numpy(), rc["item"].to_numpy())
 
 
+def _user_exclusions(frames) -> np.ndarray:
+    """Every item each user clicked, in rec or in search."""
+    rc, pos = frames["rec_clicks"], frames["search_positives"]
+    users = np.concatenate([rc["user"].to_numpy(), pos["user"].to_numpy()])
+    items = np.concatenate([rc["item"].to_numpy(), pos["item"].to_numpy()])
+    return _keys(users, items)
+
+
+def _search_negative_rule(frames, protocol) -> tuple[np.ndarray, str]:
+    """(exclusion keys, their owner column) for the stored search negatives."""
+    if protocol.search_negatives_avoid == "user":
+        return _user_exclusions(frames), "user"
+    return _search_exclusions(frames), "query"
+
+
 def _search_exclusions(frames) -> np.ndarray:
     """Items clicked under each query (by anyone) are never that query's negatives."""
     pos = frames["search_positives"]
@@ -527,10 +558,9 @@ def _drop_training_after_heldout(tasks: dict, evaluated: tuple[str, ...], n_user
 
 def _last_day(frames, protocol) -> int:
     """The dataset's last local day with a click (after the protocol's filters)."""
-    times = np.concatenate(
-        [frames["rec_clicks"]["time"].to_numpy(), frames["search_positives"]["time"].to_numpy()]
+    return filters.last_click_day(
+        frames["rec"], frames["search"], frames["origin_ms"], protocol.local_time_offset_hours
     )
-    return int(filters.day_of(times, frames["origin_ms"], protocol.local_time_offset_hours).max())
 
 
 def _leave_one_session_out(user: np.ndarray, session: np.ndarray) -> np.ndarray:
@@ -574,8 +604,9 @@ def _sequential(view, frames, protocol, rng):
     _drop_training_after_heldout(tasks, protocol.evaluated_tasks, _num_users(view))
     _store_split(view, "rec", tasks["rec"][1], rec, rng, view["rec_item_pool"],
                  _rec_exclusions(frames), protocol, "rec")  # fmt: skip
+    exclude, owner = _search_negative_rule(frames, protocol)
     _store_split(view, "search", tasks["search"][1], search, rng, view["search_item_pool"],
-                 _search_exclusions(frames), protocol, "search", owner_key="query")  # fmt: skip
+                 exclude, protocol, "search", owner_key=owner)  # fmt: skip
 
 
 def _random_split(rng, n, shares) -> np.ndarray:
@@ -625,9 +656,9 @@ def _cf(view, frames, protocol, rng):
     # split cannot put a held-out click into something a model reads.
     _store_split(view, "rec", rec_split, rec, rng, view["rec_item_pool"], _rec_exclusions(frames),
                  protocol, "rec", histories=False)  # fmt: skip
+    exclude, owner = _search_negative_rule(frames, protocol)
     _store_split(view, "search", tasks["search"][1], search, rng, view["search_item_pool"],
-                 _search_exclusions(frames), protocol, "search", owner_key="query",
-                 histories=False)  # fmt: skip
+                 exclude, protocol, "search", owner_key=owner, histories=False)  # fmt: skip
 
 
 def _csr(owner: np.ndarray, values: np.ndarray, n_owners: int) -> tuple[np.ndarray, np.ndarray]:
@@ -715,7 +746,9 @@ def load_view(tables: CanonicalTables, name: str, protocol: Protocol, cache_dir:
     what built the tables, even one that keeps every row count, builds a new view."""
     if not tables.key:
         raise ValueError("load_view needs tables from load_canonical (they carry a cache key)")
-    key = cache_key(code_fingerprint(sys.modules[__name__]), tables.key, name, asdict(protocol))
+    key = cache_key(
+        code_fingerprint(sys.modules[__name__], filters), tables.key, name, asdict(protocol)
+    )
 
     def build(tmp: Path) -> None:
         with stage(f"building the {name} view (splits, histories, negatives)"):

@@ -36,7 +36,7 @@ def test_queries_follow_the_recipe(levels, query):
 
 def test_every_purchase_is_a_rec_click_and_a_search_click_under_its_items_query():
     raw = read_amazon(FIXTURE, "Toy_Store")
-    assert raw.rec.height == raw.search.height == 332  # the fixture's reviews
+    assert raw.rec.height == raw.search.height == 660  # the fixture's reviews
     assert (raw.rec["click"] == 1).all() and (raw.search["clicked"] == 1).all()
     # one query per item, however often it is bought
     per_item = raw.search.group_by("item_id").agg(pl.col("keyword").n_unique())
@@ -96,7 +96,7 @@ def test_released_queries_assign_each_purchase_its_qrels_query(tmp_path):
         f.write(f"{first['user_id']}_1 0 {first['item_id']} 1 \n")
     shutil.copy(FIXTURE / "reviews_Toy_Store_5.json", tmp_path)
     loaded = read_amazon(tmp_path, "Toy_Store", queries="ai_released")
-    assert loaded.rec.height == 332 and loaded.search.height == 1  # only that purchase has one
+    assert loaded.rec.height == 660 and loaded.search.height == 1  # only that purchase has one
     assert loaded.search["user_id"][0] == first["user_id"]
     assert len(loaded.search["keyword"][0]) == 2  # "wooden puzzle"
 
@@ -164,3 +164,25 @@ def test_amazon_runs_end_to_end_and_refuses_ctr(make_cfg, tmp_path):
     assert 0.0 <= metrics["test/ndcg@5"] <= 1.0
     with pytest.raises(ConfigError, match="dataset=amazon holds purchases only"):
         train(make_cfg(*common, "task=ctr", "backbone=din", tiny=False))
+
+
+def test_under_unisar_negatives_avoid_the_users_items_and_k_core_counts_purchases(tmp_path):
+    """A purchase is a rec click and a search click but one interaction for the 5-core;
+    UniSAR's stored negatives (search ones too) are items the user never bought."""
+    tables = load_canonical(FIXTURE, tmp_path, [], [], source="amazon",
+                            reader_options={"category": "Toy_Store"})  # fmt: skip
+    protocol = Protocol(k_core=5, search_negatives_avoid="user", num_eval_negatives=9)
+    view = build_view(tables, "sequential", protocol)
+    purchases = pl.DataFrame({"user": view["rec_click_user"], "item": view["rec_click_item"]})
+    assert purchases.group_by("user").len()["len"].min() >= 5
+    assert purchases.group_by("item").len()["len"].min() >= 5
+    bought = set(zip(view["rec_click_user"].tolist(), view["rec_click_item"].tolist()))
+    for task in ("rec", "search"):
+        test = view.split(task, "test")
+        rows = zip(test["user"].tolist(), test["negatives"].tolist())
+        assert not any((u, i) in bought for u, row in rows for i in row), task
+    # the query rule (ClardRec's) lets a user's own purchases through on this data
+    by_query = build_view(tables, "sequential", Protocol(k_core=5, num_eval_negatives=9))
+    test = by_query.split("search", "test")
+    rows = zip(test["user"].tolist(), test["negatives"].tolist())
+    assert any((u, i) in bought for u, row in rows for i in row)

@@ -83,6 +83,7 @@ def test_time_split_uses_the_datasets_local_days():
 def test_last_days_are_dropped_before_the_split():
     rec = [(1, i, i * DAY) for i in range(1, 7)] + [(2, 10 + i, i * DAY) for i in range(1, 5)]
     search = [(1, 20, 2 * DAY + 5, 1), (2, 21, 3 * DAY + 5, 1)]
+    search += [(3, 22 + k, DAY, 2) for k in range(6)]  # enough searched items for negatives
     view = build_view(tables(rec, search), "sequential",
                       Protocol(split="time", drop_last_days=2, num_eval_negatives=3))  # fmt: skip
     # days 5 and 6 go; day 4 is then the last (test), day 3 validation
@@ -95,20 +96,29 @@ def test_k_core_removes_until_every_user_and_item_has_k_clicks():
     # user 3 has 2 clicks -> goes; then item 2 falls to 2 clicks -> goes; then user 2 has 2
     rec = ([(1, 1, k) for k in range(3)] + [(2, 1, 10 + k) for k in range(2)] + [(2, 2, 20)]
            + [(3, 2, 30), (3, 1, 31)] + [(1, 2, 40)] + [(1, 3, 50 + k) for k in range(3)])  # fmt: skip
+    kept = {1, 3, *range(5, 17)}
+    rec += [(4 + item // 11, item, 100 + 3 * item + k) for item in range(5, 17) for k in range(3)]
     search = [(1, 3, 5, 1), (1, 1, 6, 1)]  # before the rec validation event
-    view = build_view(tables(rec, search), "sequential",
+    search += [
+        (4 + item // 11, item, 99, 2 + item // 11) for item in range(5, 17)
+    ]  # users 4, 5 stay
+    view = build_view(tables(rec, search, n_users=5), "sequential",
                       Protocol(k_core=3, num_eval_negatives=3))  # fmt: skip
-    assert set(view["rec_click_user"].tolist()) == {1}
-    assert set(view["rec_click_item"].tolist()) == {1, 3}
-    assert set(view["search_click_item"].tolist()) == {1, 3}
+    assert set(view["rec_click_user"].tolist()) == {1, 4, 5}
+    assert set(view["rec_click_item"].tolist()) == kept
+    assert set(view["search_click_item"].tolist()) == kept
+    # the removed items are no one's negatives any more (uniform negatives included)
+    assert set(view["rec_item_pool"].tolist()) == kept
+    assert set(view["rec.test.negatives"].ravel().tolist()) <= kept
 
 
 def test_only_users_with_both_behaviours():
     rec = [(1, 1, 1), (1, 2, 2), (1, 3, 3), (2, 4, 1), (2, 5, 2), (2, 6, 3)]
-    search = [(1, 7, 0, 1)]
+    rec += [(3, 10 + k, 5 + k) for k in range(8)]
+    search = [(1, 7, 0, 1), (3, 8, 0, 1)]
     view = build_view(tables(rec, search), "sequential",
                       Protocol(require_both_behaviours=True, num_eval_negatives=3))  # fmt: skip
-    assert set(view["rec_click_user"].tolist()) == {1}
+    assert set(view["rec_click_user"].tolist()) == {1, 3}
 
 
 def test_popularity_negatives_follow_training_clicks_and_avoid_the_users_clicks():
@@ -184,3 +194,55 @@ def test_evaluated_search_is_held_out_by_session():
     assert split_of(view, "search") == {
         "train": [(1, 20), (1, 21), (1, 22)], "val": [(1, 23), (1, 24)], "test": [(1, 25), (1, 26)],
     }  # fmt: skip
+
+
+def test_stored_popularity_negatives_follow_training_clicks():
+    # user 30 clicks item i (1..40) i times: their training popularity; users 1..29 click
+    # three items of their own, so items 1..40 are candidates for all of them
+    heavy = [(30, int(i), t) for t, i in enumerate(np.repeat(np.arange(1, 41), np.arange(1, 41)))]
+    own = [(u, 41 + 3 * u + k, 1000 + k) for u in range(1, 30) for k in range(3)]
+    search = [(u, 200, 0, 1) for u in range(1, 31)]
+    view = build_view(tables(heavy + own, search, n_items=200, n_users=30), "sequential",
+                      Protocol(negatives="popularity", num_eval_negatives=5))  # fmt: skip
+    light = view["rec.test.user"] < 30
+    counts = np.bincount(view["rec.test.negatives"][light].ravel(), minlength=201)[1:41]
+    assert np.corrcoef(counts, np.arange(1, 41))[0, 1] > 0.8
+    assert counts[-10:].sum() > 3 * counts[:10].sum()
+
+
+def test_the_interleaved_history_merges_the_capped_rec_and_search_windows():
+    """UniSAR's code: the last rec_cap rec clicks and search_cap sessions, merged by time,
+    of which the newest max_interleaved_history stay."""
+    import torch
+
+    from sar_exp.data.batches import BatchAssembler
+
+    rec = [(1, i, 10 * i) for i in range(1, 8)]  # times 10..70
+    search = [(1, 20 + k, 10 * k + 5, 1) for k in range(1, 7)]  # times 15..65
+    view = build_view(tables(rec, search), "sequential",
+                      Protocol(max_rec_history=2, max_search_history=3, max_interleaved_history=4,
+                               num_eval_negatives=3))  # fmt: skip
+    assembler = BatchAssembler(view, "rec", "test", interleaved=True)
+    batch = assembler(torch.tensor([0]), 0, 0)  # the test click at time 70
+    times = batch["interleaved_time"][0][batch["interleaved_mask"][0]].tolist()
+    # rec window: 50, 60; search window: 45, 55, 65; merged, newest 4: 50, 55, 60, 65
+    assert times == [50, 55, 60, 65]
+    assert batch["interleaved_type"][0][batch["interleaved_mask"][0]].tolist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    "preset, values",
+    [
+        ("unisar_kuaisar", dict(split="time", drop_last_days=2, k_core=5, require_both_behaviours=True,
+                                max_rec_history=30, max_search_history=30, max_interleaved_history=60,
+                                negatives="popularity", search_negatives_avoid="user")),
+        ("unisar_amazon", dict(split="leave_one_out", k_core=5, require_both_histories=True,
+                               max_rec_history=30, max_search_history=30, max_interleaved_history=60,
+                               search_negatives_avoid="user")),
+        ("sesrec_amazon", dict(split="leave_one_out", k_core=5, require_both_histories=True,
+                               max_rec_history=15, max_search_history=15, negatives="popularity")),
+    ],
+)  # fmt: skip
+def test_presets_carry_the_papers_values(make_cfg, preset, values):
+    protocol = make_cfg(f"protocol={preset}").dataset.protocol
+    assert {k: protocol[k] for k in values} == values
