@@ -117,13 +117,18 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_protocol(cfg)
     monitor = str(cfg.get("optimized_metric", ""))
-    if ("search/" in monitor or "/mean_" in monitor) and not (
-        cfg.method.get("search_model")
-        and "search" in cfg.dataset.protocol.get("evaluated_tasks", [])
+    scored = set(cfg.method.get("scores") or ["rec"]) & set(
+        cfg.dataset.protocol.get("evaluated_tasks") or ["rec"]
+    )
+    if (
+        ("search/" in monitor or "/mean_" in monitor)
+        and scored != {"rec", "search"}
+        or (monitor.startswith("val/") and "search/" not in monitor and "rec" not in scored)
     ):
         raise ConfigError(
-            f"optimized_metric={monitor} needs search scored: a method with a search model "
-            f"(method={cfg.method.name} has none) and dataset.protocol.evaluated_tasks=[rec,search]"
+            f"optimized_metric={monitor} needs that task scored: method={cfg.method.name} "
+            f"scores {list(cfg.method.get('scores') or ['rec'])} and "
+            f"dataset.protocol.evaluated_tasks is {list(cfg.dataset.protocol.get('evaluated_tasks') or ['rec'])}"
         )
     if cfg.task == "ctr" and cfg.dataset.get("source") == "amazon":
         raise ConfigError(

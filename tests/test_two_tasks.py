@@ -62,7 +62,7 @@ def test_a_method_without_a_search_model_is_scored_on_rec_with_search_held_out(m
     )
     with pytest.raises(
         ConfigError,
-        match=r"optimized_metric=val/mean_ndcg@5 needs search scored: .*method=base has none",
+        match=r"optimized_metric=val/mean_ndcg@5 needs that task scored: method=base scores \[.rec.\]",
     ):
         train(
             make_cfg("backbone=mlp", *BOTH, "dataset.source=kuaisar", "dataset.path=/nonexistent")

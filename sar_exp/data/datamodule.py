@@ -48,7 +48,7 @@ class SARDataModule(pl.LightningDataModule):
         full_ranking: bool = False,
         seed: int = 0,
         reader_options: dict | None = None,
-        search_model: bool = False,
+        scores: list[str] | tuple[str, ...] = ("rec",),
     ):
         super().__init__()
         if batch_size is None or int(batch_size) <= 0:
@@ -74,15 +74,13 @@ class SARDataModule(pl.LightningDataModule):
             )
         self.synthetic = dict(synthetic or {})
         self.reader_options = dict(reader_options or {})
-        # held out (protocol) is not scored (model): a method without a search model is
+        # held out (protocol) is not scored (method): a method without a search model is
         # evaluated on rec alone, on the same data as one that also scores search
-        self.evaluation_tasks = [
-            t for t in self.protocol.evaluated_tasks if t != "search" or search_model
-        ]
+        self.evaluation_tasks = [t for t in self.protocol.evaluated_tasks if t in scores]
         if not self.evaluation_tasks:
             raise ConfigError(
-                "nothing to evaluate: dataset.protocol.evaluated_tasks=[search] needs a method "
-                "with a search model"
+                f"nothing to evaluate: the method scores {list(scores)}, and "
+                f"dataset.protocol.evaluated_tasks is {list(self.protocol.evaluated_tasks)}"
             )
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_train_negatives, self.num_workers = int(num_train_negatives), int(num_workers)
