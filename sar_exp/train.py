@@ -88,6 +88,15 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(node) for node in group.values() if node and "_target_" in node]
 
 
+def _without_progress_bar_if_off(cfg: DictConfig) -> DictConfig | None:
+    """`trainer.enable_progress_bar=false` alone switches the bar off: Lightning refuses
+    a progress-bar callback with it, so the configured bar is left out."""
+    group = cfg.get("callbacks")
+    if not group or cfg.trainer.get("enable_progress_bar", True):
+        return group
+    return {key: node for key, node in group.items() if key != "progress_bar"}
+
+
 def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
     """Seed, build data/model/trainer, fit, test the best checkpoint; return test metrics."""
     return run(cfg, overrides)[0]
@@ -254,7 +263,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             lookup_tables=datamodule.lookup_tables(),
         )
         callbacks = [
-            *_instantiate_all(cfg.get("callbacks")),
+            *_instantiate_all(_without_progress_bar_if_off(cfg)),
             RunState(identity(cfg)),
             Threads(int(cfg.threads)),
         ]

@@ -324,3 +324,12 @@ def test_the_thread_count_comes_from_the_config(make_cfg, tmp_path):
     assert torch.get_num_threads() == 2
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["threads"] == 2
     torch.set_num_threads(1)
+
+
+def test_switching_the_progress_bar_off_needs_no_callback_removal(make_cfg):
+    """`trainer.enable_progress_bar=false` with the configured bar still in the callbacks
+    (as a user types it) trains instead of failing in Lightning."""
+    metrics = train(
+        make_cfg("+callbacks.progress_bar._target_=lightning.pytorch.callbacks.TQDMProgressBar")
+    )
+    assert 0.0 <= metrics["test/ndcg@10"] <= 1.0
