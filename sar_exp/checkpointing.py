@@ -65,6 +65,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def set_intra_op_threads(threads: int) -> None:
+    """torch's intra-op threads, and OMP_NUM_THREADS for the processes this one starts:
+    spawned DDP ranks inherit it, and Lightning then leaves their thread count alone (it
+    sets cpu_count / processes when OMP_NUM_THREADS is unset)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 class Threads(pl.Callback):
     """Sets the run's thread count in every process that trains (spawned DDP ranks
     start with torch's default, or with what Lightning chose for them)."""
@@ -73,5 +81,4 @@ class Threads(pl.Callback):
         self.threads = threads
 
     def setup(self, trainer, module, stage) -> None:
-        os.environ["OMP_NUM_THREADS"] = str(self.threads)
-        torch.set_num_threads(self.threads)
+        set_intra_op_threads(self.threads)

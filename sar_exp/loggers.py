@@ -14,6 +14,8 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
+from sar_exp.runs import write_atomic
+
 TEST_ROW = "test"
 
 
@@ -88,7 +90,7 @@ class EpochCSVLogger(Logger):
         text = OmegaConf.to_yaml(
             OmegaConf.create({"config": self.config, "model": self.model_hparams})
         )
-        _write_atomic(path, text)
+        write_atomic(path, text)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
@@ -122,7 +124,7 @@ class EpochCSVLogger(Logger):
         for key in order:
             writer.writerow(self.rows[key])
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.metrics_file, buffer.getvalue())
+        write_atomic(self.metrics_file, buffer.getvalue())
 
     @rank_zero_only
     def save(self) -> None:
@@ -139,12 +141,6 @@ def _plain(value):
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from sar_exp.runs import write_atomic
-
-    write_atomic(path, text)
 
 
 class WandbLogger(LightningWandbLogger):

@@ -236,12 +236,12 @@ def main(argv=None) -> None:
     problems = [r for r in runs if r.status != "finished"]
     for run in problems:
         print(f"{run.status.upper()}: {run.path}" + (f": {run.failure}" if run.failure else ""))
-    from sar_exp.train import write_text_atomic
+    from sar_exp.runs import write_atomic
 
-    write_text_atomic(args.dir / "summary.csv", as_csv(columns, rows))
+    write_atomic(args.dir / "summary.csv", as_csv(columns, rows))
     problem_lines = [f"- {r.status}: `{r.path}`" + (f": {r.failure}" if r.failure else "")
                      for r in problems]  # fmt: skip
-    write_text_atomic(args.dir / "summary.md", as_markdown(columns, rows) + "\n\n"
+    write_atomic(args.dir / "summary.md", as_markdown(columns, rows) + "\n\n"
                       + "\n".join(problem_lines) + "\n")  # fmt: skip
     plots = [] if args.no_plots else plot_curves(groups, args.dir / "curves")
     print(f"\nwritten: {args.dir / 'summary.csv'}, {args.dir / 'summary.md'}"

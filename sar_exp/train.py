@@ -49,13 +49,8 @@ def _quiet() -> None:
         logging.getLogger(name).propagate = False
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside `path` and rename into place: a reader never sees half a file."""
-    runs.write_atomic(Path(path), text)
-
-
 def write_json_atomic(path: Path, payload: dict) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    runs.write_atomic(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def format_table(metrics: dict[str, float], title: str) -> str:
@@ -72,10 +67,9 @@ def set_threads(threads: int) -> None:
     cores a run happened to get. Inter-op threads can be set only once per process."""
     import torch
 
-    # Spawned DDP ranks inherit it, and Lightning then leaves their thread count alone
-    # (it sets cpu_count / processes when OMP_NUM_THREADS is unset).
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
+    from sar_exp.checkpointing import set_intra_op_threads
+
+    set_intra_op_threads(threads)
     try:
         torch.set_num_interop_threads(threads)
     except RuntimeError:  # already set (a second run in this process)
@@ -246,7 +240,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
             elif cfg.train:
                 _start_fresh(output_dir)
             (output_dir / FINISHED).unlink(missing_ok=True)
-            write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            runs.write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         set_threads(int(cfg.threads))
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from sar_exp import runs
 from sar_exp.tables.report import Cell, relative_improvement, render, training_length, welch_p
-from sar_exp.train import CONFIG_DIR, write_text_atomic
+from sar_exp.train import CONFIG_DIR
 
 BACKBONES = {"mlp": "cf", "mmoe": "cf", "gru4rec": "seq", "sasrec": "seq"}
 METHODS = ("base", "aug", "jsr", "clardrec")
@@ -338,7 +338,7 @@ def main(argv=None) -> None:
     print("\n" + text)
     report = report_path(args)
     report.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(report, text + "\n")
+    runs.write_atomic(report, text + "\n")
     print(f"\nwritten to {report}")
 
 
