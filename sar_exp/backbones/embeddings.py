@@ -57,10 +57,14 @@ class QueryEncoder(nn.Module):
         self.out_dim = dim
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
-        words = self.query_words[queries]  # [..., W], 0 = padding
+        return self.mean_of_words(self.query_words[queries])
+
+    def mean_of_words(self, words: torch.Tensor) -> torch.Tensor:
+        """[..., W] word ids (0 = padding) -> [..., dim] mean of their embeddings; also
+        what an item's caption is (UniSAR's code: captions share the query encoder)."""
         mask = (words > 0).unsqueeze(-1).float()
         total = (self.words(words) * mask).sum(-2)
-        return total / mask.sum(-2).clamp(min=1.0)  # query 0 (none) -> zeros
+        return total / mask.sum(-2).clamp(min=1.0)  # no words -> zeros
 
 
 def mlp(

@@ -145,6 +145,7 @@ class SARDataModule(pl.LightningDataModule):
             "user_attributes": torch.from_numpy(view["user_attributes"]).long(),
             "item_attributes": torch.from_numpy(view["item_attributes"]).long(),
             "query_words": torch.from_numpy(view["query_words"]).long(),
+            "item_caption_words": torch.from_numpy(view["item_caption_words"]).long(),
             "rec_item_pool": torch.from_numpy(view["rec_item_pool"]).long(),
         }
 

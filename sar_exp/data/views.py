@@ -294,6 +294,20 @@ def _pool(tables: CanonicalTables, domain: str, events: pl.DataFrame | None) -> 
     return items.to_numpy().astype(np.int32)
 
 
+MAX_CAPTION_WORDS = 50  # UniSAR's code reads up to 50 caption words an item
+
+
+def _caption_words(tables: CanonicalTables) -> np.ndarray:
+    """[items + 1, words] caption word ids of each item (0-padded; row 0 is padding)."""
+    captions = tables.items["caption"].to_list()
+    width = max(1, min(MAX_CAPTION_WORDS, max((len(c) for c in captions), default=0)))
+    words = np.zeros((tables.meta["num_items"] + 1, width), np.int32)
+    for item, caption in zip(tables.items["item"].to_list(), captions):
+        caption = caption[:width]
+        words[item, : len(caption)] = caption
+    return words
+
+
 def _attribute_array(frame: pl.DataFrame, attributes: list[str]) -> np.ndarray:
     """[rows, attributes] codes; a dataset without attributes (Amazon) has 0 columns."""
     if not attributes:
@@ -392,6 +406,7 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
             "user_attributes": np.vstack([np.zeros((1, u_attr.shape[1]), np.int32), u_attr]),
             "item_attributes": np.vstack([np.zeros((1, i_attr.shape[1]), np.int32), i_attr]),
             "query_words": query_words,
+            "item_caption_words": _caption_words(tables),
             "rec_item_pool": _pool(tables, "in_rec", rec if item_filters else None),
             "search_item_pool": _pool(tables, "in_search", search if item_filters else None),
             "rec_click_user": rec_clicks["user"].to_numpy().astype(np.int32),

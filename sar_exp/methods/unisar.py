@@ -1,0 +1,371 @@
+"""UniSAR (Shi et al., SIGIR'24): unified search and recommendation by modelling the
+user's transitions between them (r2r, s2s, r2s, s2r) with extraction, alignment and
+fusion, trained jointly on both tasks. Equation numbers refer to the paper
+(../shared/papers/unisar.txt); where it is silent, the official code (the notes in
+../shared/notes/unisar_official.md) fills in; where they conflict, a flag picks, the
+paper by default.
+
+Flags for the conflicts (all `true` = the paper):
+  paper_losses      Eq. 2 and 5 as printed (negatives-only denominators; L_Align's
+                    negatives are other users' rows) vs the code's cross-entropy / NT-Xent
+  paper_fusion      Eq. 7 (Q = H_cross, K = V = MSA(H_same)) vs the code's decoder layer
+  paper_prediction  Eq. 9 (experts score, gates mix the scores) vs the code's CGC level
+                    with towers and heads
+  embedding_style   "paper": tables of width d; "official": 32-wide tables projected to
+                    d with Linear + tanh (items with attributes and captions are
+                    projected in both: the paper has no attributes)
+Ablations (Table 5), each a flag: use_r2r, use_s2s, use_r2s, use_s2r (a transition and
+its alignment term removed, its counterpart standing in for it in Eq. 7, Sec. 5.3),
+use_mask (Eq. 4's type mask), use_align (beta L_Align), use_rel (alpha L_Rel), use_mca_r
+and use_mca_s (cross-attention replaced by addition), use_mmoe (two MLP heads), and
+train_tasks (one task only: the two halves of "w/o joint training").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sar_exp.data.batches import stable_seed
+from sar_exp.errors import ConfigError
+from sar_exp.methods.base import RecommenderModule
+from sar_exp.methods.losses import binary_ce
+from sar_exp.methods.unisar_layers import FusionLayer, MaskedEncoder, MultiTaskHead, TargetAttention
+from sar_exp.methods.unisar_losses import BilinearSimilarity, alignment_loss, relevance_loss
+
+TASKS = ("rec", "search")
+TRANSITIONS = ("r2r", "s2s", "r2s", "s2r")
+# Sec. 5.3: a removed transition's place in Eq. 7 is taken by the one of the same slots
+STAND_IN = {"r2r": "s2r", "s2r": "r2r", "s2s": "r2s", "r2s": "s2s"}
+
+
+class Lookup:
+    """Embeddings of the distinct ids of one step, encoded once, for any id tensor."""
+
+    def __init__(self, ids: list[torch.Tensor], encode):
+        self.ids = torch.unique(torch.cat([t.reshape(-1) for t in ids]))
+        self.table = encode(self.ids)
+
+    def index(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.ids, ids)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[self.index(ids)]
+
+
+class UniSAR(RecommenderModule):
+    def __init__(
+        self,
+        schema: dict,
+        backbone: dict,
+        heads: int = 2,
+        layers: int = 1,
+        dropout: float = 0.1,
+        alpha: float = 1e-3,
+        beta: float = 0.1,
+        gamma: float = 0.1,
+        tau_rel: float = 0.5,
+        tau_align: float = 0.1,
+        rel_negatives: int = 1024,
+        experts: dict | None = None,
+        use_r2r: bool = True,
+        use_s2s: bool = True,
+        use_r2s: bool = True,
+        use_s2r: bool = True,
+        use_mask: bool = True,
+        use_align: bool = True,
+        use_rel: bool = True,
+        use_mca_r: bool = True,
+        use_mca_s: bool = True,
+        use_mmoe: bool = True,
+        train_tasks: list[str] | tuple[str, ...] = TASKS,
+        paper_losses: bool = True,
+        paper_fusion: bool = True,
+        paper_prediction: bool = True,
+        embedding_style: str = "paper",
+        use_captions: bool = True,
+        **kwargs,
+    ):
+        super().__init__(schema, backbone, **kwargs)
+        hp = self.hparams
+        d, table = hp.hidden_dim, hp.embedding_dim
+        if embedding_style not in ("paper", "official"):
+            raise ConfigError(
+                f"method.module.embedding_style must be paper or official, got {embedding_style!r}"
+            )
+        if not set(train_tasks) <= set(TASKS) or not train_tasks:
+            raise ConfigError(
+                f"method.module.train_tasks must be a non-empty subset of {list(TASKS)}"
+            )
+        if (
+            schema["max_interleaved_history"]
+            < schema["max_rec_history"] + schema["max_search_history"]
+        ):
+            raise ConfigError(
+                "UniSAR merges the last max_rec_history rec clicks and max_search_history "
+                "sessions: dataset.protocol.max_interleaved_history must hold both "
+                f"({schema['max_rec_history']} + {schema['max_search_history']})"
+            )
+        if not ((use_r2r or use_s2r) and (use_s2s or use_r2s)):
+            raise ConfigError("UniSAR needs at least one transition of each history")
+        self.uses = {"r2r": use_r2r, "s2s": use_s2s, "r2s": use_r2s, "s2r": use_s2r}
+        # Embeddings (Sec. 4.1.1, Eq. 1): the shared id/attribute tables and the word
+        # table; an item's caption is the mean of its words (where the data has them).
+        captions = (tables := kwargs.get("lookup_tables") or {}).get("item_caption_words")
+        self.use_captions = bool(use_captions and captions is not None and (captions > 0).any())
+        self.register_buffer(
+            "caption_words",
+            captions.long() if self.use_captions else torch.zeros(1, 1, dtype=torch.long),
+            persistent=False,
+        )
+        item_in = self.items.out_dim + (table if self.use_captions else 0)
+        self.item_projection = self._projection(item_in, d, embedding_style)
+        self.user_projection = self._projection(self.users.out_dim, d, embedding_style)
+        self.query_projection = self._projection(self.queries.out_dim, d, embedding_style)
+        self.q_phi = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, d)))  # Sec. 4.3.2
+        # Transition extraction (Eq. 3-4): drawn for every transition, kept for the used
+        # ones, so an ablation starts from the same weights in every other part
+        extractors = {
+            "r2r": MaskedEncoder(d, heads, layers, dropout, schema["max_rec_history"]),
+            "s2s": MaskedEncoder(d, heads, layers, dropout, schema["max_search_history"]),
+            "merged": MaskedEncoder(d, heads, layers, dropout, schema["max_interleaved_history"]),
+        }
+        fusion = {
+            "r": FusionLayer(d, heads, dropout, paper_fusion),
+            "s": FusionLayer(d, heads, dropout, paper_fusion),
+        }
+        self.encoders = nn.ModuleDict(
+            {name: m for name, m in extractors.items()
+             if name == "merged" and (use_r2s or use_s2r) or self.uses.get(name)}
+        )  # fmt: skip
+        self.fusion = nn.ModuleDict(
+            {k: m for k, m in fusion.items() if (use_mca_r if k == "r" else use_mca_s)}
+        )
+        self.target_attention = nn.ModuleDict({"r": TargetAttention(d), "s": TargetAttention(d)})
+        self.head = MultiTaskHead(
+            5 * d, d,
+            {"shared": 4, "rec": 4, "search": 4, **(experts or {})},
+            dropout, paper=paper_prediction, mmoe=use_mmoe, tasks=tuple(train_tasks),
+        )  # fmt: skip
+        align = {s: BilinearSimilarity(d, tau_align) for s in ("R", "S")}
+        rel = BilinearSimilarity(d, tau_rel)
+        self.align_sim = nn.ModuleDict(
+            {s: m for s, m in align.items() if use_align and self._aligned(s)}
+        )
+        self.rel_sim = rel if use_rel else None
+
+    @staticmethod
+    def _projection(width: int, d: int, style: str) -> nn.Module:
+        """Linear + tanh to d (the official code) where the table is not d wide already."""
+        if width == d and style == "paper":
+            return nn.Identity()
+        layer = nn.Linear(width, d)
+        nn.init.xavier_normal_(layer.weight)
+        nn.init.zeros_(layer.bias)
+        return nn.Sequential(layer, nn.Tanh())
+
+    def _aligned(self, scenario: str) -> bool:
+        """L_Align^R needs r2r and s2r, L_Align^S needs s2s and r2s (Sec. 5.3)."""
+        pair = ("r2r", "s2r") if scenario == "R" else ("s2s", "r2s")
+        return all(self.uses[t] for t in pair)
+
+    # ------------------------------------------------------------ embeddings
+    def _item_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        parts = [self.items(ids)]
+        if self.use_captions:
+            parts.append(self.queries.mean_of_words(self.caption_words[ids]))
+        return self.item_projection(torch.cat(parts, dim=-1))
+
+    def _query_embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.query_projection(self.queries(ids))
+
+    def _lookups(self, batches: list[dict], extra_items=(), extra_queries=()):
+        """Every item and query the step touches, encoded once."""
+        item_keys = ("candidates", "rec_history", "search_history_clicks",
+                     "interleaved_item", "interleaved_clicks")  # fmt: skip
+        query_keys = ("query", "search_history_query", "interleaved_query")
+        items = [b[k] for b in batches for k in item_keys if k in b] + list(extra_items)
+        queries = [b[k] for b in batches for k in query_keys if k in b] + list(extra_queries)
+        return Lookup(items, self._item_embedding), Lookup(queries, self._query_embedding)
+
+    @staticmethod
+    def _mean_clicks(items: Lookup, clicks: torch.Tensor) -> torch.Tensor:
+        clicked = (clicks > 0).unsqueeze(-1)
+        return (items(clicks) * clicked).sum(-2) / clicked.sum(-2).clamp(min=1)
+
+    # ------------------------------------------------------------ transitions
+    def transitions(self, batch: dict, items: Lookup, queries: Lookup) -> dict:
+        """H_r2r, H_s2s (Eq. 3), H_s2r, H_r2s (Eq. 4) and the slot masks of a batch."""
+        rec_valid, ses_valid = batch["rec_history_mask"], batch["search_history_mask"]
+        rec_steps = items(batch["rec_history"])
+        # a search event is its query plus the mean of its clicked items (Eq. 1)
+        ses_steps = queries(batch["search_history_query"]) + self._mean_clicks(
+            items, batch["search_history_clicks"]
+        )
+        out = {"rec_valid": rec_valid, "ses_valid": ses_valid}
+        if "r2r" in self.encoders:
+            out["r2r"] = self.encoders["r2r"](rec_steps, rec_valid)
+        if "s2s" in self.encoders:
+            out["s2s"] = self.encoders["s2s"](ses_steps, ses_valid)
+        if "merged" in self.encoders:
+            out.update(
+                self._cross_transitions(
+                    batch, items, queries, rec_steps.shape[1], ses_steps.shape[1]
+                )
+            )
+        for name in TRANSITIONS:  # Sec. 5.3: the same slots' other transition stands in
+            if not self.uses[name]:
+                out[name] = out[STAND_IN[name]]
+        return out
+
+    def _cross_transitions(self, batch, items, queries, rec_width, ses_width) -> dict:
+        types, valid = batch["interleaved_type"], batch["interleaved_mask"]
+        is_rec = (types == 1)[..., None]
+        steps = torch.where(
+            is_rec,
+            items(batch["interleaved_item"]),
+            queries(batch["interleaved_query"])
+            + self._mean_clicks(items, batch["interleaved_clicks"]),
+        )
+        # Eq. 4: a slot attends only to slots of the other behaviour type (w/o mask: all)
+        allowed = types[:, :, None] != types[:, None, :] if self.hparams.use_mask else None
+        merged = self.encoders["merged"](steps, valid, allowed)
+        if allowed is not None:  # a slot with no other-type slot to attend to: nothing
+            has_other = (allowed & valid[:, None, :]).any(-1, keepdim=True)
+            merged = torch.where(has_other, merged, 0.0)
+        return {
+            "s2r": self._slots_of(merged, valid & (types == 1), rec_width),  # at rec slots
+            "r2s": self._slots_of(merged, valid & (types == 0), ses_width),  # at search slots
+        }
+
+    @staticmethod
+    def _slots_of(merged: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+        """The kept slots, in time order, left-aligned to `width`: they line up with the
+        rec (or search) history, which holds the same events."""
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
+        picked = torch.gather(merged, 1, order[..., None].expand(-1, -1, merged.shape[-1]))
+        return torch.where(torch.gather(keep, 1, order)[..., None], picked, 0.0)
+
+    def fused(self, h: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """V_r and V_s (Eq. 7); w/o MCA: H_same + H_cross."""
+        if "r" in self.fusion:
+            v_r = self.fusion["r"](h["r2r"], h["s2r"], h["rec_valid"])
+        else:
+            v_r = h["r2r"] + h["s2r"]
+        if "s" in self.fusion:
+            v_s = self.fusion["s"](h["s2s"], h["r2s"], h["ses_valid"])
+        else:
+            v_s = h["s2s"] + h["r2s"]
+        return v_r, v_s
+
+    # ------------------------------------------------------------ prediction
+    def _predict(self, batch, candidates, task: str, items=None, queries=None, h=None):
+        """[B, K] logits of `task` (Eq. 8-9)."""
+        if items is None:
+            items, queries = self._lookups([{**batch, "candidates": candidates}])
+        h = h if h is not None else self.transitions(batch, items, queries)
+        v_r, v_s = self.fused(h)
+        e_i = items(candidates)
+        b, k, d = e_i.shape
+        agg_s = self.target_attention["s"](v_s, h["ses_valid"], e_i)  # Eq. 8
+        agg_r = self.target_attention["r"](v_r, h["rec_valid"], e_i)
+        e_u = self.user_projection(self.users(batch["user"]))[:, None].expand(b, k, d)
+        if task == "rec":
+            e_q = self.q_phi.expand(b * k, d).view(b, k, d)  # the learnable rec query
+        else:
+            e_q = queries(batch["query"])[:, None].expand(b, k, d)
+        x = torch.cat([e_u, e_i, e_q, agg_s, agg_r], dim=-1)  # X_b (Sec. 4.3.2)
+        return self.head(x, task)
+
+    def score(self, batch, candidates):
+        return self._predict(batch, candidates, "rec")
+
+    def search_scores(self, batch, candidates):
+        return self._predict(batch, candidates, "search")
+
+    # ------------------------------------------------------------ training
+    def _negatives(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_Rel's sampled negative items and queries, shared by the step (Eq. 2), drawn
+        from the run's seed, the rank and the step (a resumed run draws the same)."""
+        n = self.hparams.rel_negatives
+        generator = torch.Generator().manual_seed(
+            stable_seed("unisar-rel", torch.initial_seed(), self.global_rank, self.global_step)
+        )
+        items = torch.randint(1, self.schema["num_items"] + 1, (n,), generator=generator)
+        queries = torch.randint(
+            1, max(2, self.schema["num_queries"] + 1), (n,), generator=generator
+        )
+        return items.to(self.device), queries.to(self.device)
+
+    def _task_loss(self, batch, task, items, queries, negatives) -> dict:
+        """L_R or L_S (Eq. 11) of one batch: click BCE (Eq. 10) + alpha L_Rel + beta L_Align."""
+        hp = self.hparams
+        h = self.transitions(batch, items, queries)
+        logits = self._predict(batch, batch["candidates"], task, items, queries, h)
+        labels = torch.zeros_like(logits)
+        labels[:, 0] = 1.0
+        parts = {"click": binary_ce(logits, labels)}
+        total = parts["click"]
+        if self.rel_sim is not None:
+            parts["rel"] = self._relevance(batch, items, queries, negatives)
+            total = total + hp.alpha * parts["rel"]
+        if self.align_sim:
+            parts["align"] = self._alignment(batch, h)  # Eq. 6
+            total = total + hp.beta * parts["align"]
+        parts["total"] = total
+        return parts
+
+    def _relevance(self, batch, items, queries, negatives) -> torch.Tensor:
+        """Eq. 2 over the (query, clicked item) pairs of the batch's history sessions."""
+        clicks = batch["search_history_clicks"]
+        pair_mask = batch["search_history_mask"][..., None] & (clicks > 0)
+        pair_query = batch["search_history_query"][..., None].expand_as(clicks)[pair_mask]
+        pair_item = clicks[pair_mask]
+        neg_items, neg_queries = negatives
+        return relevance_loss(
+            self.rel_sim, queries.table, items.table, queries.index(pair_query),
+            items.index(pair_item), items(neg_items), queries(neg_queries),
+            paper=self.hparams.paper_losses,
+        )  # fmt: skip
+
+    def _alignment(self, batch, h) -> torch.Tensor:
+        """Eq. 5-6: mean-pooled transitions of each history aligned across scenarios, on
+        rows that have both histories (the official code gives NaN without them)."""
+        both = h["rec_valid"].any(1) & h["ses_valid"].any(1)
+        loss = 0.0
+        for scenario, (same, cross, valid) in {
+            "R": ("r2r", "s2r", h["rec_valid"]), "S": ("s2s", "r2s", h["ses_valid"]),
+        }.items():  # fmt: skip
+            if scenario not in self.align_sim:
+                continue
+            pool = lambda x: (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # noqa: E731
+            loss = loss + alignment_loss(
+                self.align_sim[scenario], pool(h[same]), pool(h[cross]), both, batch["user"],
+                paper=self.hparams.paper_losses,
+            )  # fmt: skip
+        return loss
+
+    def training_loss(self, batch):
+        """Eq. 12: L_R + gamma L_S, both batches of the step encoded together (the L2
+        term is Adam's weight decay, see configure_optimizers)."""
+        tasks = self.hparams.train_tasks
+        named = {"rec": batch, "search": batch["search"]} if len(tasks) == 2 else {tasks[0]: batch}
+        negatives = self._negatives() if self.rel_sim is not None else (None, None)
+        extra = () if negatives[0] is None else negatives
+        items, queries = self._lookups(list(named.values()), extra[:1], extra[1:])
+        parts, loss = {}, 0.0
+        for task, task_batch in named.items():
+            task_parts = self._task_loss(task_batch, task, items, queries, negatives)
+            weight = self.hparams.gamma if task == "search" and len(tasks) == 2 else 1.0
+            loss = loss + weight * task_parts.pop("total")
+            parts.update({f"{task}_{k}": v.detach() for k, v in task_parts.items()})
+        return loss, parts
+
+    def configure_optimizers(self):
+        """Adam; lambda ||Theta||_2 (Eq. 12) as weight decay on every parameter whose name
+        has no "bias" (the official code's choice, temperatures and embeddings included)."""
+        decay = [p for n, p in self.named_parameters() if "bias" not in n]
+        plain = [p for n, p in self.named_parameters() if "bias" in n]
+        groups = [{"params": decay, "weight_decay": self.weight_decay},
+                  {"params": plain, "weight_decay": 0.0}]  # fmt: skip
+        return torch.optim.Adam(groups, lr=self.lr)

@@ -1,0 +1,95 @@
+"""UniSAR's contrastive losses (Shi et al., SIGIR'24): query-item relevance L_Rel (Eq. 2)
+and transition alignment L_Align (Eq. 5-6). Both use sim(a, b) = tanh(a W b^T) / tau
+with a learnable temperature.
+
+`paper=True` (the default) is the equations as printed: the denominators sum over the
+negatives only, the two directions add up, and L_Align's negatives are other users'
+rows. `paper=False` is the official code: cross-entropy with the positive in the
+denominator, 0.5 x (both directions) for L_Rel, and NT-Xent over the 2B pooled rows
+(every other row a negative) for L_Align.
+
+L_Rel is computed from the distinct queries and items of a batch: every (query, clicked
+item) pair of the batch's history sessions contributes, but the log-sum-exp over the
+sampled negatives depends only on the query (item side) or only on the item (query
+side), so it is computed once for each distinct one. The loss is the same as a
+per-pair computation, at a fraction of the cost."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BilinearSimilarity(nn.Module):
+    """sim(a, b) = tanh(a W b^T) / tau (Eq. 2), tau learnable from `temperature`."""
+
+    def __init__(self, d: int, temperature: float):
+        super().__init__()
+        self.weight = nn.Linear(d, d, bias=False)
+        nn.init.xavier_normal_(self.weight.weight)
+        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+
+    def matrix(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[Na, d], [Nb, d] -> [Na, Nb]."""
+        return torch.tanh(self.weight(a) @ b.T) / self.temperature
+
+    def pairs(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[N, d], [N, d] -> [N]."""
+        return torch.tanh((self.weight(a) * b).sum(-1)) / self.temperature
+
+
+def relevance_loss(
+    sim: BilinearSimilarity,
+    query_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    pair_query: torch.Tensor,
+    pair_item: torch.Tensor,
+    negative_items: torch.Tensor,
+    negative_queries: torch.Tensor,
+    paper: bool = True,
+) -> torch.Tensor:
+    """Eq. 2 over the pairs (pair_query[k], pair_item[k]), indices into the distinct
+    query_emb [Uq, d] and item_emb [Ui, d]; negatives [N, d] are shared by the batch."""
+    if pair_query.numel() == 0:
+        return query_emb.sum() * 0.0
+    positive = sim.pairs(query_emb[pair_query], item_emb[pair_item])  # [P]
+    items_lse = torch.logsumexp(sim.matrix(query_emb, negative_items), dim=1)[pair_query]
+    queries_lse = torch.logsumexp(sim.matrix(negative_queries, item_emb), dim=0)[pair_item]
+    if paper:  # -[log e^s / sum_neg e^s- (q -> i) + log e^s / sum_neg e^s- (i -> q)]
+        return (items_lse + queries_lse - 2 * positive).mean()
+    with_positive = torch.logaddexp(positive, items_lse) + torch.logaddexp(positive, queries_lse)
+    return 0.5 * (with_positive - 2 * positive).mean()
+
+
+def alignment_loss(
+    sim: BilinearSimilarity,
+    same: torch.Tensor,
+    cross: torch.Tensor,
+    valid: torch.Tensor,
+    user: torch.Tensor,
+    paper: bool = True,
+) -> torch.Tensor:
+    """Eq. 5 for one scenario: the pooled same-scenario transition (h_s2s or h_r2r) and
+    the cross-scenario one (h_r2s or h_s2r) of a row are positives; rows without both
+    histories (valid=False) take no part."""
+    same, cross, user = same[valid], cross[valid], user[valid]
+    n = same.shape[0]
+    if n < 2:
+        return same.sum() * 0.0
+    if paper:
+        scores = sim.matrix(same, cross)  # [n, n]: row b's same vs row b''s cross
+        positive = scores.diagonal()
+        negative = user[:, None] != user[None, :]  # other users' rows (Eq. 5)
+        has = negative.any(1)
+        masked = scores.masked_fill(~negative, float("-inf"))
+        lse_cross = torch.logsumexp(masked, dim=1)  # sum over h_cross^- for this h_same
+        lse_same = torch.logsumexp(masked.T, dim=1)  # sum over h_same^- for this h_cross
+        terms = (lse_cross + lse_same - 2 * positive)[has]
+        return terms.mean() if terms.numel() else same.sum() * 0.0
+    rows = torch.cat([same, cross])  # NT-Xent (SimCLR) over 2n rows
+    scores = sim.matrix(rows, rows)
+    scores = scores.masked_fill(
+        torch.eye(2 * n, dtype=torch.bool, device=rows.device), float("-inf")
+    )
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(rows.device)
+    return nn.functional.cross_entropy(scores, target)

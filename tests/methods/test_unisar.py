@@ -1,0 +1,215 @@
+"""UniSAR: each equation's part against a direct computation, the guards for empty
+histories, the ablation flags, and a two-task run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sar_exp.methods.unisar_layers import FusionLayer, MaskedEncoder, TargetAttention, blocked
+from sar_exp.methods.unisar_losses import BilinearSimilarity, alignment_loss, relevance_loss
+
+D = 8
+
+
+def test_the_type_mask_lets_a_slot_see_only_the_other_behaviour():
+    """Eq. 4: H_m at a rec slot is a function of the search slots (and itself) only."""
+    torch.manual_seed(0)
+    encoder = MaskedEncoder(D, 2, 1, 0.0, 10).eval()
+    types = torch.tensor([[1, 0, 1, 0, 1]])
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    allowed = types[:, :, None] != types[:, None, :]
+    steps = torch.randn(1, 5, D)
+    out = encoder(steps, valid, allowed)
+    other_rec = steps.clone()
+    other_rec[0, 4] += 1.0  # another rec slot
+    assert torch.allclose(encoder(other_rec, valid, allowed)[0, 0], out[0, 0], atol=1e-6)
+    other_search = steps.clone()
+    other_search[0, 3] += 1.0  # a search slot
+    assert not torch.allclose(encoder(other_search, valid, allowed)[0, 0], out[0, 0], atol=1e-4)
+    # without the mask (Table 5, w/o mask M) every slot sees every other
+    assert not torch.allclose(
+        encoder(other_rec, valid)[0, 0], encoder(steps, valid)[0, 0], atol=1e-4
+    )
+
+
+def test_empty_histories_give_finite_outputs():
+    """The official code gives NaN for a user with no rec or no search history."""
+    torch.manual_seed(0)
+    encoder, fusion, attention = (
+        MaskedEncoder(D, 2, 1, 0.0, 10),
+        FusionLayer(D, 2, 0.0),
+        TargetAttention(D),
+    )
+    steps, valid = torch.randn(2, 4, D), torch.tensor([[False] * 4, [True, True, False, False]])
+    h = encoder(steps, valid)
+    v = fusion(h, h, valid)
+    out = attention(v, valid, torch.randn(2, 3, D))
+    assert torch.isfinite(out).all() and torch.equal(out[0], torch.zeros(3, D))
+    assert torch.equal(h[0], torch.zeros(4, D))  # nothing valid: nothing
+    assert blocked(torch.zeros(1, 2, 2, dtype=torch.bool), 2).shape == (2, 2, 2)
+
+
+def test_fusion_follows_eq7_or_the_official_decoder():
+    torch.manual_seed(0)
+    same, cross = torch.randn(1, 3, D), torch.randn(1, 3, D)
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    paper = FusionLayer(D, 2, 0.0, paper=True).eval()
+    # Eq. 7: Q = H_cross, so the output rows follow the cross sequence's rows...
+    moved = cross.clone()
+    moved[0, 0] += 1.0
+    out, out_moved = paper(same, cross, valid), paper(same, moved, valid)
+    assert not torch.allclose(out[0, 0], out_moved[0, 0]) and torch.allclose(
+        out[0, 1:], out_moved[0, 1:], atol=1e-6
+    )
+    # ...while in the code's decoder layer, H_cross is the memory every row reads
+    official = FusionLayer(D, 2, 0.0, paper=False).eval()
+    out, out_moved = official(same, cross, valid), official(same, moved, valid)
+    assert not torch.allclose(out[0, 1:], out_moved[0, 1:], atol=1e-6)
+
+
+def test_target_attention_is_eq8():
+    torch.manual_seed(0)
+    attention = TargetAttention(D)
+    history, valid, items = (
+        torch.randn(1, 4, D),
+        torch.tensor([[True, True, True, False]]),
+        torch.randn(1, 2, D),
+    )
+    got = attention(history, valid, items)
+    scores = attention.weight(history[0, :3]) @ items[0].T  # [3, K]: V W e_i
+    expected = torch.softmax(scores, dim=0).T @ history[0, :3]
+    assert torch.allclose(got[0], expected, atol=1e-6)
+
+
+def _naive_relevance(sim, q, i, neg_items, neg_queries, paper):
+    total = 0.0
+    for qe, ie in zip(q, i):
+        pos = (torch.tanh(sim.weight(qe) @ ie) / sim.temperature).item()
+        to_items = [(torch.tanh(sim.weight(qe) @ n) / sim.temperature).item() for n in neg_items]
+        to_queries = [
+            (torch.tanh(sim.weight(n) @ ie) / sim.temperature).item() for n in neg_queries
+        ]
+        if paper:  # Eq. 2: negatives-only denominators, two directions summed
+            total += -(pos - math.log(sum(map(math.exp, to_items))))
+            total += -(pos - math.log(sum(map(math.exp, to_queries))))
+        else:  # the code: cross-entropy with the positive, 0.5 x both directions
+            total += 0.5 * -(pos - math.log(math.exp(pos) + sum(map(math.exp, to_items))))
+            total += 0.5 * -(pos - math.log(math.exp(pos) + sum(map(math.exp, to_queries))))
+    return total / len(q)
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_relevance_loss_per_distinct_query_and_item_equals_the_per_pair_loss(paper):
+    torch.manual_seed(0)
+    sim = BilinearSimilarity(D, 0.5)
+    queries, items = torch.randn(3, D), torch.randn(5, D)
+    pair_q, pair_i = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1, 2, 2, 0, 3, 4])
+    negative_items, negative_queries = torch.randn(7, D), torch.randn(6, D)
+    got = relevance_loss(
+        sim, queries, items, pair_q, pair_i, negative_items, negative_queries, paper
+    )
+    expected = _naive_relevance(
+        sim, queries[pair_q], items[pair_i], negative_items, negative_queries, paper
+    )
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_alignment_loss_is_eq5_with_other_users_as_negatives():
+    torch.manual_seed(0)
+    sim = BilinearSimilarity(D, 0.1)
+    same, cross = torch.randn(4, D), torch.randn(4, D)
+    user = torch.tensor([1, 2, 2, 3])
+    valid = torch.ones(4, dtype=torch.bool)
+    s = lambda a, b: (torch.tanh(sim.weight(a) @ b) / sim.temperature).item()  # noqa: E731
+    expected = 0.0
+    for b in range(4):
+        others = [c for c in range(4) if user[c] != user[b]]
+        pos = s(same[b], cross[b])
+        expected += -(pos - math.log(sum(math.exp(s(same[b], cross[c])) for c in others)))
+        expected += -(pos - math.log(sum(math.exp(s(same[c], cross[b])) for c in others)))
+    got = alignment_loss(sim, same, cross, valid, user, paper=True)
+    assert got.item() == pytest.approx(expected / 4, rel=1e-5)
+    # official NT-Xent: 2B anchors, the other view of the row is the positive
+    rows = torch.cat([same, cross])
+    ntx = 0.0
+    for a in range(8):
+        positive = (a + 4) % 8
+        logits = [s(rows[a], rows[c]) for c in range(8) if c != a]
+        ntx += -(s(rows[a], rows[positive]) - math.log(sum(map(math.exp, logits))))
+    assert alignment_loss(sim, same, cross, valid, user, paper=False).item() == pytest.approx(
+        ntx / 8, rel=1e-5
+    )
+    # rows without both histories take no part
+    partial = torch.tensor([True, True, False, False])
+    assert torch.isfinite(alignment_loss(sim, same, cross, partial, user))
+
+
+@pytest.fixture(scope="module")
+def unisar_model(tiny_folder, tmp_path_factory):
+    from sar_exp.data.datamodule import SARDataModule
+
+    dm = SARDataModule(
+        "kuaisar", str(tiny_folder), str(tmp_path_factory.mktemp("c")), "sequential",
+        ["search_active_level", "rec_active_level"], ["first_level_category_id", "author_id"],
+        protocol={"max_interleaved_history": 30, "evaluated_tasks": ["rec", "search"]},
+        batch_size=32, companion_batch_sizes={"search": 16}, interleaved=True,
+        scores=["rec", "search"],
+    )  # fmt: skip
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+
+    def build(**flags):
+        from sar_exp.methods.unisar import UniSAR
+
+        torch.manual_seed(0)
+        return UniSAR(dm.schema, {}, lookup_tables=dm.lookup_tables(), embedding_dim=16,
+                      hidden_dim=16, rel_negatives=32, evaluated_tasks=["rec", "search"], **flags)  # fmt: skip
+
+    return build, batch
+
+
+@pytest.mark.parametrize(
+    "flags, gone",
+    [
+        ({}, set()),
+        ({"use_align": False}, {"rec_align", "search_align"}),
+        ({"use_rel": False}, {"rec_rel", "search_rel"}),
+        ({"use_r2r": False}, set()),
+        ({"use_mask": False, "use_mca_r": False, "use_mca_s": False, "use_mmoe": False}, set()),
+        ({"train_tasks": ["rec"]}, {"search_click", "search_rel", "search_align"}),
+    ],
+)
+def test_every_variant_trains_every_part_it_has(unisar_model, flags, gone):
+    build, batch = unisar_model
+    model = build(**flags)
+    loss, parts = model.training_loss(batch)
+    loss.backward()
+    everything = {f"{t}_{k}" for t in ("rec", "search") for k in ("click", "rel", "align")}
+    assert set(parts) == everything - gone
+    assert torch.isfinite(loss)
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    if flags.get("use_r2r") is False:
+        assert "r2r" not in model.encoders and "R" not in model.align_sim  # and its L_Align^R
+
+
+def test_total_loss_is_eq12(unisar_model):
+    build, batch = unisar_model
+    model = build(alpha=0.3, beta=0.2, gamma=0.5)
+    loss, p = model.training_loss(batch)
+    rec = p["rec_click"] + 0.3 * p["rec_rel"] + 0.2 * p["rec_align"]
+    search = p["search_click"] + 0.3 * p["search_rel"] + 0.2 * p["search_align"]
+    assert loss.item() == pytest.approx((rec + 0.5 * search).item(), rel=1e-5)
+
+
+def test_two_task_run_end_to_end(make_cfg, tmp_path):
+    from sar_exp.train import train
+
+    metrics = train(make_cfg(
+        "method=unisar", "dataset.protocol.max_interleaved_history=30",
+        "dataset.protocol.evaluated_tasks=[rec,search]", "optimized_metric=val/mean_ndcg@5",
+        "method.module.rel_negatives=64", output_dir=tmp_path,
+    ))  # fmt: skip
+    assert 0.0 <= metrics["test/ndcg@5"] <= 1.0 and 0.0 <= metrics["test/search/ndcg@5"] <= 1.0
