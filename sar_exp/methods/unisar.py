@@ -39,6 +39,11 @@ TRANSITIONS = ("r2r", "s2s", "r2s", "s2r")
 STAND_IN = {"r2r": "s2r", "s2r": "r2r", "s2s": "r2s", "r2s": "s2s"}
 
 
+def _mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid slots (h = Mean(H), Sec. 4.2.2)."""
+    return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+
+
 class Lookup:
     """Embeddings of the distinct ids of one step, encoded once, for any id tensor."""
 
@@ -111,7 +116,7 @@ class UniSAR(RecommenderModule):
         self.uses = {"r2r": use_r2r, "s2s": use_s2s, "r2s": use_r2s, "s2r": use_s2r}
         # Embeddings (Sec. 4.1.1, Eq. 1): the shared id/attribute tables and the word
         # table; an item's caption is the mean of its words (where the data has them).
-        captions = (tables := kwargs.get("lookup_tables") or {}).get("item_caption_words")
+        captions = (kwargs.get("lookup_tables") or {}).get("item_caption_words")
         self.use_captions = bool(use_captions and captions is not None and (captions > 0).any())
         self.register_buffer(
             "caption_words",
@@ -338,9 +343,9 @@ class UniSAR(RecommenderModule):
         }.items():  # fmt: skip
             if scenario not in self.align_sim:
                 continue
-            pool = lambda x: (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)  # noqa: E731
             loss = loss + alignment_loss(
-                self.align_sim[scenario], pool(h[same]), pool(h[cross]), both, batch["user"],
+                self.align_sim[scenario], _mean(h[same], valid), _mean(h[cross], valid), both,
+                batch["user"],
                 paper=self.hparams.paper_losses,
             )  # fmt: skip
         return loss

@@ -11,17 +11,16 @@ is not run again, so an interrupted grid resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import re
 import sys
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from sar_exp import runs
-from sar_exp.tables.report import Cell, relative_improvement, render, training_length, welch_p
+from sar_exp.tables import grid
+from sar_exp.tables.grid import DEFAULT_SEEDS
+from sar_exp.tables.report import Cell, render, training_length  # noqa: F401 (training_length: tests)
 from sar_exp.train import CONFIG_DIR
 
 BACKBONES = {"mlp": "cf", "mmoe": "cf", "gru4rec": "seq", "sasrec": "seq"}
@@ -29,8 +28,6 @@ METHODS = ("base", "aug", "jsr", "clardrec")
 LABELS = {"base": "-", "aug": "+AUG", "jsr": "+JSR", "clardrec": "+ClardRec"}
 ABLATIONS = {"-CD": "use_cd", "-FA": "use_fa", "-DA": "use_da", "-CS": "use_cs"}
 ALL_VARIANTS = [*METHODS, *ABLATIONS]  # the whole grid, and what --variants defaults to
-DEFAULT_SEEDS = [0, 1, 2]
-DEFAULT_THREADS = 1  # conf/config.yaml's `threads`
 METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")  # the paper's columns
 CONF = Path(CONFIG_DIR)
 
@@ -95,111 +92,21 @@ def run_overrides(backbone: str, method: str, ablation: str | None, args) -> lis
         # the paper's optimiser settings belong to the real data (Table 4)
         out += ["dataset=kuaisar", f"dataset.path={args.data}", f"method.module.lr={row['lr']}",
                 f"data.batch_size={row['batch_size']}"]  # fmt: skip
-    if args.quick:
-        out.append(f"trainer.max_epochs={args.quick_epochs}")
-    if args.threads != DEFAULT_THREADS:  # recorded like every other change from the defaults
-        out.append(f"threads={args.threads}")
+    out += grid.common_overrides(args)
     return out + list(args.override)
 
 
-def finished_run(overrides: list[str], run_dir: Path, threads: int) -> dict | None:
-    """The metrics of a run that finished with exactly these overrides and this thread
-    count (results depend on it; a run that did not record it does not count), else None."""
-    done, recorded = run_dir / "metrics.json", run_dir / "table_overrides.json"
-    if done.exists() and recorded.exists() and json.loads(recorded.read_text()) == overrides:
-        metrics = json.loads(done.read_text())
-        if metrics.get("threads") == threads:
-            return metrics
-    return None
-
-
-def run_one(overrides: list[str], run_dir: Path, seed: int, threads: int) -> dict:
-    """Run one cell, or reuse it when it finished before with the same overrides; a
-    cell that was interrupted with the same overrides resumes from its last.ckpt."""
-    if (metrics := finished_run(overrides, run_dir, threads)) is not None:
-        return metrics
-    recorded = run_dir / "table_overrides.json"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    same = recorded.exists() and json.loads(recorded.read_text()) == overrides
-    resume = [f"ckpt_path={last}"] if same and last.exists() else []
-    if not resume:  # another run's checkpoints must never be resumed under these overrides
-        for stale in run_dir.glob("checkpoints/*.ckpt"):
-            stale.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_atomic(recorded, json.dumps(overrides))  # before training: what a resume must match
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sar_exp.train import train
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[f"seed={seed}", f"paths.output_dir={run_dir}", f"paths.root_dir={Path.cwd()}",
-                       f"paths.cache_dir={Path.cwd() / '.cache' / 'sar_exp'}", *overrides, *resume],
-        )  # fmt: skip
-    return train(cfg, overrides=[])
-
-
-def _quiet_lightning() -> None:
-    """A grid prints one line a run, not Lightning's banners and warnings."""
-    import logging
-    import warnings
-
-    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import; quiet them after)
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-
-
-def _init_worker() -> None:
-    _quiet_lightning()
-
-
-def _run_task(task: tuple) -> tuple:
-    key, seed, overrides, run_dir, threads = task
-    metrics = run_one(overrides, run_dir, seed, threads)
-    return key, seed, {**metrics, "length": training_length(run_dir)}
-
-
 def collect(args) -> dict:
-    """Run (or reuse) every cell of the grid; with --jobs N, N runs at a time. Every run
-    gets --threads threads whatever N is, so a table does not depend on how it was
-    scheduled (on 2 cores, two single-thread runs do 1.4x the work of one two-thread run)."""
+    """Run (or reuse) every cell of the grid (tables.grid.collect)."""
     variants = [(m, None) for m in METHODS] + [("clardrec", a) for a in ABLATIONS]
     variants = [(m, a) for m, a in variants if (a or m) in args.variants]
-    tasks = [
-        ((backbone, ablation or method), seed, run_overrides(backbone, method, ablation, args),
-         Path(args.out) / args.dataset / backbone / (ablation or method) / f"seed{seed}",
-         args.threads)
+    cells = [
+        grid.Run((backbone, ablation or method), seed, run_overrides(backbone, method, ablation, args),
+                 Path(args.out) / args.dataset / backbone / (ablation or method) / f"seed{seed}",
+                 args.threads)
         for backbone in args.backbones for method, ablation in variants for seed in args.seeds
     ]  # fmt: skip
-    if args.report_only:  # the tables from what has finished, running nothing
-        tasks = [t for t in tasks if finished_run(t[2], t[3], t[4]) is not None]
-    by_seed: dict = {}
-    start = time.time()
-
-    def report(count: int, key, seed, metrics) -> None:
-        by_seed.setdefault(key, {})[seed] = metrics
-        print(f"[{count}/{len(tasks)}] {key[0]} {key[1]} seed {seed}: ndcg@5 "
-              f"{metrics['test/ndcg@5']:.4f} ({time.time() - start:.0f}s)", flush=True)  # fmt: skip
-
-    if args.jobs <= 1:
-        for count, task in enumerate(tasks, 1):
-            report(count, *_run_task(task))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(
-            args.jobs, multiprocessing.get_context("spawn"), _init_worker
-        ) as pool:
-            futures = [pool.submit(_run_task, task) for task in tasks]
-            for count, future in enumerate(as_completed(futures), 1):
-                report(count, *future.result())
-    # seeds in the order asked for, whatever order the runs finished in
-    return {key: [runs[s] for s in args.seeds if s in runs] for key, runs in by_seed.items()}
+    return grid.collect(cells, args.seeds, args.jobs, args.report_only)
 
 
 def cells(results, backbone, name) -> list[Cell]:
@@ -216,22 +123,11 @@ def tables(results, args) -> str:
             main_rows.append((group, backbone, LABELS[method], cells(results, backbone, method),
                               published.get((backbone, method))))  # fmt: skip
         # improvement of ClardRec over the best baseline on each metric, with a t-test
-        parts = []
-        for i, metric in enumerate(METRICS):
-            base_cells = {m: cells(results, backbone, m)[i] for m in ("base", "aug", "jsr")}
-            base_cells = {m: c for m, c in base_cells.items() if c.values}  # the ones run
-            ours = cells(results, backbone, "clardrec")[i]
-            if not base_cells or not ours.values:
-                parts.append(f"{metric} n/a")
-                continue
-            best = max(base_cells, key=lambda m: base_cells[m].mean)
-            p = welch_p(ours.values, base_cells[best].values)
-            star = (
-                "*" if not math.isnan(p) and p <= 0.05 and ours.mean > base_cells[best].mean else ""
-            )
-            p_text = f"p={p:.3f}" if not math.isnan(p) else "p=n/a"
-            parts.append(f"{metric} {relative_improvement(ours.mean, base_cells[best].mean):+.2f}%{star} "
-                         f"vs {best} ({p_text})")  # fmt: skip
+        parts = [
+            grid.improvement(cells(results, backbone, "clardrec")[i],
+                             {m: cells(results, backbone, m)[i] for m in ("base", "aug", "jsr")}, metric)
+            for i, metric in enumerate(METRICS)
+        ]  # fmt: skip
         improvement_lines.append(f"  {backbone:<8} " + "; ".join(parts))
     ablation_rows = []
     for backbone in args.backbones:
@@ -289,37 +185,10 @@ def main(argv=None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dataset", choices=["synthetic", "kuaisar"], default="synthetic")
-    parser.add_argument("--data", help="KuaiSAR folder (with --dataset kuaisar)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
+    grid.add_common_arguments(parser, "outputs/tables/clardrec", ["synthetic", "kuaisar"])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument(
         "--variants", nargs="+", default=ALL_VARIANTS, help="e.g. base aug clardrec -FA"
-    )
-    parser.add_argument("--max-epochs", type=int, default=100)
-    parser.add_argument(
-        "--jobs", type=int, default=1, help="runs at a time, sharing the cores (default 1)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=DEFAULT_THREADS,
-        help="torch threads of every run, whatever --jobs is (default 1; jobs x threads "
-        "should not exceed the cores)",
-    )
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="print the tables from the runs that have finished; run nothing",
-    )
-    parser.add_argument("--quick", action="store_true", help="one seed, few epochs")
-    parser.add_argument("--quick-epochs", type=int, default=2)
-    parser.add_argument("--out", default="outputs/tables/clardrec")
-    parser.add_argument(
-        "--override", nargs="*", default=[], help="extra Hydra overrides for every run"
-    )
-    parser.add_argument(
-        "--no-paper", dest="show_paper", action="store_false", help="hide the published numbers"
     )
     args = parser.parse_args(_ablation_names_as_values(sys.argv[1:] if argv is None else argv))
     args.variants = [v.strip() for v in args.variants]
@@ -332,7 +201,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out = str(Path(args.out) / "quick")
-    _quiet_lightning()
+    grid.quiet_lightning()
     results = collect(args)
     text = tables(results, args)
     print("\n" + text)

@@ -1,0 +1,174 @@
+"""The machinery every paper table shares: a grid of runs (cells x seeds), each in its
+own directory, reused when it finished with the same overrides and thread count,
+resumed when it was interrupted, run one or --jobs at a time; the command-line options
+every table takes; and the improvement line with its t-test."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from sar_exp import runs
+from sar_exp.tables.report import Cell, relative_improvement, training_length, welch_p
+from sar_exp.train import CONFIG_DIR
+
+DEFAULT_SEEDS = [0, 1, 2]
+DEFAULT_THREADS = 1  # conf/config.yaml's `threads`
+
+
+class Run(NamedTuple):
+    key: tuple  # the table cell, e.g. (backbone, variant)
+    seed: int
+    overrides: list[str]
+    run_dir: Path
+    threads: int
+    monitor: str = "val/ndcg@10"  # what the training length is read from
+
+
+def finished_run(run: Run) -> dict | None:
+    """The metrics of a run that finished with exactly these overrides and this thread
+    count (results depend on it; a run that did not record it does not count), else None."""
+    done, recorded = run.run_dir / "metrics.json", run.run_dir / "table_overrides.json"
+    if done.exists() and recorded.exists() and json.loads(recorded.read_text()) == run.overrides:
+        metrics = json.loads(done.read_text())
+        if metrics.get("threads") == run.threads:
+            return metrics
+    return None
+
+
+def run_one(run: Run) -> dict:
+    """Run one cell, or reuse it when it finished before with the same overrides; a
+    cell that was interrupted with the same overrides resumes from its last.ckpt."""
+    if (metrics := finished_run(run)) is not None:
+        return metrics
+    recorded = run.run_dir / "table_overrides.json"
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    same = recorded.exists() and json.loads(recorded.read_text()) == run.overrides
+    resume = [f"ckpt_path={last}"] if same and last.exists() else []
+    if not resume:  # another run's checkpoints must never be resumed under these overrides
+        for stale in run.run_dir.glob("checkpoints/*.ckpt"):
+            stale.unlink()
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_atomic(recorded, json.dumps(run.overrides))  # what a resume must match
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sar_exp.train import train
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"seed={run.seed}", f"paths.output_dir={run.run_dir}",
+                       f"paths.root_dir={Path.cwd()}",
+                       f"paths.cache_dir={Path.cwd() / '.cache' / 'sar_exp'}",
+                       *run.overrides, *resume],
+        )  # fmt: skip
+    return train(cfg, overrides=[])
+
+
+def quiet_lightning() -> None:
+    """A grid prints one line a run, not Lightning's banners and warnings."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import; quiet them after)
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def _run_task(run: Run) -> tuple:
+    metrics = run_one(run)
+    return run.key, run.seed, {**metrics, "length": training_length(run.run_dir, run.monitor)}
+
+
+def collect(grid: list[Run], seeds: list[int], jobs: int = 1, report_only: bool = False,
+            headline: str = "test/ndcg@5") -> dict:  # fmt: skip
+    """Run (or reuse) every cell; with jobs > 1, that many at a time. Every run gets its
+    thread count whatever `jobs` is, so a table does not depend on how it was scheduled
+    (on 2 cores, two single-thread runs do 1.4x the work of one two-thread run).
+    Returns {key: [metrics of each seed, in the order asked for]}."""
+    if report_only:  # the tables from what has finished, running nothing
+        grid = [run for run in grid if finished_run(run) is not None]
+    by_seed: dict = {}
+    start = time.time()
+
+    def report(count: int, key, seed, metrics) -> None:
+        by_seed.setdefault(key, {})[seed] = metrics
+        value = metrics.get(headline, float("nan"))
+        print(f"[{count}/{len(grid)}] {' '.join(map(str, key))} seed {seed}: "
+              f"{headline.removeprefix('test/')} {value:.4f} ({time.time() - start:.0f}s)",
+              flush=True)  # fmt: skip
+
+    if jobs <= 1:
+        for count, run in enumerate(grid, 1):
+            report(count, *_run_task(run))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, context, quiet_lightning) as pool:
+            futures = [pool.submit(_run_task, run) for run in grid]
+            for count, future in enumerate(as_completed(futures), 1):
+                report(count, *future.result())
+    return {key: [found[s] for s in seeds if s in found] for key, found in by_seed.items()}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, out: str, datasets: list[str]) -> None:
+    """The options every table takes."""
+    parser.add_argument("--dataset", choices=datasets, default="synthetic")
+    parser.add_argument("--data", help="the dataset folder (with a --dataset other than synthetic)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS)
+    parser.add_argument("--max-epochs", type=int, default=100)
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, sharing the cores (default 1)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS,
+        help="torch threads of every run, whatever --jobs is (default 1; jobs x threads "
+        "should not exceed the cores)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="print the tables from the runs that have finished; run nothing",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="one seed, few epochs")
+    parser.add_argument("--quick-epochs", type=int, default=2)
+    parser.add_argument("--out", default=out)
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="extra Hydra overrides for every run"
+    )
+    parser.add_argument(
+        "--no-paper", dest="show_paper", action="store_false", help="hide the published numbers"
+    )
+
+
+def common_overrides(args) -> list[str]:
+    """What --quick and --threads add to every run of a table (after its own overrides,
+    before --override); --max-epochs is each table's to place."""
+    out = []
+    if args.quick:
+        out.append(f"trainer.max_epochs={args.quick_epochs}")
+    if args.threads != DEFAULT_THREADS:  # recorded like every other change from the defaults
+        out.append(f"threads={args.threads}")
+    return out
+
+
+def improvement(ours: Cell, baselines: dict[str, Cell], metric: str) -> str:
+    """`metric +x%* vs best (p=...)`: our mean against the best baseline's, with a Welch
+    t-test over seeds (* for p <= 0.05 when ours is higher)."""
+    baselines = {name: cell for name, cell in baselines.items() if cell.values}  # those run
+    if not baselines or not ours.values:
+        return f"{metric} n/a"
+    best = max(baselines, key=lambda name: baselines[name].mean)
+    p = welch_p(ours.values, baselines[best].values)
+    star = "*" if not math.isnan(p) and p <= 0.05 and ours.mean > baselines[best].mean else ""
+    p_text = f"p={p:.3f}" if not math.isnan(p) else "p=n/a"
+    change = relative_improvement(ours.mean, baselines[best].mean)
+    return f"{metric} {change:+.2f}%{star} vs {best} ({p_text})"
