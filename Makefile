@@ -50,3 +50,9 @@ THREADS ?= 1
 .PHONY: table-clardrec
 table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, THREADS=, QUICK=1, BACKBONES=, VARIANTS=)
 	$(PYTHON) -m sar_exp.tables.clardrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) --threads $(THREADS) $(if $(QUICK),--quick) $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(VARIANTS),--variants $(VARIANTS))
+
+# UniSAR's Table 3, 4 and 5. DATASET=kuaisar|amazon DATA=DIR for the real data; the
+# other switches as for table-clardrec (VARIANTS="SASRec JSR UniSAR" runs part of it).
+.PHONY: table-unisar
+table-unisar: ## UniSAR Table 3 + 4 + 5 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, THREADS=, QUICK=1, VARIANTS=)
+	$(PYTHON) -m sar_exp.tables.unisar --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) --threads $(THREADS) $(if $(QUICK),--quick) $(if $(VARIANTS),--variants $(VARIANTS))

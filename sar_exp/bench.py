@@ -115,7 +115,8 @@ class DataWaitTimer:
         return _Timer()
 
 
-def _compose(folder: str, cache: str, method: str, backbone: str, batch_size: int):
+def _compose(folder: str, cache: str, method: str, backbone: str, batch_size: int,
+             extra: list[str] = ()):  # fmt: skip
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -128,7 +129,7 @@ def _compose(folder: str, cache: str, method: str, backbone: str, batch_size: in
             overrides=[
                 f"method={method}", f"backbone={backbone}", "dataset=kuaisar", f"dataset.path={folder}",
                 f"paths.cache_dir={cache}", "paths.root_dir=.", "paths.output_dir=.",
-                f"data.batch_size={batch_size}",
+                f"data.batch_size={batch_size}", *extra,
             ],
         )  # fmt: skip
 
@@ -196,6 +197,10 @@ def main(argv=None) -> None:
         "--cache", default=".cache/sar_exp", help="where the generated dataset is kept"
     )
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--override", nargs="*", default=[],
+        help="extra overrides for the training runs, e.g. protocol=unisar_kuaisar",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import lightning.pytorch  # noqa: F401  (sets its loggers' levels on import; quiet them after)
@@ -245,7 +250,7 @@ def _run(args, folder: Path, scratch: str) -> None:
     results = {"preprocessing": timings, "peak_gb": peak_gb, "rows": rows, "training": {}}
     for method in args.methods:
         for backbone in args.backbones:
-            cfg = _compose(str(folder), scratch, method, backbone, args.batch_size)
+            cfg = _compose(str(folder), scratch, method, backbone, args.batch_size, args.override)
             if not method_supports(cfg.method, backbone, cfg.task):
                 print(f"  {method:<9} {backbone:<9} {'n/a':>10}")
                 continue

@@ -120,11 +120,11 @@ def check_config(cfg: DictConfig) -> None:
     scored = set(cfg.method.get("scores") or ["rec"]) & set(
         cfg.dataset.protocol.get("evaluated_tasks") or ["rec"]
     )
-    if (
-        ("search/" in monitor or "/mean_" in monitor)
-        and scored != {"rec", "search"}
-        or (monitor.startswith("val/") and "search/" not in monitor and "rec" not in scored)
-    ):
+    if "/mean_" in monitor:  # the mean of the rec and search values
+        needs = {"rec", "search"}
+    else:
+        needs = {"search"} if "search/" in monitor else {"rec"}
+    if monitor.startswith("val/") and not needs <= scored:
         raise ConfigError(
             f"optimized_metric={monitor} needs that task scored: method={cfg.method.name} "
             f"scores {list(cfg.method.get('scores') or ['rec'])} and "

@@ -41,11 +41,16 @@ def relative_improvement(new: float, old: float) -> float:
 
 
 def render(
-    rows: list[tuple[str, str, str, list[Cell], list[float] | None]], metrics: list[str], title: str
+    rows: list[tuple[str, str, str, list[Cell], list[float] | None]],
+    metrics: list[str],
+    title: str,
+    headers: tuple[str, str] = ("backbone", "method"),
+    footnote: str = "each cell: ours (mean±std over seeds) and, in brackets, the paper's KuaiSAR value",
 ) -> str:
     """rows: (group, backbone, label, cells, published) -> a text table."""
     width = 15 if any(len(c.values) > 1 for r in rows for c in r[3]) else 8
-    head = f"{'':<11}{'backbone':<9}{'method':<12}" + "".join(
+    label_width = max(12, *(len(r[2]) + 1 for r in rows)) if rows else 12
+    head = f"{'':<11}{headers[0]:<9}{headers[1]:<{label_width}}" + "".join(
         f"{m.upper():>{width + 9}}" for m in metrics
     )
     lines = [title, head, "-" * len(head)]
@@ -61,10 +66,8 @@ def render(
                 else "(  -   )"
             )
             body += f"{cell.text():>{width}} {paper}"
-        lines.append(f"{shown:<11}{backbone:<9}{label:<12}{body}")
-    lines.append(
-        "each cell: ours (mean±std over seeds) and, in brackets, the paper's KuaiSAR value"
-    )
+        lines.append(f"{shown:<11}{backbone:<9}{label:<{label_width}}{body}")
+    lines.append(footnote)
     return "\n".join(lines)
 
 

@@ -1,0 +1,250 @@
+"""UniSAR's Table 3 (recommendation), Table 4 (search) and Table 5 (ablations) over
+several seeds, beside the paper's numbers.
+
+    python -m sar_exp.tables.unisar [--dataset synthetic|kuaisar|amazon --data DIR]
+                                    [--seeds 0 1 2] [--quick] [--variants ...]
+
+Every run uses UniSAR's protocol (protocol=unisar_kuaisar; unisar_amazon on Amazon)
+with both tasks held out, so all rows train on the same data. Rows whose model the
+framework has are run: DIN, GRU4Rec and SASRec (method=base), JSR (two towers over
+SASRec; the paper's JSR uses DIN for recommendation) and UniSAR; the other rows show
+the published numbers only. UniSAR and JSR are selected on the mean of rec and search
+validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from sar_exp.tables import grid
+from sar_exp.tables.report import Cell, render
+from sar_exp.train import write_text_atomic
+
+REC_METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10")
+# the rows we run: name -> (overrides, scores search)
+RUNNABLE = {
+    "DIN": (["method=base", "backbone=din"], False),
+    "GRU4Rec": (["method=base", "backbone=gru4rec"], False),
+    "SASRec": (["method=base", "backbone=sasrec"], False),
+    "JSR": (["method=jsr", "backbone=sasrec"], True),
+    "UniSAR": (["method=unisar", "backbone=sasrec"], True),
+}
+# Table 5: variant (as typed on the command line) -> (the paper's label, UniSAR overrides)
+ABLATIONS = {
+    "wo_r2r": ("w/o r2r", ["method.module.use_r2r=false"]),
+    "wo_r2s": ("w/o r2s", ["method.module.use_r2s=false"]),
+    "wo_s2r": ("w/o s2r", ["method.module.use_s2r=false"]),
+    "wo_s2s": ("w/o s2s", ["method.module.use_s2s=false"]),
+    "wo_mask": ("w/o mask M", ["method.module.use_mask=false"]),
+    "wo_align": ("w/o L_Align", ["method.module.use_align=false"]),
+    "wo_rel": ("w/o L_Rel", ["method.module.use_rel=false"]),
+    "wo_mca_r": ("w/o MCA_r", ["method.module.use_mca_r=false"]),
+    "wo_mca_s": ("w/o MCA_s", ["method.module.use_mca_s=false"]),
+    "wo_mmoe": ("w/o MMoE", ["method.module.use_mmoe=false"]),
+}
+JOINT = "wo_joint"  # "w/o Joint Training": two runs, see JOINT_HALVES
+# two separately trained single-task models: rec metrics from one, search from the other
+JOINT_HALVES = {
+    "rec": ["method.module.train_tasks=[rec]", "method.scores=[rec]",
+            "method.companion_batch_sizes={}", "optimized_metric=val/ndcg@5"],
+    "search": ["method.module.train_tasks=[search]", "method.scores=[search]",
+               "method.companion_batch_sizes={}", "data.main_task=search",
+               "optimized_metric=val/search/ndcg@5"],
+}  # fmt: skip
+ALL_VARIANTS = [*RUNNABLE, *ABLATIONS, JOINT]
+LABELS = {**{k: label for k, (label, _) in ABLATIONS.items()}, JOINT: "w/o Joint Training"}
+NAN = math.nan
+
+# Published numbers (HR@1, HR@5, HR@10, NDCG@5, NDCG@10). Table 3: recommendation.
+PUBLISHED_REC = {
+    "kuaisar": {
+        "DIN": (0.1629, 0.4509, 0.6179, 0.3104, 0.3643), "GRU4Rec": (0.1097, 0.3764, 0.5788, 0.2435, 0.3087),
+        "SASRec": (0.1249, 0.4065, 0.6007, 0.2671, 0.3298), "BERT4Rec": (0.1061, 0.3699, 0.5885, 0.2381, 0.3083),
+        "FMLP-Rec": (0.1370, 0.4292, 0.6159, 0.2851, 0.3453), "NRHUB": (0.1243, 0.3862, 0.5610, 0.2572, 0.3136),
+        "Query-SeqRec": (0.1166, 0.3920, 0.5890, 0.2552, 0.3186), "SESRec": (0.1827, 0.4956, 0.6643, 0.3432, 0.3978),
+        "JSR": (0.1754, 0.4791, 0.6453, 0.3315, 0.3853), "USER": (0.1489, 0.4086, 0.5627, 0.2820, 0.3318),
+        "UnifiedSSR": (0.1225, 0.3981, 0.5939, 0.2617, 0.3249), "UniSAR": (0.1990, 0.5169, 0.6792, 0.3632, 0.4158),
+    },
+    "amazon": {
+        "DIN": (0.2159, 0.5170, 0.6525, 0.3726, 0.4165), "GRU4Rec": (0.1725, 0.4949, 0.6548, 0.3388, 0.3907),
+        "SASRec": (0.2059, 0.5295, 0.6772, 0.3747, 0.4225), "BERT4Rec": (0.2481, 0.5311, 0.6658, 0.3954, 0.4390),
+        "FMLP-Rec": (0.1991, 0.5356, 0.6879, 0.3739, 0.4232), "NRHUB": (0.1889, 0.4988, 0.6503, 0.3487, 0.3977),
+        "Query-SeqRec": (0.2186, 0.5401, 0.6860, 0.3859, 0.4333), "SESRec": (0.2726, 0.5623, 0.6864, 0.4245, 0.4648),
+        "JSR": (0.2346, 0.5467, 0.6779, 0.3970, 0.4396), "USER": (0.2361, 0.5441, 0.6854, 0.3964, 0.4422),
+        "UnifiedSSR": (0.2013, 0.5196, 0.6707, 0.3662, 0.4151), "UniSAR": (0.3010, 0.5874, 0.7020, 0.4513, 0.4885),
+    },
+}  # fmt: skip
+# Table 4: search.
+PUBLISHED_SEARCH = {
+    "kuaisar": {
+        "QEM": (0.2944, 0.6020, 0.7182, 0.4575, 0.4953), "HEM": (0.3337, 0.6505, 0.7653, 0.5029, 0.5400),
+        "AEM": (0.2703, 0.5956, 0.7182, 0.4415, 0.4812), "ZAM": (0.2815, 0.6117, 0.7344, 0.4560, 0.4959),
+        "TEM": (0.3045, 0.6502, 0.7632, 0.4887, 0.5254), "CoPPS": (0.3117, 0.6616, 0.7707, 0.4977, 0.5331),
+        "JSR": (0.4543, 0.7162, 0.7961, 0.5962, 0.6221), "USER": (0.4628, 0.7304, 0.8149, 0.6069, 0.6342),
+        "UnifiedSSR": (0.4389, 0.7377, 0.8320, 0.5991, 0.6297), "UniSAR": (0.5282, 0.7476, 0.8369, 0.6417, 0.6708),
+    },
+    "amazon": {
+        "QEM": (0.2772, 0.7100, 0.8186, 0.5066, 0.5422), "HEM": (0.2497, 0.6778, 0.8267, 0.4736, 0.5221),
+        "AEM": (0.2916, 0.7095, 0.8443, 0.5114, 0.5554), "ZAM": (0.2954, 0.7109, 0.8468, 0.5147, 0.5590),
+        "TEM": (0.4090, 0.8185, 0.9051, 0.6303, 0.6587), "CoPPS": (0.4052, 0.8169, 0.9051, 0.6281, 0.6570),
+        "JSR": (0.3176, 0.7038, 0.8225, 0.5173, 0.5563), "USER": (0.4123, 0.7631, 0.8697, 0.6000, 0.6348),
+        "UnifiedSSR": (0.3663, 0.7744, 0.8812, 0.5847, 0.6196), "UniSAR": (0.5343, 0.8190, 0.8977, 0.6875, 0.7132),
+    },
+}  # fmt: skip
+# Table 5 (KuaiSAR only): rec NDCG@5, NDCG@10, search NDCG@5, NDCG@10.
+PUBLISHED_ABLATION = {
+    "UniSAR": (0.3632, 0.4158, 0.6417, 0.6708), "w/o r2r": (0.3258, 0.3798, 0.6007, 0.6319),
+    "w/o r2s": (0.3606, 0.4136, 0.6376, 0.6690), "w/o s2r": (0.3512, 0.4036, 0.6292, 0.6584),
+    "w/o s2s": (0.3399, 0.3941, 0.6404, 0.6706), "w/o mask M": (0.3503, 0.4024, 0.6217, 0.6507),
+    "w/o L_Align": (0.3458, 0.3956, 0.6069, 0.6381), "w/o L_Rel": (0.3472, 0.3988, 0.6177, 0.6465),
+    "w/o MCA_r": (0.3384, 0.3924, 0.6094, 0.6397), "w/o MCA_s": (0.3561, 0.4091, 0.6257, 0.6545),
+    "w/o MMoE": (0.3132, 0.3692, 0.6143, 0.6438), "w/o Joint Training": (0.3569, 0.4105, 0.5850, 0.6167),
+}  # fmt: skip
+
+
+def base_overrides(args) -> list[str]:
+    protocol = "unisar_amazon" if args.dataset == "amazon" else "unisar_kuaisar"
+    out = [f"protocol={protocol}", "dataset.protocol.evaluated_tasks=[rec,search]", "logger=csv",
+           "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+           "callbacks.early_stopping.patience=5", f"trainer.max_epochs={args.max_epochs}"]  # fmt: skip
+    if args.dataset != "synthetic":
+        # the official settings belong to the real data (the experiment files)
+        out += [f"experiment=unisar_{args.dataset}", f"dataset.path={args.data}"]
+    return out
+
+
+def cell_runs(name: str, args) -> list[tuple[str, list[str], str]]:
+    """(part, overrides, monitor) of each run a row needs."""
+    common = base_overrides(args)
+    if name in RUNNABLE:
+        overrides, both = RUNNABLE[name]
+        monitor = "val/mean_ndcg@5" if both else "val/ndcg@5"
+        return [("", [*overrides, *common, f"optimized_metric={monitor}"], monitor)]
+    unisar = [*RUNNABLE["UniSAR"][0], *common]
+    if name == JOINT:
+        return [(task, [*unisar, *extra], extra[-1].split("=", 1)[1])
+                for task, extra in JOINT_HALVES.items()]  # fmt: skip
+    return [
+        ("", [*unisar, *ABLATIONS[name][1], "optimized_metric=val/mean_ndcg@5"], "val/mean_ndcg@5")
+    ]
+
+
+def collect(args) -> dict:
+    cells = []
+    for name in args.variants:
+        for part, overrides, monitor in cell_runs(name, args):
+            folder = name + (f"_{part}" if part else "")
+            for seed in args.seeds:
+                cells.append(grid.Run(
+                    (name, part), seed, [*overrides, *grid.common_overrides(args), *args.override],
+                    Path(args.out) / args.dataset / folder / f"seed{seed}", args.threads, monitor,
+                ))  # fmt: skip
+    return grid.collect(cells, args.seeds, args.jobs, args.report_only, headline="test/ndcg@5")
+
+
+def metric_cells(results, name: str, task: str, metrics) -> list[Cell]:
+    """Cells of one row for one task ("" prefix rec, "search/" search)."""
+    part = "" if name != JOINT else task
+    runs = results.get((name, part), [])
+    prefix = "test/" if task == "rec" else "test/search/"
+    return [Cell([r[prefix + m] for r in runs if prefix + m in r]) for m in metrics]
+
+
+def tables(results, args) -> str:
+    dataset = "amazon" if args.dataset == "amazon" else "kuaisar"
+    show = args.show_paper
+    rec_rows, search_rows = [], []
+    for name, published in PUBLISHED_REC[dataset].items():
+        family = (
+            "SeqRec" if name in ("DIN", "GRU4Rec", "SASRec", "BERT4Rec", "FMLP-Rec") else "Joint"
+        )
+        runnable = name in RUNNABLE and name in args.variants
+        cells = metric_cells(results, name, "rec", REC_METRICS) if runnable else [Cell([])] * 5
+        rec_rows.append(
+            (family, "" if runnable else "paper", name, cells, published if show else None)
+        )
+    for name, published in PUBLISHED_SEARCH[dataset].items():
+        family = "Joint" if name in ("JSR", "USER", "UnifiedSSR", "UniSAR") else "PerSearch"
+        runnable = name in ("JSR", "UniSAR") and name in args.variants
+        cells = metric_cells(results, name, "search", REC_METRICS) if runnable else [Cell([])] * 5
+        search_rows.append(
+            (family, "" if runnable else "paper", name, cells, published if show else None)
+        )
+    ablation_rows = []
+    for name in ("UniSAR", *ABLATIONS, JOINT):
+        if name not in args.variants:
+            continue
+        cells = metric_cells(results, name, "rec", ("ndcg@5", "ndcg@10")) + metric_cells(
+            results, name, "search", ("ndcg@5", "ndcg@10")
+        )
+        label = LABELS.get(name, name)
+        published = PUBLISHED_ABLATION.get(label) if show and dataset == "kuaisar" else None
+        ablation_rows.append(("Table 5", "", label, cells, published))
+    seeds = f"{len(args.seeds)} seed(s): {' '.join(map(str, args.seeds))}"
+    footnote = f"each cell: ours (mean±std over seeds) and, in brackets, the paper's {dataset} value; 'paper' rows are published only"
+    lines = [
+        render(rec_rows, list(REC_METRICS), f"Table 3 (UniSAR): recommendation on {args.dataset}, {seeds}",
+               ("", "run"), footnote),
+        improvement_line(results, "rec", ["DIN", "GRU4Rec", "SASRec", "JSR"]),
+        "",
+        render(search_rows, list(REC_METRICS), f"Table 4 (UniSAR): search on {args.dataset}, {seeds}",
+               ("", "run"), footnote),
+        improvement_line(results, "search", ["JSR"]),
+        "",
+        render(ablation_rows, ["rec ndcg@5", "rec ndcg@10", "src ndcg@5", "src ndcg@10"],
+               f"Table 5 (UniSAR): ablations on {args.dataset} (published: KuaiSAR)", ("", ""),
+               footnote),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def improvement_line(results, task: str, baselines: list[str]) -> str:
+    parts = [
+        grid.improvement(
+            metric_cells(results, "UniSAR", task, [m])[0],
+            {b: metric_cells(results, b, task, [m])[0] for b in baselines}, m,
+        )
+        for m in REC_METRICS
+    ]  # fmt: skip
+    return (
+        f"Improv. of UniSAR over the best baseline run ({task}; Welch t-test, * p <= 0.05): "
+        + "; ".join(parts)
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sar_exp.tables.unisar", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    grid.add_common_arguments(parser, "outputs/tables/unisar", ["synthetic", "kuaisar", "amazon"])
+    parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS,
+                        help="rows to run, e.g. SASRec JSR UniSAR wo_mmoe wo_joint")  # fmt: skip
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    unknown = [v for v in args.variants if v not in ALL_VARIANTS]
+    if unknown:
+        parser.exit(2, f"{parser.prog}: error: --variants: unknown {', '.join(unknown)}; "
+                       f"choose from {', '.join(ALL_VARIANTS)}\n")  # fmt: skip
+    if args.dataset != "synthetic" and not args.data:
+        parser.exit(2, f"{parser.prog}: error: --dataset {args.dataset} needs --data DIR\n")
+    if args.quick:
+        args.seeds = args.seeds[:1]
+        args.out = str(Path(args.out) / "quick")
+    grid.quiet_lightning()
+    text = tables(collect(args), args)
+    print("\n" + text)
+    report = Path(args.out) / args.dataset / (
+        "tables.txt" if args.variants == ALL_VARIANTS and args.seeds == grid.DEFAULT_SEEDS
+        else "tables_" + "_".join(args.variants)[:80]
+        + f"_seeds{'-'.join(map(str, args.seeds))}.txt"
+    )  # fmt: skip
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(report, text + "\n")
+    print(f"\nwritten to {report}")
+
+
+if __name__ == "__main__":
+    main()
