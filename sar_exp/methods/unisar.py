@@ -89,6 +89,8 @@ class UniSAR(RecommenderModule):
         paper_prediction: bool = True,
         embedding_style: str = "paper",
         use_captions: bool = True,
+        lr_scheduler: bool = True,
+        monitor: str = "val/mean_ndcg@5",
         **kwargs,
     ):
         super().__init__(schema, backbone, **kwargs)
@@ -118,16 +120,21 @@ class UniSAR(RecommenderModule):
         # table; an item's caption is the mean of its words (where the data has them).
         captions = (kwargs.get("lookup_tables") or {}).get("item_caption_words")
         self.use_captions = bool(use_captions and captions is not None and (captions > 0).any())
-        self.register_buffer(
+        self.register_buffer(  # int32: the KuaiSAR table is large (673k items x 50 words)
             "caption_words",
-            captions.long() if self.use_captions else torch.zeros(1, 1, dtype=torch.long),
+            captions.int() if self.use_captions else torch.zeros(1, 1, dtype=torch.int),
             persistent=False,
         )
-        item_in = self.items.out_dim + (table if self.use_captions else 0)
+        self.official_embeddings = embedding_style == "official"
+        # the code encodes a caption like a query (projected to d) before the item's
+        # projection; the paper has no captions, and its tables are d wide
+        caption_width = (d if self.official_embeddings else table) if self.use_captions else 0
+        item_in = self.items.out_dim + caption_width
         self.item_projection = self._projection(item_in, d, embedding_style)
         self.user_projection = self._projection(self.users.out_dim, d, embedding_style)
         self.query_projection = self._projection(self.queries.out_dim, d, embedding_style)
-        self.q_phi = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, d)))  # Sec. 4.3.2
+        q_phi = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, d)))  # Sec. 4.3.2
+        self.q_phi = q_phi if "rec" in train_tasks else None  # a search-only model has none
         # Transition extraction (Eq. 3-4): drawn for every transition, kept for the used
         # ones, so an ablation starts from the same weights in every other part
         extractors = {
@@ -158,6 +165,17 @@ class UniSAR(RecommenderModule):
             {s: m for s, m in align.items() if use_align and self._aligned(s)}
         )
         self.rel_sim = rel if use_rel else None
+        if embedding_style == "official":
+            self._official_init()
+
+    def _official_init(self) -> None:
+        """The code's initialisation: xavier-normal embedding tables and linear weights,
+        zero biases (set embedding_dim=32 as well for its 32-wide tables)."""
+        for module in self.modules():
+            if isinstance(module, nn.Embedding | nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     @staticmethod
     def _projection(width: int, d: int, style: str) -> nn.Module:
@@ -178,7 +196,8 @@ class UniSAR(RecommenderModule):
     def _item_embedding(self, ids: torch.Tensor) -> torch.Tensor:
         parts = [self.items(ids)]
         if self.use_captions:
-            parts.append(self.queries.mean_of_words(self.caption_words[ids]))
+            caption = self.queries.mean_of_words(self.caption_words[ids])
+            parts.append(self.query_projection(caption) if self.official_embeddings else caption)
         return self.item_projection(torch.cat(parts, dim=-1))
 
     def _query_embedding(self, ids: torch.Tensor) -> torch.Tensor:
@@ -221,6 +240,13 @@ class UniSAR(RecommenderModule):
         for name in TRANSITIONS:  # Sec. 5.3: the same slots' other transition stands in
             if not self.uses[name]:
                 out[name] = out[STAND_IN[name]]
+        # A row without search history has no s2r (nothing to cross to), one without rec
+        # history no r2s: their same-type transition stands in, as for an ablation, so
+        # Eq. 7's cross-attention is not queried with zeros (which would give every slot
+        # the same value and lose the sequence). The official data never has such rows.
+        has_rec, has_ses = rec_valid.any(1)[:, None, None], ses_valid.any(1)[:, None, None]
+        out["s2r"] = torch.where(has_ses, out["s2r"], out["r2r"])
+        out["r2s"] = torch.where(has_rec, out["r2s"], out["s2s"])
         return out
 
     def _cross_transitions(self, batch, items, queries, rec_width, ses_width) -> dict:
@@ -232,7 +258,10 @@ class UniSAR(RecommenderModule):
             queries(batch["interleaved_query"])
             + self._mean_clicks(items, batch["interleaved_clicks"]),
         )
-        # Eq. 4: a slot attends only to slots of the other behaviour type (w/o mask: all)
+        # Eq. 4: a slot attends only to slots of the other behaviour type (w/o mask: all).
+        # Eq. 4 as printed multiplies the scores by M (a 0 score, not a blocked one); the
+        # text ("attention is computed exclusively among different behaviors") and the
+        # code block them, and so does this.
         allowed = types[:, :, None] != types[:, None, :] if self.hparams.use_mask else None
         merged = self.encoders["merged"](steps, valid, allowed)
         if allowed is not None:  # a slot with no other-type slot to attend to: nothing
@@ -252,7 +281,9 @@ class UniSAR(RecommenderModule):
         return torch.where(torch.gather(keep, 1, order)[..., None], picked, 0.0)
 
     def fused(self, h: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """V_r and V_s (Eq. 7); w/o MCA: H_same + H_cross."""
+        """V_r and V_s (Eq. 7); w/o MCA: H_same + H_cross. Sec. 5.3 describes w/o MCA_r as
+        adding H_s2s and H_r2s, the search side, while Eq. 7 names MCA_r the rec side's
+        cross-attention; this follows Eq. 7 (use_mca_r: rec, use_mca_s: search)."""
         if "r" in self.fusion:
             v_r = self.fusion["r"](h["r2r"], h["s2r"], h["rec_valid"])
         else:
@@ -276,7 +307,7 @@ class UniSAR(RecommenderModule):
         agg_r = self.target_attention["r"](v_r, h["rec_valid"], e_i)
         e_u = self.user_projection(self.users(batch["user"]))[:, None].expand(b, k, d)
         if task == "rec":
-            e_q = self.q_phi.expand(b * k, d).view(b, k, d)  # the learnable rec query
+            e_q = self.q_phi.expand(b * k, d).view(b, k, d)  # the learnable rec query q_phi
         else:
             e_q = queries(batch["query"])[:, None].expand(b, k, d)
         x = torch.cat([e_u, e_i, e_q, agg_s, agg_r], dim=-1)  # X_b (Sec. 4.3.2)
@@ -368,9 +399,21 @@ class UniSAR(RecommenderModule):
 
     def configure_optimizers(self):
         """Adam; lambda ||Theta||_2 (Eq. 12) as weight decay on every parameter whose name
-        has no "bias" (the official code's choice, temperatures and embeddings included)."""
-        decay = [p for n, p in self.named_parameters() if "bias" not in n]
-        plain = [p for n, p in self.named_parameters() if "bias" in n]
+        has no "bias" (the official code), embeddings included; not on the temperatures,
+        learned here as log tau (decay would pull tau to 1). The learning rate drops
+        tenfold after 3 epochs without a better selection metric, down to 1e-6 (the
+        code's ReduceLROnPlateau; the paper only says Adam)."""
+        plain = lambda name: "bias" in name or "temperature" in name  # noqa: E731
+        decay = [p for n, p in self.named_parameters() if not plain(n)]
+        rest = [p for n, p in self.named_parameters() if plain(n)]
         groups = [{"params": decay, "weight_decay": self.weight_decay},
-                  {"params": plain, "weight_decay": 0.0}]  # fmt: skip
-        return torch.optim.Adam(groups, lr=self.lr)
+                  {"params": rest, "weight_decay": 0.0}]  # fmt: skip
+        optimizer = torch.optim.Adam(groups, lr=self.lr)
+        if not self.hparams.lr_scheduler:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.1, patience=3, min_lr=1e-6
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor,
+                                 "interval": "epoch"}}  # fmt: skip

@@ -8,6 +8,10 @@ rows. `paper=False` is the official code: cross-entropy with the positive in the
 denominator, 0.5 x (both directions) for L_Rel, and NT-Xent over the 2B pooled rows
 (every other row a negative) for L_Align.
 
+The paper's forms sum both directions without the code's 0.5, and L_Align's two terms
+each average over rows where NT-Xent averages over 2B anchors: alpha and beta, tuned for
+the code's forms, weigh about twice as much here.
+
 L_Rel is computed from the distinct queries and items of a batch: every (query, clicked
 item) pair of the batch's history sessions contributes, but the log-sum-exp over the
 sampled negatives depends only on the query (item side) or only on the item (query
@@ -19,15 +23,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+MIN_TEMPERATURE = 0.01
+
 
 class BilinearSimilarity(nn.Module):
-    """sim(a, b) = tanh(a W b^T) / tau (Eq. 2), tau learnable from `temperature`."""
+    """sim(a, b) = tanh(a W b^T) / tau (Eq. 2), tau learnable from `temperature`.
+
+    tau is kept positive (learned as log tau, at least MIN_TEMPERATURE): the printed
+    Eq. 2 and 5 leave the positive out of the denominator, so once positives beat the
+    negatives the loss falls without bound as tau -> 0 and an unconstrained tau goes
+    through zero. The official code's cross-entropy is bounded and does not clamp."""
 
     def __init__(self, d: int, temperature: float):
         super().__init__()
         self.weight = nn.Linear(d, d, bias=False)
         nn.init.xavier_normal_(self.weight.weight)
-        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+        self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
 
     def matrix(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[Na, d], [Nb, d] -> [Na, Nb]."""
@@ -36,6 +51,11 @@ class BilinearSimilarity(nn.Module):
     def pairs(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[N, d], [N, d] -> [N]."""
         return torch.tanh((self.weight(a) * b).sum(-1)) / self.temperature
+
+    def zero(self) -> torch.Tensor:
+        """A zero loss that still reaches every parameter (a batch without pairs must not
+        leave them without a gradient: multi-process training needs one for each)."""
+        return 0.0 * (self.weight.weight.sum() + self.log_temperature)
 
 
 def relevance_loss(
@@ -51,7 +71,7 @@ def relevance_loss(
     """Eq. 2 over the pairs (pair_query[k], pair_item[k]), indices into the distinct
     query_emb [Uq, d] and item_emb [Ui, d]; negatives [N, d] are shared by the batch."""
     if pair_query.numel() == 0:
-        return query_emb.sum() * 0.0
+        return sim.zero() + 0.0 * query_emb.sum()
     positive = sim.pairs(query_emb[pair_query], item_emb[pair_item])  # [P]
     items_lse = torch.logsumexp(sim.matrix(query_emb, negative_items), dim=1)[pair_query]
     queries_lse = torch.logsumexp(sim.matrix(negative_queries, item_emb), dim=0)[pair_item]
@@ -75,7 +95,7 @@ def alignment_loss(
     same, cross, user = same[valid], cross[valid], user[valid]
     n = same.shape[0]
     if n < 2:
-        return same.sum() * 0.0
+        return sim.zero() + 0.0 * same.sum()
     if paper:
         scores = sim.matrix(same, cross)  # [n, n]: row b's same vs row b''s cross
         positive = scores.diagonal()
@@ -85,7 +105,7 @@ def alignment_loss(
         lse_cross = torch.logsumexp(masked, dim=1)  # sum over h_cross^- for this h_same
         lse_same = torch.logsumexp(masked.T, dim=1)  # sum over h_same^- for this h_cross
         terms = (lse_cross + lse_same - 2 * positive)[has]
-        return terms.mean() if terms.numel() else same.sum() * 0.0
+        return terms.mean() if terms.numel() else sim.zero() + 0.0 * same.sum()
     rows = torch.cat([same, cross])  # NT-Xent (SimCLR) over 2n rows
     scores = sim.matrix(rows, rows)
     scores = scores.masked_fill(

@@ -49,9 +49,9 @@ JOINT = "wo_joint"  # "w/o Joint Training": two runs, see JOINT_HALVES
 # two separately trained single-task models: rec metrics from one, search from the other
 JOINT_HALVES = {
     "rec": ["method.module.train_tasks=[rec]", "method.scores=[rec]",
-            "method.companion_batch_sizes={}", "optimized_metric=val/ndcg@5"],
+            "~method.companion_batch_sizes.search", "optimized_metric=val/ndcg@5"],
     "search": ["method.module.train_tasks=[search]", "method.scores=[search]",
-               "method.companion_batch_sizes={}", "data.main_task=search",
+               "~method.companion_batch_sizes.search", "data.main_task=search",
                "optimized_metric=val/search/ndcg@5"],
 }  # fmt: skip
 ALL_VARIANTS = [*RUNNABLE, *ABLATIONS, JOINT]
@@ -105,25 +105,30 @@ PUBLISHED_ABLATION = {
 }  # fmt: skip
 
 
-def base_overrides(args) -> list[str]:
+def base_overrides(args, unisar: bool) -> list[str]:
+    """What every row gets: UniSAR's protocol with both tasks held out, so all rows train
+    on the same data; on the real data UniSAR's rows take the official settings (its
+    experiment file), the baselines the dataset, path and the paper's batch size."""
     protocol = "unisar_amazon" if args.dataset == "amazon" else "unisar_kuaisar"
-    out = [f"protocol={protocol}", "dataset.protocol.evaluated_tasks=[rec,search]", "logger=csv",
-           "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-           "callbacks.early_stopping.patience=5", f"trainer.max_epochs={args.max_epochs}"]  # fmt: skip
+    out = []
     if args.dataset != "synthetic":
-        # the official settings belong to the real data (the experiment files)
-        out += [f"experiment=unisar_{args.dataset}", f"dataset.path={args.data}"]
+        if unisar:
+            out += [f"experiment=unisar_{args.dataset}"]
+        out += [f"dataset={args.dataset}", f"dataset.path={args.data}", "data.batch_size=1024"]
+    out += [f"protocol={protocol}", "dataset.protocol.evaluated_tasks=[rec,search]", "logger=csv",
+            "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+            "callbacks.early_stopping.patience=5", f"trainer.max_epochs={args.max_epochs}"]  # fmt: skip
     return out
 
 
 def cell_runs(name: str, args) -> list[tuple[str, list[str], str]]:
     """(part, overrides, monitor) of each run a row needs."""
-    common = base_overrides(args)
     if name in RUNNABLE:
         overrides, both = RUNNABLE[name]
         monitor = "val/mean_ndcg@5" if both else "val/ndcg@5"
+        common = base_overrides(args, unisar=name == "UniSAR")
         return [("", [*overrides, *common, f"optimized_metric={monitor}"], monitor)]
-    unisar = [*RUNNABLE["UniSAR"][0], *common]
+    unisar = [*RUNNABLE["UniSAR"][0], *base_overrides(args, unisar=True)]
     if name == JOINT:
         return [(task, [*unisar, *extra], extra[-1].split("=", 1)[1])
                 for task, extra in JOINT_HALVES.items()]  # fmt: skip
