@@ -72,6 +72,7 @@ class UniSAR(RecommenderModule):
         tau_rel: float = 0.5,
         tau_align: float = 0.1,
         rel_negatives: int = 1024,
+        rel_in_batch: bool = False,
         experts: dict | None = None,
         use_r2r: bool = True,
         use_s2s: bool = True,
@@ -103,6 +104,13 @@ class UniSAR(RecommenderModule):
         if not set(train_tasks) <= set(TASKS) or not train_tasks:
             raise ConfigError(
                 f"method.module.train_tasks must be a non-empty subset of {list(TASKS)}"
+            )
+        untrained = [t for t in kwargs.get("evaluated_tasks", ("rec",)) if t not in train_tasks]
+        if untrained:  # a single-task half has no head (and for search-only no q_phi) for it
+            raise ConfigError(
+                f"method.module.train_tasks={list(train_tasks)} cannot score the evaluated "
+                f"task {untrained[0]}: set method.scores (and dataset.protocol.evaluated_tasks) "
+                "to the trained tasks"
             )
         if (
             schema["max_interleaved_history"]
@@ -159,23 +167,34 @@ class UniSAR(RecommenderModule):
             {"shared": 4, "rec": 4, "search": 4, **(experts or {})},
             dropout, paper=paper_prediction, mmoe=use_mmoe, tasks=tuple(train_tasks),
         )  # fmt: skip
-        align = {s: BilinearSimilarity(d, tau_align) for s in ("R", "S")}
-        rel = BilinearSimilarity(d, tau_rel)
+        align = {s: BilinearSimilarity(d, tau_align, paper_losses) for s in ("R", "S")}
+        rel = BilinearSimilarity(d, tau_rel, paper_losses)
         self.align_sim = nn.ModuleDict(
             {s: m for s, m in align.items() if use_align and self._aligned(s)}
         )
         self.rel_sim = rel if use_rel else None
         if embedding_style == "official":
-            self._official_init()
+            self._official_init(extractors, fusion, align, {"rel": rel})
 
-    def _official_init(self) -> None:
+    def _official_init(self, *drawn: dict) -> None:
         """The code's initialisation: xavier-normal embedding tables and linear weights,
-        zero biases (set embedding_dim=32 as well for its 32-wide tables)."""
-        for module in self.modules():
-            if isinstance(module, nn.Embedding | nn.Linear):
-                nn.init.xavier_normal_(module.weight)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        zero biases (set embedding_dim=32 as well for its 32-wide tables). Run over every
+        module drawn, kept or not, so an ablation starts from the same weights in every
+        other part; padding rows (id 0) stay zero."""
+        modules = [*(m for group in drawn for m in group.values()), self]  # drawn ones first
+        seen = set()
+        for root in modules:
+            for module in root.modules():
+                if id(module) in seen:
+                    continue
+                seen.add(id(module))
+                if isinstance(module, nn.Embedding | nn.Linear):
+                    nn.init.xavier_normal_(module.weight)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
 
     @staticmethod
     def _projection(width: int, d: int, style: str) -> nn.Module:
@@ -244,9 +263,15 @@ class UniSAR(RecommenderModule):
         # history no r2s: their same-type transition stands in, as for an ablation, so
         # Eq. 7's cross-attention is not queried with zeros (which would give every slot
         # the same value and lose the sequence). The official data never has such rows.
-        has_rec, has_ses = rec_valid.any(1)[:, None, None], ses_valid.any(1)[:, None, None]
-        out["s2r"] = torch.where(has_ses, out["s2r"], out["r2r"])
-        out["r2s"] = torch.where(has_rec, out["r2s"], out["s2s"])
+        # Only with the type mask (without it the merged history still holds the row's own
+        # behaviour), and only where the stand-in is a real transition (not itself a
+        # stand-in for an ablated one, which would be the empty cross transition).
+        if self.hparams.use_mask:
+            has_rec, has_ses = rec_valid.any(1)[:, None, None], ses_valid.any(1)[:, None, None]
+            if self.uses["r2r"] and self.uses["s2r"]:
+                out["s2r"] = torch.where(has_ses, out["s2r"], out["r2r"])
+            if self.uses["s2s"] and self.uses["r2s"]:
+                out["r2s"] = torch.where(has_rec, out["r2s"], out["s2s"])
         return out
 
     def _cross_transitions(self, batch, items, queries, rec_width, ses_width) -> dict:
@@ -361,7 +386,7 @@ class UniSAR(RecommenderModule):
         return relevance_loss(
             self.rel_sim, queries.table, items.table, queries.index(pair_query),
             items.index(pair_item), items(neg_items), queries(neg_queries),
-            paper=self.hparams.paper_losses,
+            paper=self.hparams.paper_losses, in_batch=self.hparams.rel_in_batch,
         )  # fmt: skip
 
     def _alignment(self, batch, h) -> torch.Tensor:
@@ -385,6 +410,11 @@ class UniSAR(RecommenderModule):
         """Eq. 12: L_R + gamma L_S, both batches of the step encoded together (the L2
         term is Adam's weight decay, see configure_optimizers)."""
         tasks = self.hparams.train_tasks
+        if len(tasks) == 2 and "search" not in batch:
+            raise ConfigError(
+                "UniSAR trains both tasks every step: method.companion_batch_sizes.search "
+                "must be set (or method.module.train_tasks=[rec])"
+            )
         named = {"rec": batch, "search": batch["search"]} if len(tasks) == 2 else {tasks[0]: batch}
         negatives = self._negatives() if self.rel_sim is not None else (None, None)
         extra = () if negatives[0] is None else negatives
@@ -399,11 +429,12 @@ class UniSAR(RecommenderModule):
 
     def configure_optimizers(self):
         """Adam; lambda ||Theta||_2 (Eq. 12) as weight decay on every parameter whose name
-        has no "bias" (the official code), embeddings included; not on the temperatures,
-        learned here as log tau (decay would pull tau to 1). The learning rate drops
+        has no "bias" (the official code), embeddings and temperatures included; with the
+        paper's losses tau is learned as log tau and not decayed (decay would pull tau to
+        1). The learning rate drops
         tenfold after 3 epochs without a better selection metric, down to 1e-6 (the
         code's ReduceLROnPlateau; the paper only says Adam)."""
-        plain = lambda name: "bias" in name or "temperature" in name  # noqa: E731
+        plain = lambda name: "bias" in name or "log_temperature" in name  # noqa: E731
         decay = [p for n, p in self.named_parameters() if not plain(n)]
         rest = [p for n, p in self.named_parameters() if plain(n)]
         groups = [{"params": decay, "weight_decay": self.weight_decay},
@@ -415,5 +446,6 @@ class UniSAR(RecommenderModule):
             optimizer, mode="max", factor=0.1, patience=3, min_lr=1e-6
         )
         return {"optimizer": optimizer,
+                # not strict: a run without validation (the benchmark) has no monitor value
                 "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor,
-                                 "interval": "epoch"}}  # fmt: skip
+                                 "interval": "epoch", "strict": False}}  # fmt: skip

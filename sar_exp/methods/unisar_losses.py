@@ -12,10 +12,10 @@ The paper's forms sum both directions without the code's 0.5, and L_Align's two 
 each average over rows where NT-Xent averages over 2B anchors: alpha and beta, tuned for
 the code's forms, weigh about twice as much here.
 
-L_Rel is computed from the distinct queries and items of a batch: every (query, clicked
-item) pair of the batch's history sessions contributes, but the log-sum-exp over the
-sampled negatives depends only on the query (item side) or only on the item (query
-side), so it is computed once for each distinct one. The loss is the same as a
+L_Rel is computed from the distinct queries and items of a batch's pairs: every (query,
+clicked item) pair of the batch's history sessions contributes, but the log-sum-exp over
+the sampled negatives depends only on the query (item side) or only on the item (query
+side), so it is computed once for each distinct one that occurs in a pair. The loss is the same as a
 per-pair computation, at a fraction of the cost."""
 
 from __future__ import annotations
@@ -29,20 +29,26 @@ MIN_TEMPERATURE = 0.01
 class BilinearSimilarity(nn.Module):
     """sim(a, b) = tanh(a W b^T) / tau (Eq. 2), tau learnable from `temperature`.
 
-    tau is kept positive (learned as log tau, at least MIN_TEMPERATURE): the printed
-    Eq. 2 and 5 leave the positive out of the denominator, so once positives beat the
-    negatives the loss falls without bound as tau -> 0 and an unconstrained tau goes
-    through zero. The official code's cross-entropy is bounded and does not clamp."""
+    `paper=True`: tau is kept positive (learned as log tau, at least MIN_TEMPERATURE):
+    the printed Eq. 2 and 5 leave the positive out of the denominator, so once positives
+    beat the negatives the loss falls without bound as tau -> 0 and an unconstrained tau
+    goes through zero. `paper=False` (the official code, whose cross-entropy is bounded):
+    tau itself is the parameter, never clamped, and weight decay reaches it."""
 
-    def __init__(self, d: int, temperature: float):
+    def __init__(self, d: int, temperature: float, paper: bool = True):
         super().__init__()
         self.weight = nn.Linear(d, d, bias=False)
         nn.init.xavier_normal_(self.weight.weight)
-        self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
+        self.paper = paper
+        value = torch.tensor(float(temperature))
+        self.log_temperature = nn.Parameter(value.log()) if paper else None
+        self.raw_temperature = None if paper else nn.Parameter(value)
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
+        if self.paper:
+            return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
+        return self.raw_temperature
 
     def matrix(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[Na, d], [Nb, d] -> [Na, Nb]."""
@@ -55,7 +61,7 @@ class BilinearSimilarity(nn.Module):
     def zero(self) -> torch.Tensor:
         """A zero loss that still reaches every parameter (a batch without pairs must not
         leave them without a gradient: multi-process training needs one for each)."""
-        return 0.0 * (self.weight.weight.sum() + self.log_temperature)
+        return 0.0 * (self.weight.weight.sum() + self.temperature)
 
 
 def relevance_loss(
@@ -67,14 +73,29 @@ def relevance_loss(
     negative_items: torch.Tensor,
     negative_queries: torch.Tensor,
     paper: bool = True,
+    in_batch: bool = False,
 ) -> torch.Tensor:
     """Eq. 2 over the pairs (pair_query[k], pair_item[k]), indices into the distinct
-    query_emb [Uq, d] and item_emb [Ui, d]; negatives [N, d] are shared by the batch."""
+    query_emb [Uq, d] and item_emb [Ui, d]; negatives [N, d] are shared by the batch.
+    `in_batch`: the batch's other pairs' items (queries) are negatives too, except those
+    paired with the same query (item) somewhere in the batch."""
     if pair_query.numel() == 0:
         return sim.zero() + 0.0 * query_emb.sum()
     positive = sim.pairs(query_emb[pair_query], item_emb[pair_item])  # [P]
-    items_lse = torch.logsumexp(sim.matrix(query_emb, negative_items), dim=1)[pair_query]
-    queries_lse = torch.logsumexp(sim.matrix(negative_queries, item_emb), dim=0)[pair_item]
+    # the log-sum-exps only for the queries and items that occur in pairs
+    queries, pair_q = torch.unique(pair_query, return_inverse=True)
+    items, pair_i = torch.unique(pair_item, return_inverse=True)
+    q_emb, i_emb = query_emb[queries], item_emb[items]
+    item_scores = sim.matrix(q_emb, negative_items)  # [Uq', N]
+    query_scores = sim.matrix(negative_queries, i_emb).T  # [Ui', N]
+    if in_batch:
+        paired = torch.zeros(len(queries), len(items), dtype=torch.bool, device=q_emb.device)
+        paired[pair_q, pair_i] = True
+        batch_scores = sim.matrix(q_emb, i_emb).masked_fill(paired, float("-inf"))
+        item_scores = torch.cat([item_scores, batch_scores], dim=1)
+        query_scores = torch.cat([query_scores, batch_scores.T], dim=1)
+    items_lse = torch.logsumexp(item_scores, dim=1)[pair_q]
+    queries_lse = torch.logsumexp(query_scores, dim=1)[pair_i]
     if paper:  # -[log e^s / sum_neg e^s- (q -> i) + log e^s / sum_neg e^s- (i -> q)]
         return (items_lse + queries_lse - 2 * positive).mean()
     with_positive = torch.logaddexp(positive, items_lse) + torch.logaddexp(positive, queries_lse)

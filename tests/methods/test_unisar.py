@@ -117,6 +117,32 @@ def test_relevance_loss_per_distinct_query_and_item_equals_the_per_pair_loss(pap
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_relevance_loss_with_in_batch_negatives_adds_the_other_pairs():
+    """rel_in_batch: the batch's other pairs' items (queries) join the sampled negatives,
+    except those paired with the same query (item) in the batch."""
+    torch.manual_seed(0)
+    sim = BilinearSimilarity(D, 0.5)
+    queries, items = torch.randn(3, D), torch.randn(5, D)
+    pair_q, pair_i = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 2, 3])
+    neg_items, neg_queries = torch.randn(4, D), torch.randn(4, D)
+    s = lambda a, b: (torch.tanh(sim.weight(a) @ b) / sim.temperature).item()  # noqa: E731
+    pairs = list(zip(pair_q.tolist(), pair_i.tolist()))
+    expected = 0.0
+    for q, i in pairs:
+        to_items = [s(queries[q], n) for n in neg_items]
+        to_items += [s(queries[q], items[j]) for j in (1, 2, 3) if (q, j) not in pairs]
+        to_queries = [s(n, items[i]) for n in neg_queries]
+        to_queries += [s(queries[r], items[i]) for r in (0, 1, 2) if (r, i) not in pairs]
+        expected += math.log(sum(map(math.exp, to_items)))
+        expected += math.log(sum(map(math.exp, to_queries))) - 2 * s(queries[q], items[i])
+    expected /= len(pairs)
+    got = relevance_loss(sim, queries, items, pair_q, pair_i, neg_items, neg_queries,
+                         paper=True, in_batch=True)  # fmt: skip
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    plain = relevance_loss(sim, queries, items, pair_q, pair_i, neg_items, neg_queries)
+    assert got.item() != pytest.approx(plain.item(), rel=1e-3)
+
+
 def test_alignment_loss_is_eq5_with_other_users_as_negatives():
     torch.manual_seed(0)
     sim = BilinearSimilarity(D, 0.1)
@@ -165,8 +191,9 @@ def unisar_model(tiny_folder, tmp_path_factory):
         from sar_exp.methods.unisar import UniSAR
 
         torch.manual_seed(0)
+        flags.setdefault("evaluated_tasks", flags.get("train_tasks", ["rec", "search"]))
         return UniSAR(dm.schema, {}, lookup_tables=dm.lookup_tables(), embedding_dim=16,
-                      hidden_dim=16, rel_negatives=32, evaluated_tasks=["rec", "search"], **flags)  # fmt: skip
+                      hidden_dim=16, rel_negatives=32, **flags)  # fmt: skip
 
     return build, batch
 
@@ -180,6 +207,16 @@ def unisar_model(tiny_folder, tmp_path_factory):
         ({"use_r2r": False}, set()),
         ({"use_mask": False, "use_mca_r": False, "use_mca_s": False, "use_mmoe": False}, set()),
         ({"train_tasks": ["rec"]}, {"search_click", "search_rel", "search_align"}),
+        (
+            {
+                "paper_losses": False,
+                "embedding_style": "official",
+                "paper_fusion": False,
+                "paper_prediction": False,
+                "rel_in_batch": True,
+            },
+            set(),
+        ),
     ],
 )
 def test_every_variant_trains_every_part_it_has(unisar_model, flags, gone):
@@ -213,3 +250,30 @@ def test_two_task_run_end_to_end(make_cfg, tmp_path):
         "method.module.rel_negatives=64", output_dir=tmp_path,
     ))  # fmt: skip
     assert 0.0 <= metrics["test/ndcg@5"] <= 1.0 and 0.0 <= metrics["test/search/ndcg@5"] <= 1.0
+
+
+def test_a_single_task_half_refuses_to_score_the_other_task(unisar_model):
+    from sar_exp.errors import ConfigError
+
+    build, _ = unisar_model
+    with pytest.raises(
+        ConfigError, match="train_tasks=\\['search'\\] cannot score the evaluated task rec"
+    ):
+        build(train_tasks=["search"], evaluated_tasks=["rec", "search"])
+
+
+def test_official_initialisation_keeps_padding_rows_zero_and_ablations_share_weights(unisar_model):
+    build, _ = unisar_model
+    model = build(embedding_style="official")
+    padded = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None
+    ]
+    assert padded and all(
+        torch.equal(m.weight[m.padding_idx], torch.zeros_like(m.weight[0])) for m in padded
+    )
+    # an ablation starts from the same weights in every part it keeps
+    ablated = build(embedding_style="official", use_mca_r=False)
+    assert torch.equal(ablated.fusion["s"].ffn[0].weight, model.fusion["s"].ffn[0].weight)
+    assert torch.equal(ablated.head.gates["rec"].weight, model.head.gates["rec"].weight)
