@@ -237,6 +237,8 @@ class BatchAssembler:
                 0,
             ),
             "interleaved_mask": valid,
+            # where the slot's event sits in the rec (type 1) or search (type 0) history
+            "interleaved_position": torch.where(valid, position, 0),
         }
 
     def _user_clicks(self, user: torch.Tensor) -> torch.Tensor:

@@ -224,9 +224,9 @@ class UniSAR(RecommenderModule):
 
     def _lookups(self, batches: list[dict], extra_items=(), extra_queries=()):
         """Every item and query the step touches, encoded once."""
-        item_keys = ("candidates", "rec_history", "search_history_clicks",
-                     "interleaved_item", "interleaved_clicks")  # fmt: skip
-        query_keys = ("query", "search_history_query", "interleaved_query")
+        # (the merged history's events are those of the two histories)
+        item_keys = ("candidates", "rec_history", "search_history_clicks")
+        query_keys = ("query", "search_history_query")
         items = [b[k] for b in batches for k in item_keys if k in b] + list(extra_items)
         queries = [b[k] for b in batches for k in query_keys if k in b] + list(extra_queries)
         return Lookup(items, self._item_embedding), Lookup(queries, self._query_embedding)
@@ -251,11 +251,7 @@ class UniSAR(RecommenderModule):
         if "s2s" in self.encoders:
             out["s2s"] = self.encoders["s2s"](ses_steps, ses_valid)
         if "merged" in self.encoders:
-            out.update(
-                self._cross_transitions(
-                    batch, items, queries, rec_steps.shape[1], ses_steps.shape[1]
-                )
-            )
+            out.update(self._cross_transitions(batch, rec_steps, ses_steps))
         for name in TRANSITIONS:  # Sec. 5.3: the same slots' other transition stands in
             if not self.uses[name]:
                 out[name] = out[STAND_IN[name]]
@@ -274,15 +270,17 @@ class UniSAR(RecommenderModule):
                 out["r2s"] = torch.where(has_rec, out["r2s"], out["s2s"])
         return out
 
-    def _cross_transitions(self, batch, items, queries, rec_width, ses_width) -> dict:
+    def _cross_transitions(self, batch, rec_steps, ses_steps) -> dict:
         types, valid = batch["interleaved_type"], batch["interleaved_mask"]
-        is_rec = (types == 1)[..., None]
-        steps = torch.where(
-            is_rec,
-            items(batch["interleaved_item"]),
-            queries(batch["interleaved_query"])
-            + self._mean_clicks(items, batch["interleaved_clicks"]),
-        )
+        # the merged history holds the same events as the two histories (the same
+        # windows, merged by time): its steps are gathered from theirs, not re-encoded
+        position = batch["interleaved_position"]
+
+        def gather(steps):
+            index = position.clamp(max=steps.shape[1] - 1)[..., None]
+            return torch.gather(steps, 1, index.expand(-1, -1, steps.shape[-1]))
+
+        steps = torch.where((types == 1)[..., None], gather(rec_steps), gather(ses_steps))
         # Eq. 4: a slot attends only to slots of the other behaviour type (w/o mask: all).
         # Eq. 4 as printed multiplies the scores by M (a 0 score, not a blocked one); the
         # text ("attention is computed exclusively among different behaviors") and the
@@ -293,8 +291,8 @@ class UniSAR(RecommenderModule):
             has_other = (allowed & valid[:, None, :]).any(-1, keepdim=True)
             merged = torch.where(has_other, merged, 0.0)
         return {
-            "s2r": self._slots_of(merged, valid & (types == 1), rec_width),  # at rec slots
-            "r2s": self._slots_of(merged, valid & (types == 0), ses_width),  # at search slots
+            "s2r": self._slots_of(merged, valid & (types == 1), rec_steps.shape[1]),  # rec slots
+            "r2s": self._slots_of(merged, valid & (types == 0), ses_steps.shape[1]),  # search
         }
 
     @staticmethod

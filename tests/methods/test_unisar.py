@@ -277,3 +277,45 @@ def test_official_initialisation_keeps_padding_rows_zero_and_ablations_share_wei
     ablated = build(embedding_style="official", use_mca_r=False)
     assert torch.equal(ablated.fusion["s"].ffn[0].weight, model.fusion["s"].ffn[0].weight)
     assert torch.equal(ablated.head.gates["rec"].weight, model.head.gates["rec"].weight)
+
+
+def test_merged_history_steps_are_the_two_histories_events(unisar_model):
+    """Eq. 4's input is gathered from the rec and search histories' steps by position:
+    it must equal encoding the merged history's own items, queries and clicks."""
+    from sar_exp.methods.unisar import Lookup
+
+    build, batch = unisar_model
+    model = build()
+    items = Lookup([batch[k] for k in ("rec_history", "search_history_clicks",
+                                       "interleaved_item", "interleaved_clicks")],
+                   model._item_embedding)  # fmt: skip
+    queries = Lookup([batch["search_history_query"], batch["interleaved_query"]],
+                     model._query_embedding)  # fmt: skip
+    rec_steps = items(batch["rec_history"])
+    ses_steps = queries(batch["search_history_query"]) + model._mean_clicks(
+        items, batch["search_history_clicks"]
+    )
+    direct = torch.where(
+        (batch["interleaved_type"] == 1)[..., None],
+        items(batch["interleaved_item"]),
+        queries(batch["interleaved_query"])
+        + model._mean_clicks(items, batch["interleaved_clicks"]),
+    )
+    position = batch["interleaved_position"]
+    valid = batch["interleaved_mask"]
+    assert valid.any() and (batch["interleaved_type"][valid] == 0).any()
+    for steps, kind in ((rec_steps, 1), (ses_steps, 0)):
+        slots = valid & (batch["interleaved_type"] == kind)
+        rows, cols = slots.nonzero(as_tuple=True)
+        assert torch.allclose(steps[rows, position[rows, cols]], direct[rows, cols], atol=1e-6)
+
+
+def test_dropout_drops_at_the_rate_and_keeps_the_expectation():
+    from sar_exp.methods.unisar_layers import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000)
+    out = dropout(x, 0.1, True)
+    assert (out == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.003)
+    assert torch.equal(dropout(x, 0.1, False), x)
