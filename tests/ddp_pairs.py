@@ -64,7 +64,8 @@ def main(out: str, cache: str) -> None:
                 overrides=[
                     f"paths.root_dir={REPO}", f"paths.cache_dir={cache}",
                     f"paths.output_dir={folder}", "logger=csv", f"method={method}",
-                    f"backbone={backbone}", "trainer=ddp_sim",  # torchrun started the ranks: no spawning
+                    f"backbone={backbone}", "trainer=ddp_sim",
+                    "trainer.strategy.start_method=popen",  # torchrun started the ranks: no spawning
                     "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
                     "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
                     "+callbacks.probe._target_=tests.ddp_pairs.FirstBatchProbe",

@@ -146,9 +146,9 @@ def test_bad_config_values_are_named(make_cfg, override, message):
     [
         (["dataset=kuaisar"], "dataset=kuaisar needs dataset.path=DIR (the unzipped KuaiSAR folder)"),
         (["+dataset.synthetic.n_user=100"],
-         "dataset.synthetic.n_user is not a setting of the synthetic generator; the settings are: days,"),
+         "dataset.synthetic.n_user is not a setting of the synthetic generator; the settings are: caption_words, days,"),
         (["dataset.synthetic.preset=huge"],
-         "dataset.synthetic.preset=huge is not a preset; choose one of ['kuaisar_scale', 'small']"),
+         "dataset.synthetic.preset=huge is not a preset; choose one of ['kuaisar_scale', 'small', 'unisar_bench']"),
     ],
 )  # fmt: skip
 def test_config_mistakes_are_named_in_one_line(make_cfg, overrides, message):

@@ -299,6 +299,8 @@ MAX_CAPTION_WORDS = 50  # UniSAR's code reads up to 50 caption words an item
 
 def _caption_words(tables: CanonicalTables) -> np.ndarray:
     """[items + 1, words] caption word ids of each item (0-padded; row 0 is padding)."""
+    if "caption" not in tables.items.columns:  # a dataset without captions (hand-built tables)
+        return np.zeros((tables.meta["num_items"] + 1, 1), np.int32)
     captions = tables.items["caption"].to_list()
     width = max(1, min(MAX_CAPTION_WORDS, max((len(c) for c in captions), default=0)))
     words = np.zeros((tables.meta["num_items"] + 1, width), np.int32)
