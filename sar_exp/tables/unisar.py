@@ -19,9 +19,9 @@ import math
 import sys
 from pathlib import Path
 
+from sar_exp import runs
 from sar_exp.tables import grid
 from sar_exp.tables.report import Cell, render
-from sar_exp.train import write_text_atomic
 
 REC_METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10")
 # the rows we run: name -> (overrides, scores search)
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
         + f"_seeds{'-'.join(map(str, args.seeds))}.txt"
     )  # fmt: skip
     report.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(report, text + "\n")
+    runs.write_atomic(report, text + "\n")
     print(f"\nwritten to {report}")
 
 
