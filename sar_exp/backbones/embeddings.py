@@ -59,9 +59,17 @@ class QueryEncoder(nn.Module):
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         return self.mean_of_words(self.query_words[queries])
 
-    def mean_of_words(self, words: torch.Tensor) -> torch.Tensor:
+    def mean_of_words(self, words: torch.Tensor, bag: bool = False) -> torch.Tensor:
         """[..., W] word ids (0 = padding) -> [..., dim] mean of their embeddings; also
-        what an item's caption is (UniSAR's code: captions share the query encoder)."""
+        what an item's caption is (UniSAR's code: captions share the query encoder).
+        `bag`: the same mean by embedding_bag, without the [..., W, dim] intermediate
+        (UniSAR's 50-word captions); not the default, whose float summation order the
+        existing runs' figures were made with."""
+        if bag:
+            flat = nn.functional.embedding_bag(
+                words.reshape(-1, words.shape[-1]), self.words.weight, mode="mean", padding_idx=0
+            )
+            return flat.view(*words.shape[:-1], -1)
         mask = (words > 0).unsqueeze(-1).float()
         total = (self.words(words) * mask).sum(-2)
         return total / mask.sum(-2).clamp(min=1.0)  # no words -> zeros

@@ -44,6 +44,14 @@ def _mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
 
 
+def _rows(steps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """steps [B, L, d], index [B, L'] -> [B, L', d]: steps[b, index[b, j]] (as torch.gather,
+    by one index_select over the flattened rows: gather's backward scatters per element)."""
+    b, length, d = steps.shape
+    flat = (index + length * torch.arange(b, device=index.device)[:, None]).reshape(-1)
+    return steps.reshape(b * length, d).index_select(0, flat).view(*index.shape, d)
+
+
 class Lookup:
     """Embeddings of the distinct ids of one step, encoded once, for any id tensor."""
 
@@ -55,7 +63,9 @@ class Lookup:
         return torch.searchsorted(self.ids, ids)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table[self.index(ids)]
+        # index_select: its gradient is an index_add (advanced indexing's sorts first)
+        rows = self.table.index_select(0, self.index(ids).reshape(-1))
+        return rows.view(*ids.shape, self.table.shape[-1])
 
 
 class UniSAR(RecommenderModule):
@@ -215,7 +225,7 @@ class UniSAR(RecommenderModule):
     def _item_embedding(self, ids: torch.Tensor) -> torch.Tensor:
         parts = [self.items(ids)]
         if self.use_captions:
-            caption = self.queries.mean_of_words(self.caption_words[ids])
+            caption = self.queries.mean_of_words(self.caption_words[ids], bag=True)
             parts.append(self.query_projection(caption) if self.official_embeddings else caption)
         return self.item_projection(torch.cat(parts, dim=-1))
 
@@ -233,8 +243,16 @@ class UniSAR(RecommenderModule):
 
     @staticmethod
     def _mean_clicks(items: Lookup, clicks: torch.Tensor) -> torch.Tensor:
-        clicked = (clicks > 0).unsqueeze(-1)
-        return (items(clicks) * clicked).sum(-2) / clicked.sum(-2).clamp(min=1)
+        """[B, S, C] clicked item ids (0 = none) -> [B, S, d] their mean; only the real
+        clicks are looked up (most of the [B, S, C] slots are padding)."""
+        flat = clicks.reshape(-1)
+        real = torch.nonzero(flat > 0).squeeze(1)
+        session = torch.div(real, clicks.shape[-1], rounding_mode="floor")
+        d = items.table.shape[-1]
+        sums = items.table.new_zeros(flat.numel() // clicks.shape[-1], d)
+        sums = sums.index_add(0, session, items(flat.index_select(0, real)))
+        counts = (clicks > 0).sum(-1, keepdim=True).clamp(min=1)
+        return sums.view(*clicks.shape[:-1], d) / counts
 
     # ------------------------------------------------------------ transitions
     def transitions(self, batch: dict, items: Lookup, queries: Lookup) -> dict:
@@ -275,21 +293,17 @@ class UniSAR(RecommenderModule):
         # the merged history holds the same events as the two histories (the same
         # windows, merged by time): its steps are gathered from theirs, not re-encoded
         position = batch["interleaved_position"]
-
-        def gather(steps):
-            index = position.clamp(max=steps.shape[1] - 1)[..., None]
-            return torch.gather(steps, 1, index.expand(-1, -1, steps.shape[-1]))
-
-        steps = torch.where((types == 1)[..., None], gather(rec_steps), gather(ses_steps))
+        both = torch.cat([rec_steps, ses_steps], dim=1)  # one table, one index_select
+        steps = _rows(both, torch.where(types == 1, position, rec_steps.shape[1] + position))
         # Eq. 4: a slot attends only to slots of the other behaviour type (w/o mask: all).
         # Eq. 4 as printed multiplies the scores by M (a 0 score, not a blocked one); the
         # text ("attention is computed exclusively among different behaviors") and the
         # code block them, and so does this.
         allowed = types[:, :, None] != types[:, None, :] if self.hparams.use_mask else None
-        merged = self.encoders["merged"](steps, valid, allowed)
+        shown = valid
         if allowed is not None:  # a slot with no other-type slot to attend to: nothing
-            has_other = (allowed & valid[:, None, :]).any(-1, keepdim=True)
-            merged = torch.where(has_other, merged, 0.0)
+            shown = valid & (allowed & valid[:, None, :]).any(-1)
+        merged = self.encoders["merged"](steps, valid, allowed, output_valid=shown)
         return {
             "s2r": self._slots_of(merged, valid & (types == 1), rec_steps.shape[1]),  # rec slots
             "r2s": self._slots_of(merged, valid & (types == 0), ses_steps.shape[1]),  # search
@@ -300,8 +314,8 @@ class UniSAR(RecommenderModule):
         """The kept slots, in time order, left-aligned to `width`: they line up with the
         rec (or search) history, which holds the same events."""
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-        picked = torch.gather(merged, 1, order[..., None].expand(-1, -1, merged.shape[-1]))
-        return torch.where(torch.gather(keep, 1, order)[..., None], picked, 0.0)
+        kept = torch.gather(keep, 1, order)[..., None].to(merged.dtype)
+        return _rows(merged, order) * kept  # (a product: faster than where, and finite)
 
     def fused(self, h: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """V_r and V_s (Eq. 7); w/o MCA: H_same + H_cross. Sec. 5.3 describes w/o MCA_r as

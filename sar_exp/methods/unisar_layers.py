@@ -17,19 +17,92 @@ from torch import nn
 from sar_exp.backbones.embeddings import mlp
 
 DROPOUT_LEVELS = 1 << 16
+# rows of a batch are run in this many groups of similar history length, each cut to its
+# longest history (padding is most of a batch: 55-70% of the slots on the embedded data)
+LENGTH_GROUPS = 6
+
+
+def dropout_mask(shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
+    """1 (kept) with probability 1 - p rounded to a multiple of 2^-16, else 0, as `dtype`:
+    16-bit draws cut from 64-bit ones (a float draw per element, or torch's bernoulli_,
+    took a fifth of UniSAR's CPU step; one 64-bit draw per four elements takes a quarter
+    of the time of an int16 draw per element). Written straight as floats: multiplying by
+    a bool mask converts it on every use, which takes five times as long."""
+    cut = round(p * DROPOUT_LEVELS)
+    count = math.prod(shape)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+    draws = words.random_(-(2**63), None).view(torch.int16)[:count].view(shape)
+    return torch.ge(draws, cut - 32768, out=torch.empty(shape, dtype=dtype, device=device))
+
+
+def dropout_scale(p: float) -> float:
+    """1 / (1 - rate) for dropout_mask's rate, so the expectation is unchanged."""
+    cut = round(p * DROPOUT_LEVELS)
+    return DROPOUT_LEVELS / (DROPOUT_LEVELS - cut)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout from 16-bit random integers: a float draw per element (rand_like, or
-    torch's bernoulli_) took a fifth of UniSAR's CPU step, int16 draws take half as
-    long. The rate is p rounded to a multiple of 2^-16 (0.1 -> 0.100006), and the
-    kept values are scaled by 1 / (1 - that rate), so the expectation is unchanged."""
+    """Inverted dropout with dropout_mask (rate p rounded to 2^-16: 0.1 -> 0.100006)."""
     if not training or p == 0.0:
         return x
-    cut = round(p * DROPOUT_LEVELS)
-    draws = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_(-32768, 32768)
-    keep = draws >= cut - 32768
-    return torch.where(keep, x * (DROPOUT_LEVELS / (DROPOUT_LEVELS - cut)), 0.0)
+    return x * dropout_mask(x.shape, p, x.device, x.dtype) * dropout_scale(p)
+
+
+def dropped_linear(x: torch.Tensor, layer: nn.Linear, p: float, training: bool,
+                   relu: bool = False) -> torch.Tensor:  # fmt: skip
+    """dropout(layer(x)) (or dropout(relu(layer(x)))) in one pass over the output: the
+    1 / (1 - p) scale goes into the layer's weight and bias (relu(s z) = s relu(z))."""
+    if not training or p == 0.0:
+        out = layer(x)
+        return torch.relu(out) if relu else out
+    scale = dropout_scale(p)
+    out = nn.functional.linear(x, layer.weight * scale, layer.bias * scale)
+    out = torch.relu(out) if relu else out
+    return out * dropout_mask(out.shape, p, out.device, out.dtype)
+
+
+def extent(valid: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B]: one past each row's last valid slot (0 for an empty row)."""
+    slots = torch.arange(1, valid.shape[1] + 1, device=valid.device)
+    return (valid * slots).amax(1)
+
+
+def by_length(fn, valid: torch.Tensor, sequences: tuple, masks: tuple = (),
+              output_valid: torch.Tensor | None = None, groups: int = LENGTH_GROUPS):  # fmt: skip
+    """fn(*sequences, *masks) on groups of rows of similar extent, each cut to the group's
+    longest: [B, L, d] sequences and [B, L, L] masks in, [B, L, d] out, zero at every
+    invalid slot (or outside `output_valid` where given). The valid slots come out as from one call on the whole batch, since a
+    slot past a row's extent is masked out of every attention: only the work on padding
+    is saved. The groups' slots are taken out with one index_select and put back with
+    one index_copy (their gradients: one index_add, one index_select)."""
+    b, length = valid.shape
+    ends = extent(valid)
+    order = torch.argsort(ends)
+    slots, shapes = [], []
+    for rows in order.tensor_split(min(groups, b)):
+        n = int(ends[rows].max()) if len(rows) else 0
+        if n == 0:  # rows without history: nothing to encode (their output stays zero)
+            continue
+        slots.append((rows[:, None] * length + torch.arange(n, device=valid.device)).reshape(-1))
+        shapes.append((len(rows), n))
+    d = sequences[0].shape[-1]
+    out = sequences[0].new_zeros(b * length, d)
+    if not slots:
+        return out.view(b, length, d)
+    index = torch.cat(slots)
+    sizes = [rows * n for rows, n in shapes]
+    taken = [s.reshape(b * length, -1).index_select(0, index).split(sizes) for s in sequences]
+    flat_masks = [m.reshape(b * length, length) for m in masks]
+    shown = valid if output_valid is None else output_valid
+    kept = shown.reshape(-1).index_select(0, index).split(sizes)
+    pieces = []
+    for g, (rows, n) in enumerate(shapes):
+        group_masks = [
+            m.index_select(0, slots[g]).view(rows, n, length)[..., :n] for m in flat_masks
+        ]
+        y = fn(*(t[g].view(rows, n, -1) for t in taken), *group_masks)
+        pieces.append(y.reshape(rows * n, d) * kept[g][:, None].to(y.dtype))
+    return out.index_copy(0, index, torch.cat(pieces)).view(b, length, d)
 
 
 def with_fallback(allowed: torch.Tensor, fallback: str = "self") -> torch.Tensor:
@@ -58,8 +131,10 @@ class Attention(nn.Module):
         self.heads, self.p = heads, p
 
     def forward(
-        self, query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor
-    ) -> torch.Tensor:
+        self, query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor,
+        drop_output: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        """drop_output: dropout (the same p) on the output too, as a residual branch has."""
         b, lq, d = query.shape
         w_q, w_kv = self.in_proj.weight.split([d, 2 * d])
         b_q, b_kv = self.in_proj.bias.split([d, 2 * d])
@@ -69,9 +144,12 @@ class Attention(nn.Module):
         q, k, v = split(q), split(k), split(v)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        weights = dropout(torch.softmax(scores, dim=-1), self.p, self.training)
+        weights = torch.softmax(scores, dim=-1)
+        if self.training and self.p > 0:  # dropout on the weights; its scale on the output
+            weights = weights * dropout_mask(weights.shape, self.p, weights.device, weights.dtype)
+            v = v * dropout_scale(self.p)
         out = (weights @ v).transpose(1, 2).reshape(b, lq, d)
-        return self.out_proj(out)
+        return dropped_linear(out, self.out_proj, self.p if drop_output else 0.0, self.training)
 
 
 class EncoderLayer(nn.Module):
@@ -86,9 +164,9 @@ class EncoderLayer(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = self.norms[0](x + dropout(self.attention(x, x, allowed), self.p, self.training))
-        hidden = dropout(torch.relu(self.ffn[0](x)), self.p, self.training)
-        return self.norms[1](x + dropout(self.ffn[1](hidden), self.p, self.training))
+        x = self.norms[0](x + self.attention(x, x, allowed, drop_output=True))
+        hidden = dropped_linear(x, self.ffn[0], self.p, self.training, relu=True)
+        return self.norms[1](x + dropped_linear(hidden, self.ffn[1], self.p, self.training))
 
 
 class MaskedEncoder(nn.Module):
@@ -102,15 +180,20 @@ class MaskedEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(d, heads, dropout) for _ in range(layers))
 
     def forward(
-        self, steps: torch.Tensor, valid: torch.Tensor, allowed: torch.Tensor | None = None
-    ):
+        self, steps: torch.Tensor, valid: torch.Tensor, allowed: torch.Tensor | None = None,
+        output_valid: torch.Tensor | None = None,
+    ):  # fmt: skip
+        """output_valid: the slots whose output is kept (default: the valid ones)."""
         length = steps.shape[1]
         x = steps + self.positions(torch.arange(length, device=steps.device))
         pairs = valid[:, None, :] & valid[:, :, None]
         mask = with_fallback(pairs if allowed is None else pairs & allowed)
+        return by_length(self._layers, valid, (x,), (mask,), output_valid)
+
+    def _layers(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, mask)
-        return torch.where(valid[..., None], x, 0.0)
+        return x
 
 
 class FusionLayer(nn.Module):
@@ -129,17 +212,16 @@ class FusionLayer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
         self.p, self.paper = dropout, paper
 
-    def _drop(self, x):
-        return dropout(x, self.p, self.training)
-
     def forward(self, same: torch.Tensor, cross: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         allowed = with_fallback(valid[:, None, :].expand(-1, valid.shape[1], -1), "all")
-        attended = self.norms[0](same + self._drop(self.self_attention(same, same, allowed)))
+        return by_length(self._fuse, valid, (same, cross), (allowed,))
+
+    def _fuse(self, same: torch.Tensor, cross: torch.Tensor, allowed: torch.Tensor):
+        attended = self.norms[0](same + self.self_attention(same, same, allowed, drop_output=True))
         query, keys = (cross, attended) if self.paper else (attended, cross)
-        x = self.norms[1](query + self._drop(self.cross_attention(query, keys, allowed)))
-        hidden = self._drop(torch.relu(self.ffn[0](x)))
-        x = self.norms[2](x + self._drop(self.ffn[1](hidden)))
-        return torch.where(valid[..., None], x, 0.0)
+        x = self.norms[1](query + self.cross_attention(query, keys, allowed, drop_output=True))
+        hidden = dropped_linear(x, self.ffn[0], self.p, self.training, relu=True)
+        return self.norms[2](x + dropped_linear(hidden, self.ffn[1], self.p, self.training))
 
 
 class TargetAttention(nn.Module):

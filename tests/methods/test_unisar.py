@@ -319,3 +319,66 @@ def test_dropout_drops_at_the_rate_and_keeps_the_expectation():
     assert (out == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
     assert out.mean().item() == pytest.approx(1.0, abs=0.003)
     assert torch.equal(dropout(x, 0.1, False), x)
+
+
+def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
+    """by_length runs the encoders on groups of rows cut to their longest history: the
+    valid slots (and the gradients) must be those of one call on the whole batch, for
+    every mask it can get (empty rows, holes, full rows)."""
+    from sar_exp.methods.unisar_layers import by_length
+
+    torch.manual_seed(0)
+    encoder = MaskedEncoder(D, 2, 1, 0.0, 12).eval()
+    fusion = FusionLayer(D, 2, 0.0).eval()
+    valid = torch.rand(9, 12) < 0.5
+    valid[0] = False  # no history
+    valid[1] = True  # a full one
+    valid[2, :3] = True  # a short one
+    steps = torch.randn(9, 12, D, requires_grad=True)
+    pairs = with_fallback(valid[:, None, :] & valid[:, :, None])
+
+    def whole(x):
+        out = encoder._layers(x, pairs)
+        return torch.where(valid[..., None], out, 0.0)
+
+    for groups in (1, 3, 9):
+        grouped = by_length(encoder._layers, valid, (steps,), (pairs,), groups=groups)
+        assert torch.allclose(grouped, whole(steps), atol=1e-5)
+        weight = torch.randn(9, 12, D)
+        (a,) = torch.autograd.grad((grouped * weight).sum(), steps)
+        (b,) = torch.autograd.grad((whole(steps) * weight).sum(), steps)
+        assert torch.allclose(a, b, atol=1e-5)
+    # the fusion layer (two sequences) likewise, against its Eq. 7 computed in one piece
+    cross = torch.randn(9, 12, D)
+    allowed = with_fallback(valid[:, None, :].expand(-1, 12, -1), "all")
+    direct = torch.where(valid[..., None], fusion._fuse(steps, cross, allowed), 0.0)
+    assert torch.allclose(fusion(steps, cross, valid), direct, atol=1e-5)
+
+
+def test_mean_of_clicked_items_skips_padding(unisar_model):
+    from sar_exp.methods.unisar import Lookup
+
+    build, batch = unisar_model
+    model = build()
+    clicks = batch["search_history_clicks"]
+    assert (clicks > 0).any() and (clicks == 0).any()
+    items = Lookup([clicks], model._item_embedding)
+    emb = model._item_embedding(clicks)
+    real = (clicks > 0).unsqueeze(-1).float()
+    direct = (emb * real).sum(-2) / real.sum(-2).clamp(min=1)
+    assert torch.allclose(model._mean_clicks(items, clicks), direct, atol=1e-6)
+
+
+def test_dropout_after_a_linear_layer_keeps_the_rate_and_the_expectation():
+    from sar_exp.methods.unisar_layers import dropped_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(200_000, 4)
+    out = dropped_linear(x, layer, 0.1, True, relu=True)
+    expected = torch.relu(layer(x))
+    dropped = (out == 0) & (expected != 0)
+    assert dropped.float().sum() / (expected != 0).float().sum() == pytest.approx(0.1, abs=0.003)
+    kept = ~dropped & (expected != 0)
+    assert torch.allclose(out[kept], expected[kept] / (1 - 0.1), rtol=1e-3, atol=1e-5)
+    assert torch.equal(dropped_linear(x, layer, 0.1, False, relu=True), expected)
