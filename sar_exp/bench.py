@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--methods",
-        nargs="+",
+        nargs="*",
         default=["base", "clardrec"],
         choices=_config_names("method"),
         help="a backbone a method does not support is listed as n/a",
@@ -197,6 +197,14 @@ def main(argv=None) -> None:
         "--cache", default=".cache/sar_exp", help="where the generated dataset is kept"
     )
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--unisar-steps", type=int, default=15,
+        help="UniSAR's own line at its speed reference's sizes (0: leave it out)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unisar-preset", default="unisar_bench",
+        help="the synthetic preset of UniSAR's line (the reference's 800 users, 2,500 items)",
+    )  # fmt: skip
     parser.add_argument(
         "--override", nargs="*", default=[],
         help="extra overrides for the training runs, e.g. protocol=unisar_kuaisar",
@@ -218,6 +226,8 @@ def main(argv=None) -> None:
     scratch = tempfile.mkdtemp(prefix="sar_exp_bench_")
     try:
         _run(args, folder, scratch)
+        if args.unisar_steps > 0:
+            _run_unisar(args, scratch)
     except SarExpError as err:
         print(f"sar_exp: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -267,6 +277,38 @@ def _run(args, folder: Path, scratch: str) -> None:
         from sar_exp.train import write_json_atomic
 
         write_json_atomic(Path(args.json), results)
+
+
+UNISAR_REFERENCE_ROWS_PER_S = 140  # the official code on 2 CPU cores (issue 12)
+
+
+def _run_unisar(args, scratch: str) -> None:
+    """UniSAR at the sizes of its speed reference: batch 1024 rec rows, each with a
+    companion batch of 1024 search rows, both histories 30, 1024 relevance negatives."""
+    from sar_exp.data.synthetic import dataset_folder, make_config, write_kuaisar_folder
+
+    config = make_config(args.unisar_preset)
+    folder = dataset_folder(args.cache, args.unisar_preset, config)
+    write_kuaisar_folder(config, folder)
+    overrides = ["protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]", *args.override]
+    cfg = _compose(str(folder), scratch, "unisar", "sasrec", 1024, overrides)
+    figures = _throughput(cfg, args.unisar_steps)
+    speedup = figures["samples/s"] / UNISAR_REFERENCE_ROWS_PER_S
+    print(
+        f"\nUniSAR, {args.unisar_preset} preset, batch 1024 (+ 1024 search rows), "
+        f"{args.unisar_steps} steps: {figures['samples/s']:.0f} rec rows/s, "
+        f"{figures['ms/step']:.0f} ms/step, data wait {100 * figures['data wait share']:.1f}%"
+        f" ({speedup:.1f}x the official code's {UNISAR_REFERENCE_ROWS_PER_S} rows/s; target 5x)"
+    )
+    if args.json:  # beside the other figures (_run wrote them)
+        import json
+
+        from sar_exp.train import write_json_atomic
+
+        path = Path(args.json)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results["unisar"] = {**figures, "preset": args.unisar_preset}
+        write_json_atomic(path, results)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,13 @@ PAIRS = [
     ("aug", "mlp"), ("aug", "mmoe"), ("aug", "gru4rec"), ("aug", "sasrec"), ("aug", "din"),
     ("jsr", "mlp"), ("jsr", "mmoe"), ("jsr", "gru4rec"), ("jsr", "sasrec"),
     ("clardrec", "mlp"), ("clardrec", "mmoe"), ("clardrec", "gru4rec"), ("clardrec", "sasrec"),
+    ("unisar", "sasrec"),
 ]  # fmt: skip
+# what a method needs beyond the defaults (UniSAR: its merged history, both tasks scored)
+EXTRA = {
+    "unisar": ["protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
+               "optimized_metric=val/mean_ndcg@5", "method.module.rel_negatives=16"],
+}  # fmt: skip
 
 
 class FirstBatchProbe(pl.Callback):
@@ -70,7 +76,7 @@ def main(out: str, cache: str) -> None:
                     "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
                     "+callbacks.probe._target_=tests.ddp_pairs.FirstBatchProbe",
                     f"+callbacks.probe.folder={folder}", "data.batch_size=32",
-                    *TINY_OVERRIDES,
+                    *TINY_OVERRIDES, *EXTRA.get(method, []),
                 ],
             )  # fmt: skip
         try:

@@ -10,7 +10,8 @@ from sar_exp.bench import main
 def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--steps", "6", "--backbones", "mlp", "din",
-          "--methods", "base", "clardrec", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+          "--methods", "base", "clardrec", "--cache", str(tmp_path), "--json", str(figures),
+          "--unisar-steps", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert "clardrec  din              n/a" in out  # ClardRec has no DIN variant
     results = json.loads(figures.read_text())
@@ -20,6 +21,18 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
     # one epoch = the training set's steps at the measured speed
     assert abs(mlp["epoch minutes"] - mlp["steps/epoch"] * mlp["ms/step"] / 60_000) < 1e-9
     assert results["rows"]["users"] > 0 and results["preprocessing"]["total"] > 0
+
+
+def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
+    figures = tmp_path / "bench.json"
+    main(["--preset", "small", "--methods", "--unisar-preset", "small", "--unisar-steps", "6",
+          "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    unisar = json.loads(figures.read_text())["unisar"]
+    assert line.startswith("UniSAR, small preset, batch 1024 (+ 1024 search rows), 6 steps: ")
+    assert f"{unisar['samples/s']:.0f} rec rows/s" in line
+    assert f"({unisar['samples/s'] / 140:.1f}x the official code's 140 rows/s; target 5x)" in line
+    assert 0.0 <= unisar["data wait share"] < 1.0
 
 
 def test_bench_times_the_views_that_training_uses(make_cfg, tiny_folder, tmp_path):

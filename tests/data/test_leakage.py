@@ -5,6 +5,7 @@ event of an evaluated task of the same user, in every view and under every proto
 from __future__ import annotations
 
 import numpy as np
+import torch
 import polars as pl
 import pytest
 
@@ -237,3 +238,39 @@ def test_the_interaction_window_drops_a_session_whose_clicks_were_all_cut():
     assert rec.height == 0
     assert sessions["session"].to_list() == [2]
     assert search["item"].to_list() == [9, 6]
+
+
+@pytest.mark.parametrize("protocol", ["unisar", "unisar_kuaisar"])
+def test_unisar_training_steps_read_nothing_from_a_heldout_event(make_cfg, protocol):
+    """UniSAR trains both tasks in every step, each row with its rec, search and merged
+    histories (and L_Rel's pairs from the search history): every rec row and companion
+    search row comes before the user's first held-out event of the other task, and
+    every event in their histories before the first held-out event of either task."""
+    import hydra
+
+    cfg = make_cfg("method=unisar", "backbone=sasrec", f"protocol={protocol}",
+                   "dataset.protocol.evaluated_tasks=[rec,search]",
+                   "dataset.protocol.num_eval_negatives=20", "data.batch_size=64")  # fmt: skip
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    view = datamodule.view
+    held = {task: _heldout(view, task)[1] for task in ("rec", "search")}
+    first = np.minimum(held["rec"], held["search"])
+    seen = {"rec": 0, "search": 0}
+    for batch in datamodule.train_dataloader():
+        for task, rows in (("rec", batch), ("search", batch["search"])):
+            other = "search" if task == "rec" else "rec"
+            user = rows["user"].numpy()
+            time = view.split(task, "train")["time"][rows["sample_index"].numpy()]
+            # the other task's held-out events: strictly after; the task's own: not
+            # before (a click sent in the same request as the held-out one trains)
+            assert (time < held[other][user]).all() and (time <= held[task][user]).all(), task
+            valid = rows["interleaved_mask"]
+            # the merged history holds every event of the two histories (Eq. 4's input)...
+            both = rows["rec_history_mask"].sum(1) + rows["search_history_mask"].sum(1)
+            assert torch.equal(valid.sum(1), both), task
+            # ...and each of them happened before the user's first held-out event
+            owner = np.broadcast_to(user[:, None], valid.shape)[valid.numpy()]
+            assert (rows["interleaved_time"][valid].numpy() < first[owner]).all(), task
+            seen[task] += int(valid.sum())
+    assert seen["rec"] > 0 and seen["search"] > 0
