@@ -5,9 +5,9 @@ event of an evaluated task of the same user, in every view and under every proto
 from __future__ import annotations
 
 import numpy as np
-import torch
 import polars as pl
 import pytest
+import torch
 
 from sar_exp.data.canonical import load_canonical
 from sar_exp.data.views import Protocol, build_view
