@@ -71,24 +71,28 @@ def by_length(fn, valid: torch.Tensor, sequences: tuple, masks: tuple = (),
               output_valid: torch.Tensor | None = None, groups: int = LENGTH_GROUPS):  # fmt: skip
     """fn(*sequences, *masks) on groups of rows of similar extent, each cut to the group's
     longest: [B, L, d] sequences and [B, L, L] masks in, [B, L, d] out, zero at every
-    invalid slot (or outside `output_valid` where given). The valid slots come out as from one call on the whole batch, since a
-    slot past a row's extent is masked out of every attention: only the work on padding
-    is saved. The groups' slots are taken out with one index_select and put back with
-    one index_copy (their gradients: one index_add, one index_select)."""
+    invalid slot (or outside `output_valid` where given). The valid slots come out as
+    from one call on the whole batch, since a slot past a row's extent is masked out of
+    every attention: only the work on padding is saved. The groups' slots are taken out
+    with one index_select and put back with one index_copy (their gradients: one
+    index_add, one index_select)."""
     b, length = valid.shape
+    d = sequences[0].shape[-1]
+    if b == 0 or length == 0:  # nothing to group (fn still runs: every parameter is used)
+        return fn(*sequences, *masks)
     ends = extent(valid)
     order = torch.argsort(ends)
     slots, shapes = [], []
-    for rows in order.tensor_split(min(groups, b)):
+    split = order.tensor_split(min(groups, b))
+    for g, rows in enumerate(split):
         n = int(ends[rows].max()) if len(rows) else 0
+        if g == len(split) - 1:  # the longest group runs even when every row is empty,
+            n = max(n, 1)  # so each parameter gets a gradient (DDP needs one on every rank)
         if n == 0:  # rows without history: nothing to encode (their output stays zero)
             continue
         slots.append((rows[:, None] * length + torch.arange(n, device=valid.device)).reshape(-1))
         shapes.append((len(rows), n))
-    d = sequences[0].shape[-1]
     out = sequences[0].new_zeros(b * length, d)
-    if not slots:
-        return out.view(b, length, d)
     index = torch.cat(slots)
     sizes = [rows * n for rows, n in shapes]
     taken = [s.reshape(b * length, -1).index_select(0, index).split(sizes) for s in sequences]

@@ -382,3 +382,62 @@ def test_dropout_after_a_linear_layer_keeps_the_rate_and_the_expectation():
     kept = ~dropped & (expected != 0)
     assert torch.allclose(out[kept], expected[kept] / (1 - 0.1), rtol=1e-3, atol=1e-5)
     assert torch.equal(dropped_linear(x, layer, 0.1, False, relu=True), expected)
+
+
+def test_a_batch_without_any_history_still_reaches_every_encoder_parameter():
+    """Multi-process training needs a gradient for every parameter on every rank, also
+    when no row of the rank's batch has a history (the grouping then encodes nothing)."""
+    for valid in (torch.zeros(4, 6, dtype=torch.bool), torch.zeros(4, 0, dtype=torch.bool)):
+        encoder, fusion = MaskedEncoder(D, 2, 1, 0.1, 6), FusionLayer(D, 2, 0.1)
+        steps = torch.randn(*valid.shape, D)
+        out = fusion(encoder(steps, valid), steps, valid)
+        assert not out.any()
+        out.sum().backward()
+        for module in (encoder, fusion):
+            assert all(p.grad is not None for p in module.parameters())
+
+
+def test_cross_transitions_are_the_merged_encoding_read_at_each_type_s_slots(unisar_model):
+    """Eq. 4 computed directly, in one call over the padded merged history: H_s2r is the
+    encoder's output at the rec slots in time order, H_r2s at the search slots; a slot
+    with no slot of the other type to attend to is zero."""
+    build, batch = unisar_model
+    model = build().eval()
+    steps = {1: torch.randn(*batch["rec_history_mask"].shape, 16),
+             0: torch.randn(*batch["search_history_mask"].shape, 16)}  # fmt: skip
+    got = model._cross_transitions(batch, steps[1], steps[0])
+    types, valid, position = (
+        batch["interleaved_type"], batch["interleaved_mask"], batch["interleaved_position"]
+    )  # fmt: skip
+    merged_steps = torch.zeros(*valid.shape, 16)
+    for b, j in valid.nonzero().tolist():
+        merged_steps[b, j] = steps[int(types[b, j])][b, position[b, j]]
+    encoder = model.encoders["merged"]
+    x = merged_steps + encoder.positions(torch.arange(valid.shape[1]))
+    allowed = (types[:, :, None] != types[:, None, :]) & valid[:, None, :] & valid[:, :, None]
+    direct = encoder._layers(x, with_fallback(allowed))
+    found = 0
+    for name, kind in (("s2r", 1), ("r2s", 0)):
+        for b in range(valid.shape[0]):
+            slots = (valid[b] & (types[b] == kind)).nonzero().squeeze(1)
+            for k, j in enumerate(slots.tolist()):
+                expected = direct[b, j] if allowed[b, j].any() else torch.zeros(16)
+                assert torch.allclose(got[name][b, k], expected, atol=1e-5), (name, b, k)
+                found += int(allowed[b, j].any())
+            assert not got[name][b, len(slots) :].any()
+    assert found > 0
+
+
+def test_dropout_on_the_attention_weights_keeps_the_expected_output():
+    from sar_exp.methods.unisar_layers import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(D, 2, 0.5)
+    x = torch.randn(1, 5, D)
+    allowed = torch.ones(1, 5, 5, dtype=torch.bool)
+    expected = attention.eval()(x, x, allowed)
+    attention.train()
+    with torch.no_grad():
+        mean = torch.stack([attention(x, x, allowed) for _ in range(4000)]).mean(0)
+    assert torch.allclose(mean, expected, atol=0.03)
+    assert not torch.allclose(attention(x, x, allowed), expected, atol=1e-3)
