@@ -441,3 +441,19 @@ def test_dropout_on_the_attention_weights_keeps_the_expected_output():
         mean = torch.stack([attention(x, x, allowed) for _ in range(4000)]).mean(0)
     assert torch.allclose(mean, expected, atol=0.03)
     assert not torch.allclose(attention(x, x, allowed), expected, atol=1e-3)
+
+
+def test_the_paper_trains_at_a_fixed_rate_and_the_presets_use_the_code_s_scheduler(
+    make_cfg, unisar_model
+):
+    """Sec. 5.1.4: Adam at a tuned learning rate (the default); the official code's
+    ReduceLROnPlateau only where asked for (and in the papers' presets)."""
+    build, _ = unisar_model
+    assert isinstance(build().configure_optimizers(), torch.optim.Adam)
+    scheduled = build(lr_scheduler=True).configure_optimizers()
+    assert isinstance(
+        scheduled["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau
+    )
+    assert make_cfg("method=unisar").method.module.lr_scheduler is False
+    for preset in ("unisar_kuaisar", "unisar_amazon"):
+        assert make_cfg(f"experiment={preset}", tiny=False).method.module.lr_scheduler is True
