@@ -225,9 +225,13 @@ def main(argv=None) -> None:
 
     scratch = tempfile.mkdtemp(prefix="sar_exp_bench_")
     try:
-        _run(args, folder, scratch)
+        results = _run(args, folder, scratch)
         if args.unisar_steps > 0:
-            _run_unisar(args, scratch)
+            results["unisar"] = _run_unisar(args, scratch)
+        if args.json:
+            from sar_exp.train import write_json_atomic
+
+            write_json_atomic(Path(args.json), results)
     except SarExpError as err:
         print(f"sar_exp: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -235,7 +239,7 @@ def main(argv=None) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run(args, folder: Path, scratch: str) -> None:
+def _run(args, folder: Path, scratch: str) -> dict:
     from omegaconf import OmegaConf
 
     default = _compose(str(folder), scratch, "base", "sasrec", args.batch_size).dataset
@@ -273,16 +277,13 @@ def _run(args, folder: Path, scratch: str) -> None:
             )
     results["peak_gb_training"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  peak memory while training: {results['peak_gb_training']:.2f} GB")
-    if args.json:
-        from sar_exp.train import write_json_atomic
-
-        write_json_atomic(Path(args.json), results)
+    return results
 
 
 UNISAR_REFERENCE_ROWS_PER_S = 140  # the official code on 2 CPU cores (issue 12)
 
 
-def _run_unisar(args, scratch: str) -> None:
+def _run_unisar(args, scratch: str) -> dict:
     """UniSAR at the sizes of its speed reference: batch 1024 rec rows, each with a
     companion batch of 1024 search rows, both histories 30, 1024 relevance negatives."""
     from sar_exp.data.synthetic import dataset_folder, make_config, write_kuaisar_folder
@@ -300,15 +301,7 @@ def _run_unisar(args, scratch: str) -> None:
         f"{figures['ms/step']:.0f} ms/step, data wait {100 * figures['data wait share']:.1f}%"
         f" ({speedup:.1f}x the official code's {UNISAR_REFERENCE_ROWS_PER_S} rows/s; target 5x)"
     )
-    if args.json:  # beside the other figures (_run wrote them)
-        import json
-
-        from sar_exp.train import write_json_atomic
-
-        path = Path(args.json)
-        results = json.loads(path.read_text()) if path.exists() else {}
-        results["unisar"] = {**figures, "preset": args.unisar_preset}
-        write_json_atomic(path, results)
+    return {**figures, "preset": args.unisar_preset}
 
 
 if __name__ == "__main__":

@@ -41,13 +41,6 @@ def dropout_scale(p: float) -> float:
     return DROPOUT_LEVELS / (DROPOUT_LEVELS - cut)
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout with dropout_mask (rate p rounded to 2^-16: 0.1 -> 0.100006)."""
-    if not training or p == 0.0:
-        return x
-    return x * dropout_mask(x.shape, p, x.device, x.dtype) * dropout_scale(p)
-
-
 def dropped_linear(x: torch.Tensor, layer: nn.Linear, p: float, training: bool,
                    relu: bool = False) -> torch.Tensor:  # fmt: skip
     """dropout(layer(x)) (or dropout(relu(layer(x)))) in one pass over the output: the
@@ -85,7 +78,7 @@ def by_length(fn, valid: torch.Tensor, sequences: tuple, masks: tuple = (),
     slots, shapes = [], []
     split = order.tensor_split(min(groups, b))
     for g, rows in enumerate(split):
-        n = int(ends[rows].max()) if len(rows) else 0
+        n = int(ends[rows].max())  # (no group is empty: at most b groups)
         if g == len(split) - 1:  # the longest group runs even when every row is empty,
             n = max(n, 1)  # so each parameter gets a gradient (DDP needs one on every rank)
         if n == 0:  # rows without history: nothing to encode (their output stays zero)
@@ -263,7 +256,6 @@ class MultiTaskHead(nn.Module):
         if not self.mmoe:
             self.heads = nn.ModuleDict({t: mlp(in_dim, d, 2, out_dim=1) for t in self.TASKS})
             return
-        out = 1 if paper else d
 
         def expert():
             if paper:
@@ -285,7 +277,6 @@ class MultiTaskHead(nn.Module):
                                   nn.Linear(d, 200), nn.ReLU(), nn.Linear(200, 80), nn.ReLU(),
                                   nn.Linear(80, 1)) for t in self.TASKS}
             )  # fmt: skip
-        self.out = out
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """x [..., in_dim] -> [...] logits of `task`."""

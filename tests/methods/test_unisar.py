@@ -311,14 +311,14 @@ def test_merged_history_steps_are_the_two_histories_events(unisar_model):
 
 
 def test_dropout_drops_at_the_rate_and_keeps_the_expectation():
-    from sar_exp.methods.unisar_layers import dropout
+    from sar_exp.methods.unisar_layers import dropout_mask, dropout_scale
 
     torch.manual_seed(0)
     x = torch.ones(1_000_000)
-    out = dropout(x, 0.1, True)
+    out = x * dropout_mask(x.shape, 0.1, x.device) * dropout_scale(0.1)
     assert (out == 0).float().mean().item() == pytest.approx(0.1, abs=0.002)
     assert out.mean().item() == pytest.approx(1.0, abs=0.003)
-    assert torch.equal(dropout(x, 0.1, False), x)
+    assert dropout_scale(0.0) == 1.0 and not (dropout_mask(x.shape, 0.0, x.device) == 0).any()
 
 
 def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
