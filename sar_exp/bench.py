@@ -100,17 +100,20 @@ class DataWaitTimer:
             def __init__(self):
                 self.warmup, self.wait, self.step, self.samples = warmup, 0.0, 0.0, 0
                 self.last_end = None
+                self.seen = self.timed = 0  # steps run, and timed (batch_idx restarts each epoch)
 
             def on_train_batch_start(self, trainer, module, batch, batch_idx):
                 self.start = time.perf_counter()
-                if self.last_end is not None and batch_idx > self.warmup:
+                if self.last_end is not None and self.seen > self.warmup:
                     self.wait += self.start - self.last_end
 
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                 self.last_end = time.perf_counter()
-                if batch_idx > self.warmup:
+                if self.seen > self.warmup:
                     self.step += self.last_end - self.start
                     self.samples += int(batch["user"].numel())
+                    self.timed += 1
+                self.seen += 1
 
         return _Timer()
 
@@ -156,7 +159,7 @@ def _throughput(cfg, steps: int) -> dict:
     )  # fmt: skip
     trainer.fit(model, datamodule=datamodule)
     total = timer.wait + timer.step
-    ms_per_step = 1000 * total / max(1, steps - 4)
+    ms_per_step = 1000 * total / max(1, timer.timed)
     steps_per_epoch = int(trainer.num_training_batches)  # batches in one full epoch
     return {
         "samples/s": timer.samples / total,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from sar_exp.bench import main
 
 
@@ -68,3 +70,18 @@ def test_a_failing_or_dying_preprocessing_child_is_reported_not_waited_for():
     with pytest.raises(SarExpError, match="preprocessing failed: ValueError: the raw files"):
         run_in_child(_fails, (), "preprocessing", poll_seconds=0.2)
     assert run_in_child(abs, (-2,), "preprocessing", poll_seconds=0.2) == 2
+
+
+def test_the_step_timer_counts_every_step_after_the_warmup_across_epochs():
+    """batch_idx restarts at each epoch: a run of 2 epochs x 6 batches with 3 warm-up
+    steps times 8 steps (not the 4 whose batch_idx is past the warm-up)."""
+    from sar_exp.bench import DataWaitTimer
+
+    timer = DataWaitTimer(warmup=3)
+    batch = {"user": torch.zeros(10)}
+    for _epoch in range(2):
+        for batch_idx in range(6):
+            timer.on_train_batch_start(None, None, batch, batch_idx)
+            timer.on_train_batch_end(None, None, None, batch, batch_idx)
+    assert timer.samples == 80
+    assert timer.timed == 8

@@ -34,6 +34,11 @@ from sar_exp.methods.unisar_layers import FusionLayer, MaskedEncoder, MultiTaskH
 from sar_exp.methods.unisar_losses import BilinearSimilarity, alignment_loss, relevance_loss
 
 TASKS = ("rec", "search")
+# what the history encoders read of a batch (the rows of both tasks are encoded together)
+HISTORY_KEYS = (
+    "rec_history", "rec_history_mask", "search_history_query", "search_history_clicks",
+    "search_history_mask", "interleaved_type", "interleaved_mask", "interleaved_position",
+)  # fmt: skip
 TRANSITIONS = ("r2r", "s2s", "r2s", "s2r")
 # Sec. 5.3: a removed transition's place in Eq. 7 is taken by the one of the same slots
 STAND_IN = {"r2r": "s2r", "s2r": "r2r", "s2s": "r2s", "r2s": "s2s"}
@@ -50,6 +55,19 @@ def _rows(steps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     b, length, d = steps.shape
     flat = (index + length * torch.arange(b, device=index.device)[:, None]).reshape(-1)
     return steps.reshape(b * length, d).index_select(0, flat).view(*index.shape, d)
+
+
+def _stacked_histories(batches: list[dict]) -> dict:
+    """The histories of several batches as one batch of all their rows, each padded to
+    the widest (histories are left-aligned, so padding at the end changes no slot)."""
+    out = {}
+    for key in (k for k in HISTORY_KEYS if k in batches[0]):
+        parts = [b[key] for b in batches]
+        width = max(p.shape[1] for p in parts)
+        out[key] = torch.cat(
+            [nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1])) for p in parts]
+        )
+    return out
 
 
 class Lookup:
@@ -299,11 +317,12 @@ class UniSAR(RecommenderModule):
         # Eq. 4 as printed multiplies the scores by M (a 0 score, not a blocked one); the
         # text ("attention is computed exclusively among different behaviors") and the
         # code block them, and so does this.
-        allowed = types[:, :, None] != types[:, None, :] if self.hparams.use_mask else None
-        shown = valid
-        if allowed is not None:  # a slot with no other-type slot to attend to: nothing
-            shown = valid & (allowed & valid[:, None, :]).any(-1)
-        merged = self.encoders["merged"](steps, valid, allowed, output_valid=shown)
+        if self.hparams.use_mask:  # a slot with no other-type slot to attend to: nothing
+            has = {kind: (valid & (types == kind)).any(1, keepdim=True) for kind in (0, 1)}
+            shown = valid & torch.where(types == 1, has[0], has[1])
+            merged = self.encoders["merged"](steps, valid, types, output_valid=shown)
+        else:
+            merged = self.encoders["merged"](steps, valid)
         return {
             "s2r": self._slots_of(merged, valid & (types == 1), rec_steps.shape[1]),  # rec slots
             "r2s": self._slots_of(merged, valid & (types == 0), ses_steps.shape[1]),  # search
@@ -316,6 +335,12 @@ class UniSAR(RecommenderModule):
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
         kept = torch.gather(keep, 1, order)[..., None].to(merged.dtype)
         return _rows(merged, order) * kept  # (a product: faster than where, and finite)
+
+    def encode(self, batch: dict, items: Lookup, queries: Lookup) -> dict:
+        """The transitions (Eq. 3-4) and their fusion V_r, V_s (Eq. 7) of a batch's rows."""
+        h = self.transitions(batch, items, queries)
+        h["v_r"], h["v_s"] = self.fused(h)
+        return h
 
     def fused(self, h: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """V_r and V_s (Eq. 7); w/o MCA: H_same + H_cross. Sec. 5.3 describes w/o MCA_r as
@@ -336,19 +361,21 @@ class UniSAR(RecommenderModule):
         """[B, K] logits of `task` (Eq. 8-9)."""
         if items is None:
             items, queries = self._lookups([{**batch, "candidates": candidates}])
-        h = h if h is not None else self.transitions(batch, items, queries)
-        v_r, v_s = self.fused(h)
+        h = h if h is not None else self.encode(batch, items, queries)
+        v_r, v_s = h["v_r"], h["v_s"]
         e_i = items(candidates)
         b, k, d = e_i.shape
         agg_s = self.target_attention["s"](v_s, h["ses_valid"], e_i)  # Eq. 8
         agg_r = self.target_attention["r"](v_r, h["rec_valid"], e_i)
-        e_u = self.user_projection(self.users(batch["user"]))[:, None].expand(b, k, d)
+        e_u = self.user_projection(self.users(batch["user"]))
         if task == "rec":
-            e_q = self.q_phi.expand(b * k, d).view(b, k, d)  # the learnable rec query q_phi
+            e_q = self.q_phi.expand(b, d)  # the learnable rec query q_phi
         else:
-            e_q = queries(batch["query"])[:, None].expand(b, k, d)
-        x = torch.cat([e_u, e_i, e_q, agg_s, agg_r], dim=-1)  # X_b (Sec. 4.3.2)
-        return self.head(x, task)
+            e_q = queries(batch["query"])
+        # X_b (Sec. 4.3.2): [e_u, e_q] is the same for every candidate, so the head takes
+        # it once per row (columns in the order [e_u, e_q, e_i, agg_s, agg_r])
+        rows = torch.cat([e_u, e_q], dim=-1)
+        return self.head(torch.cat([e_i, agg_s, agg_r], dim=-1), task, rows=rows)
 
     def score(self, batch, candidates):
         return self._predict(batch, candidates, "rec")
@@ -370,17 +397,17 @@ class UniSAR(RecommenderModule):
         )
         return items.to(self.device), queries.to(self.device)
 
-    def _task_loss(self, batch, task, items, queries, negatives) -> dict:
-        """L_R or L_S (Eq. 11) of one batch: click BCE (Eq. 10) + alpha L_Rel + beta L_Align."""
+    def _task_loss(self, batch, task, items, queries, h, relevance) -> dict:
+        """L_R or L_S (Eq. 11) of one batch, h its encoded histories, relevance its L_Rel:
+        click BCE (Eq. 10) + alpha L_Rel + beta L_Align."""
         hp = self.hparams
-        h = self.transitions(batch, items, queries)
         logits = self._predict(batch, batch["candidates"], task, items, queries, h)
         labels = torch.zeros_like(logits)
         labels[:, 0] = 1.0
         parts = {"click": binary_ce(logits, labels)}
         total = parts["click"]
-        if self.rel_sim is not None:
-            parts["rel"] = self._relevance(batch, items, queries, negatives)
+        if relevance is not None:
+            parts["rel"] = relevance
             total = total + hp.alpha * parts["rel"]
         if self.align_sim:
             parts["align"] = self._alignment(batch, h)  # Eq. 6
@@ -388,18 +415,31 @@ class UniSAR(RecommenderModule):
         parts["total"] = total
         return parts
 
-    def _relevance(self, batch, items, queries, negatives) -> torch.Tensor:
-        """Eq. 2 over the (query, clicked item) pairs of the batch's history sessions."""
-        clicks = batch["search_history_clicks"]
-        pair_mask = batch["search_history_mask"][..., None] & (clicks > 0)
-        pair_query = batch["search_history_query"][..., None].expand_as(clicks)[pair_mask]
-        pair_item = clicks[pair_mask]
-        neg_items, neg_queries = negatives
-        return relevance_loss(
-            self.rel_sim, queries.table, items.table, queries.index(pair_query),
-            items.index(pair_item), items(neg_items), queries(neg_queries),
-            paper=self.hparams.paper_losses, in_batch=self.hparams.rel_in_batch,
-        )  # fmt: skip
+    def _relevance(self, batches, items, queries, negatives) -> list[torch.Tensor]:
+        """Eq. 2 over the (query, clicked item) pairs of each batch's history sessions, one
+        loss per batch; the batches share the step's negatives, so a query or item paired
+        in several is scored against them once (with in-batch negatives: batch by batch)."""
+        pair_queries, pair_items = [], []
+        for batch in batches:
+            clicks = batch["search_history_clicks"]
+            pair_mask = batch["search_history_mask"][..., None] & (clicks > 0)
+            pair_queries.append(
+                batch["search_history_query"][..., None].expand_as(clicks)[pair_mask]
+            )
+            pair_items.append(clicks[pair_mask])
+        neg_items, neg_queries = items(negatives[0]), queries(negatives[1])
+
+        def loss(pair_query, pair_item, segments=None):
+            return relevance_loss(
+                self.rel_sim, queries.table, items.table, queries.index(pair_query),
+                items.index(pair_item), neg_items, neg_queries, paper=self.hparams.paper_losses,
+                in_batch=self.hparams.rel_in_batch, segments=segments,
+            )  # fmt: skip
+
+        if self.hparams.rel_in_batch:
+            return [loss(q, i) for q, i in zip(pair_queries, pair_items, strict=True)]
+        sizes = [len(q) for q in pair_queries]
+        return loss(torch.cat(pair_queries), torch.cat(pair_items), sizes)
 
     def _alignment(self, batch, h) -> torch.Tensor:
         """Eq. 5-6: mean-pooled transitions of each history aligned across scenarios, on
@@ -431,9 +471,18 @@ class UniSAR(RecommenderModule):
         negatives = self._negatives() if self.rel_sim is not None else (None, None)
         extra = () if negatives[0] is None else negatives
         items, queries = self._lookups(list(named.values()), extra[:1], extra[1:])
+        # the rows of both tasks go through the history encoders together: each row's
+        # output is its own (rows never attend to each other), in half the calls
+        sizes = [b["user"].shape[0] for b in named.values()]
+        encoded = self.encode(_stacked_histories(list(named.values())), items, queries)
+        split = {k: v.split(sizes) for k, v in encoded.items()}
+        relevance = [None] * len(named)
+        if self.rel_sim is not None:
+            relevance = self._relevance(list(named.values()), items, queries, negatives)
         parts, loss = {}, 0.0
-        for task, task_batch in named.items():
-            task_parts = self._task_loss(task_batch, task, items, queries, negatives)
+        for i, (task, task_batch) in enumerate(named.items()):
+            h = {k: v[i] for k, v in split.items()}
+            task_parts = self._task_loss(task_batch, task, items, queries, h, relevance[i])
             weight = self.hparams.gamma if task == "search" and len(tasks) == 2 else 1.0
             loss = loss + weight * task_parts.pop("total")
             parts.update({f"{task}_{k}": v.detach() for k, v in task_parts.items()})

@@ -60,19 +60,20 @@ def extent(valid: torch.Tensor) -> torch.Tensor:
     return (valid * slots).amax(1)
 
 
-def by_length(fn, valid: torch.Tensor, sequences: tuple, masks: tuple = (),
+def by_length(fn, valid: torch.Tensor, sequences: tuple, slot_features: tuple = (),
               output_valid: torch.Tensor | None = None, groups: int = LENGTH_GROUPS):  # fmt: skip
-    """fn(*sequences, *masks) on groups of rows of similar extent, each cut to the group's
-    longest: [B, L, d] sequences and [B, L, L] masks in, [B, L, d] out, zero at every
-    invalid slot (or outside `output_valid` where given). The valid slots come out as
-    from one call on the whole batch, since a slot past a row's extent is masked out of
-    every attention: only the work on padding is saved. The groups' slots are taken out
-    with one index_select and put back with one index_copy (their gradients: one
-    index_add, one index_select)."""
+    """fn(*sequences, *slot_features) on groups of rows of similar extent, each cut to the
+    group's longest: [B, L, d] sequences and [B, L] slot features (a validity mask, the
+    behaviour types: what fn builds its attention masks from, at the group's size) in,
+    [B, L, d] out, zero at every invalid slot (or outside `output_valid` where given).
+    The valid slots come out as from one call on the whole batch, since a slot past a
+    row's extent is masked out of every attention: only the work on padding is saved.
+    The groups' slots are taken out with one index_select and put back with one
+    index_copy (their gradients: one index_add, one index_select)."""
     b, length = valid.shape
     d = sequences[0].shape[-1]
     if b == 0 or length == 0:  # nothing to group (fn still runs: every parameter is used)
-        return fn(*sequences, *masks)
+        return fn(*sequences, *slot_features)
     ends = extent(valid)
     order = torch.argsort(ends)
     slots, shapes = [], []
@@ -89,15 +90,12 @@ def by_length(fn, valid: torch.Tensor, sequences: tuple, masks: tuple = (),
     index = torch.cat(slots)
     sizes = [rows * n for rows, n in shapes]
     taken = [s.reshape(b * length, -1).index_select(0, index).split(sizes) for s in sequences]
-    flat_masks = [m.reshape(b * length, length) for m in masks]
+    features = [f.reshape(-1).index_select(0, index).split(sizes) for f in slot_features]
     shown = valid if output_valid is None else output_valid
     kept = shown.reshape(-1).index_select(0, index).split(sizes)
     pieces = []
     for g, (rows, n) in enumerate(shapes):
-        group_masks = [
-            m.index_select(0, slots[g]).view(rows, n, length)[..., :n] for m in flat_masks
-        ]
-        y = fn(*(t[g].view(rows, n, -1) for t in taken), *group_masks)
+        y = fn(*(t[g].view(rows, n, -1) for t in taken), *(f[g].view(rows, n) for f in features))
         pieces.append(y.reshape(rows * n, d) * kept[g][:, None].to(y.dtype))
     return out.index_copy(0, index, torch.cat(pieces)).view(b, length, d)
 
@@ -116,7 +114,11 @@ def with_fallback(allowed: torch.Tensor, fallback: str = "self") -> torch.Tensor
 
 class Attention(nn.Module):
     """Multi-head attention over [B, L, d] with a [B, Lq, Lk] allowed-mask shared by the
-    heads (no per-head copies), dropout on the attention weights as nn.MultiheadAttention."""
+    heads (no per-head copies), dropout on the attention weights as nn.MultiheadAttention.
+
+    Each head reads its slice of the projections in place (a strided view that bmm takes
+    as it is) rather than a [B, heads, L, d / heads] transposed copy; 1 / sqrt(d / heads)
+    and the weight dropout's 1 / (1 - p) are folded into the q and v projections."""
 
     def __init__(self, d: int, heads: int, p: float):
         super().__init__()
@@ -133,19 +135,35 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # fmt: skip
         """drop_output: dropout (the same p) on the output too, as a residual branch has."""
         b, lq, d = query.shape
-        w_q, w_kv = self.in_proj.weight.split([d, 2 * d])
-        b_q, b_kv = self.in_proj.bias.split([d, 2 * d])
-        q = nn.functional.linear(query, w_q, b_q)
-        k, v = nn.functional.linear(keys, w_kv, b_kv).chunk(2, dim=-1)
-        split = lambda x: x.view(b, x.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(q), split(k), split(v)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        if self.training and self.p > 0:  # dropout on the weights; its scale on the output
-            weights = weights * dropout_mask(weights.shape, self.p, weights.device, weights.dtype)
-            v = v * dropout_scale(self.p)
-        out = (weights @ v).transpose(1, 2).reshape(b, lq, d)
+        width = d // self.heads
+        dropping = self.training and self.p > 0
+        scale = torch.ones(3, d, dtype=query.dtype, device=query.device)
+        scale[0] = 1 / math.sqrt(width)
+        if dropping:  # the weights' dropout scale, on v (weights @ (s v) = (s weights) @ v)
+            scale[2] = dropout_scale(self.p)
+        weight = self.in_proj.weight * scale.view(-1, 1)
+        bias = self.in_proj.bias * scale.view(-1)
+
+        def heads(x: torch.Tensor, rows: slice) -> list[torch.Tensor]:
+            out = nn.functional.linear(x, weight[rows], bias[rows])
+            return [t.view(b, x.shape[1], width) for t in out.split(width, dim=-1)]
+
+        if query is keys:  # self-attention: one projection
+            projected = heads(query, slice(None))
+        else:
+            projected = heads(query, slice(0, d)) + heads(keys, slice(d, 3 * d))
+        q, k, v = (projected[i * self.heads : (i + 1) * self.heads] for i in range(3))
+        blocked = ~allowed
+        outputs = []
+        for q_h, k_h, v_h in zip(q, k, v, strict=True):
+            scores = torch.bmm(q_h, k_h.transpose(1, 2)).masked_fill_(blocked, float("-inf"))
+            weights = torch.softmax(scores, dim=-1)
+            if dropping:
+                weights = weights * dropout_mask(
+                    weights.shape, self.p, weights.device, weights.dtype
+                )
+            outputs.append(torch.bmm(weights, v_h))
+        out = torch.cat(outputs, dim=-1)
         return dropped_linear(out, self.out_proj, self.p if drop_output else 0.0, self.training)
 
 
@@ -177,15 +195,22 @@ class MaskedEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(d, heads, dropout) for _ in range(layers))
 
     def forward(
-        self, steps: torch.Tensor, valid: torch.Tensor, allowed: torch.Tensor | None = None,
+        self, steps: torch.Tensor, valid: torch.Tensor, types: torch.Tensor | None = None,
         output_valid: torch.Tensor | None = None,
     ):  # fmt: skip
-        """output_valid: the slots whose output is kept (default: the valid ones)."""
+        """types [B, L]: with them, a slot attends only to slots of another type (Eq. 4's
+        mask M); output_valid: the slots whose output is kept (default: the valid ones)."""
         length = steps.shape[1]
         x = steps + self.positions(torch.arange(length, device=steps.device))
-        pairs = valid[:, None, :] & valid[:, :, None]
-        mask = with_fallback(pairs if allowed is None else pairs & allowed)
-        return by_length(self._layers, valid, (x,), (mask,), output_valid)
+        features = (valid,) if types is None else (valid, types)
+        return by_length(self.group, valid, (x,), features, output_valid)
+
+    def group(self, x: torch.Tensor, valid: torch.Tensor, types: torch.Tensor | None = None):
+        """The layers on rows cut to a common length, with their masks built at that size."""
+        allowed = valid[:, None, :] & valid[:, :, None]
+        if types is not None:
+            allowed = allowed & (types[:, :, None] != types[:, None, :])
+        return self._layers(x, with_fallback(allowed))
 
     def _layers(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -210,8 +235,12 @@ class FusionLayer(nn.Module):
         self.p, self.paper = dropout, paper
 
     def forward(self, same: torch.Tensor, cross: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return by_length(self.group, valid, (same, cross), (valid,))
+
+    def group(self, same: torch.Tensor, cross: torch.Tensor, valid: torch.Tensor):
+        """Eq. 7 on rows cut to a common length: every slot attends to the valid ones."""
         allowed = with_fallback(valid[:, None, :].expand(-1, valid.shape[1], -1), "all")
-        return by_length(self._fuse, valid, (same, cross), (allowed,))
+        return self._fuse(same, cross, allowed)
 
     def _fuse(self, same: torch.Tensor, cross: torch.Tensor, allowed: torch.Tensor):
         attended = self.norms[0](same + self.self_attention(same, same, allowed, drop_output=True))
@@ -278,13 +307,30 @@ class MultiTaskHead(nn.Module):
                                   nn.Linear(80, 1)) for t in self.TASKS}
             )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        """x [..., in_dim] -> [...] logits of `task`."""
+    def forward(self, x: torch.Tensor, task: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in_dim] -> [...] logits of `task`. With `rows` [B, r], the input is
+        cat(rows repeated over x's K candidates, x [B, K, in_dim - r]): the part that is the
+        same for every candidate (user, query) goes through the first layers once per row.
+        The first layers of the task's experts and its gate run as one product."""
         if not self.mmoe:
-            return self.heads[task](x).squeeze(-1)
-        outputs = torch.stack(
-            [e(x) for e in (*self.experts[task], *self.experts["shared"])], dim=-2
-        )  # [..., E, out]
-        gate = torch.softmax(self.gates[task](x), dim=-1).unsqueeze(-1)
-        mixed = (gate * outputs).sum(-2)
+            head = self.heads[task]
+            return head[1:](_first_layer([head[0]], x, rows)[0]).squeeze(-1)
+        experts = [*self.experts[task], *self.experts["shared"]]
+        *hidden, gate = _first_layer([e[0] for e in experts] + [self.gates[task]], x, rows)
+        outputs = torch.stack([e[1:](h) for e, h in zip(experts, hidden, strict=True)], dim=-2)
+        mixed = (torch.softmax(gate, dim=-1).unsqueeze(-1) * outputs).sum(-2)  # [..., out]
         return (mixed if self.paper else self.towers[task](mixed)).squeeze(-1)
+
+
+def _first_layer(layers: list[nn.Linear], x: torch.Tensor, rows: torch.Tensor | None):
+    """[layer(cat(rows over the candidates, x)) for layer in layers], as one product (and
+    one more for the rows' part, once per row)."""
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers])
+    if rows is None:
+        out = nn.functional.linear(x, weight, bias)
+    else:
+        r = rows.shape[-1]
+        out = nn.functional.linear(x, weight[:, r:], bias)
+        out = out + nn.functional.linear(rows, weight[:, :r]).unsqueeze(-2)
+    return out.split([layer.out_features for layer in layers], dim=-1)

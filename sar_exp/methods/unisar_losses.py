@@ -74,13 +74,36 @@ def relevance_loss(
     negative_queries: torch.Tensor,
     paper: bool = True,
     in_batch: bool = False,
-) -> torch.Tensor:
+    segments: list[int] | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
     """Eq. 2 over the pairs (pair_query[k], pair_item[k]), indices into the distinct
     query_emb [Uq, d] and item_emb [Ui, d]; negatives [N, d] are shared by the batch.
     `in_batch`: the batch's other pairs' items (queries) are negatives too, except those
-    paired with the same query (item) somewhere in the batch."""
+    paired with the same query (item) somewhere in the batch.
+    `segments`: the pairs are consecutive runs of these sizes (one per batch sharing the
+    negatives), each with its own loss, returned as a list; a query or item in several
+    runs has its log-sum-exp computed once. Not with `in_batch`, whose negatives are a
+    run's own pairs."""
+    if segments is not None:
+        if in_batch:
+            raise ValueError("relevance_loss: segments cannot share in-batch negatives")
+        terms = _relevance_terms(sim, query_emb, item_emb, pair_query, pair_item,
+                                 negative_items, negative_queries, paper, False)  # fmt: skip
+        empty = sim.zero() + 0.0 * query_emb.sum()
+        return [t.mean() if t.numel() else empty for t in terms.split(segments)]
     if pair_query.numel() == 0:
         return sim.zero() + 0.0 * query_emb.sum()
+    return _relevance_terms(
+        sim, query_emb, item_emb, pair_query, pair_item, negative_items, negative_queries,
+        paper, in_batch,
+    ).mean()  # fmt: skip
+
+
+def _relevance_terms(sim, query_emb, item_emb, pair_query, pair_item, negative_items,
+                     negative_queries, paper: bool, in_batch: bool) -> torch.Tensor:  # fmt: skip
+    """Eq. 2's term of each pair, [P]."""
+    if pair_query.numel() == 0:
+        return query_emb.new_zeros(0)
     positive = sim.pairs(query_emb[pair_query], item_emb[pair_item])  # [P]
     # the log-sum-exps only for the queries and items that occur in pairs
     queries, pair_q = torch.unique(pair_query, return_inverse=True)
@@ -97,9 +120,9 @@ def relevance_loss(
     items_lse = torch.logsumexp(item_scores, dim=1)[pair_q]
     queries_lse = torch.logsumexp(query_scores, dim=1)[pair_i]
     if paper:  # -[log e^s / sum_neg e^s- (q -> i) + log e^s / sum_neg e^s- (i -> q)]
-        return (items_lse + queries_lse - 2 * positive).mean()
+        return items_lse + queries_lse - 2 * positive
     with_positive = torch.logaddexp(positive, items_lse) + torch.logaddexp(positive, queries_lse)
-    return 0.5 * (with_positive - 2 * positive).mean()
+    return 0.5 * (with_positive - 2 * positive)
 
 
 def alignment_loss(

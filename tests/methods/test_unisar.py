@@ -20,15 +20,14 @@ def test_the_type_mask_lets_a_slot_see_only_the_other_behaviour():
     encoder = MaskedEncoder(D, 2, 1, 0.0, 10).eval()
     types = torch.tensor([[1, 0, 1, 0, 1]])
     valid = torch.ones(1, 5, dtype=torch.bool)
-    allowed = types[:, :, None] != types[:, None, :]
     steps = torch.randn(1, 5, D)
-    out = encoder(steps, valid, allowed)
+    out = encoder(steps, valid, types)
     other_rec = steps.clone()
     other_rec[0, 4] += 1.0  # another rec slot
-    assert torch.allclose(encoder(other_rec, valid, allowed)[0, 0], out[0, 0], atol=1e-6)
+    assert torch.allclose(encoder(other_rec, valid, types)[0, 0], out[0, 0], atol=1e-6)
     other_search = steps.clone()
     other_search[0, 3] += 1.0  # a search slot
-    assert not torch.allclose(encoder(other_search, valid, allowed)[0, 0], out[0, 0], atol=1e-4)
+    assert not torch.allclose(encoder(other_search, valid, types)[0, 0], out[0, 0], atol=1e-4)
     # without the mask (Table 5, w/o mask M) every slot sees every other
     assert not torch.allclose(
         encoder(other_rec, valid)[0, 0], encoder(steps, valid)[0, 0], atol=1e-4
@@ -241,6 +240,43 @@ def test_total_loss_is_eq12(unisar_model):
     assert loss.item() == pytest.approx((rec + 0.5 * search).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("paper_losses", [True, False])
+def test_both_tasks_encoded_together_give_each_task_s_own_losses(unisar_model, paper_losses):
+    """training_loss runs the rec and the search rows through the history encoders as one
+    batch (padded to the wider histories) and scores L_Rel's shared negatives once for
+    both: each task's parts must be those of its batch computed alone."""
+    build, batch = unisar_model
+    model = build(paper_losses=paper_losses).eval()  # no dropout: the same numbers
+    torch.manual_seed(1)
+    _, together = model.training_loss(batch)
+    named = {"rec": batch, "search": batch["search"]}
+    negatives = model._negatives()
+    items, queries = model._lookups(list(named.values()), negatives[:1], negatives[1:])
+    for task, task_batch in named.items():
+        (relevance,) = model._relevance([task_batch], items, queries, negatives)
+        h = model.encode(task_batch, items, queries)
+        alone = model._task_loss(task_batch, task, items, queries, h, relevance)
+        for part in ("click", "rel", "align"):
+            assert together[f"{task}_{part}"].item() == pytest.approx(alone[part].item(), rel=1e-5)
+    assert batch["rec_history"].shape[1] != batch["search"]["rec_history"].shape[1] or (
+        batch["search_history_query"].shape[1] != batch["search"]["search_history_query"].shape[1]
+    )  # the two batches' histories differ in width: the padding is exercised
+
+
+@pytest.mark.parametrize("flags", [{}, {"paper": False}, {"mmoe": False}])
+def test_the_head_takes_the_per_row_part_once_per_row(flags):
+    """X_b = [e_u, e_q, e_i, agg_s, agg_r]: with rows=[e_u, e_q] the head gives what it
+    gives on the whole X_b with the rows repeated over the candidates."""
+    from sar_exp.methods.unisar_layers import MultiTaskHead
+
+    torch.manual_seed(0)
+    head = MultiTaskHead(5 * D, D, {"shared": 2, "rec": 2, "search": 2}, 0.0, **flags).eval()
+    rows, candidates = torch.randn(3, 2 * D), torch.randn(3, 4, 3 * D)
+    whole = torch.cat([rows[:, None].expand(-1, 4, -1), candidates], dim=-1)
+    for task in ("rec", "search"):
+        assert torch.allclose(head(candidates, task, rows=rows), head(whole, task), atol=1e-5)
+
+
 def test_two_task_run_end_to_end(make_cfg, tmp_path):
     from sar_exp.train import train
 
@@ -342,7 +378,7 @@ def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
         return torch.where(valid[..., None], out, 0.0)
 
     for groups in (1, 3, 9):
-        grouped = by_length(encoder._layers, valid, (steps,), (pairs,), groups=groups)
+        grouped = by_length(encoder.group, valid, (steps,), (valid,), groups=groups)
         assert torch.allclose(grouped, whole(steps), atol=1e-5)
         weight = torch.randn(9, 12, D)
         (a,) = torch.autograd.grad((grouped * weight).sum(), steps)
@@ -397,12 +433,16 @@ def test_a_batch_without_any_history_still_reaches_every_encoder_parameter():
             assert all(p.grad is not None for p in module.parameters())
 
 
-def test_cross_transitions_are_the_merged_encoding_read_at_each_type_s_slots(unisar_model):
+@pytest.mark.parametrize("use_mask, layers", [(True, 1), (False, 1), (True, 2)])
+def test_cross_transitions_are_the_merged_encoding_read_at_each_type_s_slots(
+    unisar_model, use_mask, layers
+):
     """Eq. 4 computed directly, in one call over the padded merged history: H_s2r is the
-    encoder's output at the rec slots in time order, H_r2s at the search slots; a slot
-    with no slot of the other type to attend to is zero."""
+    encoder's output at the rec slots in time order, H_r2s at the search slots; with the
+    type mask a slot with no slot of the other type to attend to is zero. (The model runs
+    the two histories side by side instead.)"""
     build, batch = unisar_model
-    model = build().eval()
+    model = build(use_mask=use_mask, layers=layers).eval()
     steps = {1: torch.randn(*batch["rec_history_mask"].shape, 16),
              0: torch.randn(*batch["search_history_mask"].shape, 16)}  # fmt: skip
     got = model._cross_transitions(batch, steps[1], steps[0])
@@ -414,14 +454,17 @@ def test_cross_transitions_are_the_merged_encoding_read_at_each_type_s_slots(uni
         merged_steps[b, j] = steps[int(types[b, j])][b, position[b, j]]
     encoder = model.encoders["merged"]
     x = merged_steps + encoder.positions(torch.arange(valid.shape[1]))
-    allowed = (types[:, :, None] != types[:, None, :]) & valid[:, None, :] & valid[:, :, None]
-    direct = encoder._layers(x, with_fallback(allowed))
+    allowed = valid[:, None, :] & valid[:, :, None]
+    if use_mask:
+        allowed = allowed & (types[:, :, None] != types[:, None, :])
+    for layer in encoder.layers:
+        x = layer(x, with_fallback(allowed))
     found = 0
     for name, kind in (("s2r", 1), ("r2s", 0)):
         for b in range(valid.shape[0]):
             slots = (valid[b] & (types[b] == kind)).nonzero().squeeze(1)
             for k, j in enumerate(slots.tolist()):
-                expected = direct[b, j] if allowed[b, j].any() else torch.zeros(16)
+                expected = x[b, j] if allowed[b, j].any() else torch.zeros(16)
                 assert torch.allclose(got[name][b, k], expected, atol=1e-5), (name, b, k)
                 found += int(allowed[b, j].any())
             assert not got[name][b, len(slots) :].any()
