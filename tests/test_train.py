@@ -54,19 +54,23 @@ def test_same_seed_same_metrics_file(make_cfg, tmp_path):
     ).read_bytes()
 
 
-def test_testing_a_checkpoint_in_two_processes_gives_the_same_metrics(make_cfg, tmp_path):
-    train(make_cfg("backbone=gru4rec", output_dir=tmp_path / "fit"))
+UNISAR = ("method=unisar", "backbone=sasrec", "protocol=unisar",
+          "dataset.protocol.evaluated_tasks=[rec,search]", "optimized_metric=val/mean_ndcg@5",
+          "method.module.rel_negatives=16")  # fmt: skip
+
+
+@pytest.mark.parametrize("model", [("backbone=gru4rec",), UNISAR], ids=["gru4rec", "unisar"])
+def test_testing_a_checkpoint_in_two_processes_gives_the_same_metrics(make_cfg, tmp_path, model):
+    """Spawned processes (trainer=ddp_sim) score their shards of both tasks' test sets;
+    the gathered metrics are the single process's."""
+    train(make_cfg(*model, output_dir=tmp_path / "fit"))
     checkpoint = tmp_path / "fit" / "checkpoints" / "best.ckpt"
     assert checkpoint.exists()
-    common = (
-        "backbone=gru4rec",
-        "train=false",
-        f"ckpt_path={checkpoint}",
-        "data.eval_batch_size=37",
-    )
+    common = (*model, "train=false", f"ckpt_path={checkpoint}", "data.eval_batch_size=37")
     single = train(make_cfg(*common, output_dir=tmp_path / "one"))
     double = train(make_cfg(*common, "trainer=ddp_sim", output_dir=tmp_path / "two"))
     assert single == double
+    assert ("test/search/ndcg@5" in single) == (model == UNISAR)  # both tasks, for UniSAR
     written = json.loads((tmp_path / "fit" / "metrics.json").read_text())
     assert single == {k: v for k, v in written.items() if k.startswith("test/")}
 
