@@ -60,6 +60,8 @@ def _rows(steps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _stacked_histories(batches: list[dict]) -> dict:
     """The histories of several batches as one batch of all their rows, each padded to
     the widest (histories are left-aligned, so padding at the end changes no slot)."""
+    if len(batches) == 1:
+        return batches[0]
     out = {}
     for key in (k for k in HISTORY_KEYS if k in batches[0]):
         parts = [b[key] for b in batches]
@@ -190,10 +192,11 @@ class UniSAR(RecommenderModule):
             {k: m for k, m in fusion.items() if (use_mca_r if k == "r" else use_mca_s)}
         )
         self.target_attention = nn.ModuleDict({"r": TargetAttention(d), "s": TargetAttention(d)})
-        self.head = MultiTaskHead(
+        self.head = MultiTaskHead(  # X_b = [e_u, e_i, e_q, agg_s, agg_r]; e_u, e_q per row
             5 * d, d,
             {"shared": 4, "rec": 4, "search": 4, **(experts or {})},
             dropout, paper=paper_prediction, mmoe=use_mmoe, tasks=tuple(train_tasks),
+            per_row_columns=[*range(d), *range(2 * d, 3 * d)],
         )  # fmt: skip
         align = {s: BilinearSimilarity(d, tau_align, paper_losses) for s in ("R", "S")}
         rel = BilinearSimilarity(d, tau_rel, paper_losses)
@@ -372,8 +375,8 @@ class UniSAR(RecommenderModule):
             e_q = self.q_phi.expand(b, d)  # the learnable rec query q_phi
         else:
             e_q = queries(batch["query"])
-        # X_b (Sec. 4.3.2): [e_u, e_q] is the same for every candidate, so the head takes
-        # it once per row (columns in the order [e_u, e_q, e_i, agg_s, agg_r])
+        # X_b = [e_u, e_i, e_q, agg_s, agg_r] (Sec. 4.3.2): e_u and e_q are the same for
+        # every candidate, so the head takes them once per row
         rows = torch.cat([e_u, e_q], dim=-1)
         return self.head(torch.cat([e_i, agg_s, agg_r], dim=-1), task, rows=rows)
 

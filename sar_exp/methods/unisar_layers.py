@@ -146,7 +146,7 @@ class Attention(nn.Module):
 
         def heads(x: torch.Tensor, rows: slice) -> list[torch.Tensor]:
             out = nn.functional.linear(x, weight[rows], bias[rows])
-            return [t.view(b, x.shape[1], width) for t in out.split(width, dim=-1)]
+            return list(out.split(width, dim=-1))
 
         if query is keys:  # self-attention: one projection
             projected = heads(query, slice(None))
@@ -278,8 +278,14 @@ class MultiTaskHead(nn.Module):
     (Table 5, w/o joint training: "MMoE is no longer necessary")."""
 
     def __init__(self, in_dim: int, d: int, experts: dict, dropout: float, paper: bool = True,
-                 mmoe: bool = True, tasks: tuple[str, ...] = ("rec", "search")):  # fmt: skip
+                 mmoe: bool = True, tasks: tuple[str, ...] = ("rec", "search"),
+                 per_row_columns: list[int] | None = None):  # fmt: skip
+        """per_row_columns: the input columns that forward's `rows` fill (the same for every
+        candidate of a row); the others, in order, are x's."""
         super().__init__()
+        columns = torch.zeros(in_dim, dtype=torch.bool)
+        columns[per_row_columns or []] = True
+        self.register_buffer("per_row", columns, persistent=False)
         self.TASKS = tuple(tasks)
         self.mmoe, self.paper = mmoe and len(self.TASKS) == 2, paper
         if not self.mmoe:
@@ -308,29 +314,32 @@ class MultiTaskHead(nn.Module):
             )  # fmt: skip
 
     def forward(self, x: torch.Tensor, task: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., in_dim] -> [...] logits of `task`. With `rows` [B, r], the input is
-        cat(rows repeated over x's K candidates, x [B, K, in_dim - r]): the part that is the
-        same for every candidate (user, query) goes through the first layers once per row.
-        The first layers of the task's experts and its gate run as one product."""
+        """x [..., in_dim] -> [...] logits of `task`. With `rows` [B, r], the input is x
+        [B, K, in_dim - r] with rows (repeated over the K candidates) at per_row_columns:
+        the part that is the same for every candidate (user, query) goes through the first
+        layers once per row. The first layers of the task's experts and its gate run as
+        one product."""
+        per_row = self.per_row if rows is not None else None
         if not self.mmoe:
             head = self.heads[task]
-            return head[1:](_first_layer([head[0]], x, rows)[0]).squeeze(-1)
+            return head[1:](_first_layer([head[0]], x, rows, per_row)[0]).squeeze(-1)
         experts = [*self.experts[task], *self.experts["shared"]]
-        *hidden, gate = _first_layer([e[0] for e in experts] + [self.gates[task]], x, rows)
+        layers = [e[0] for e in experts] + [self.gates[task]]
+        *hidden, gate = _first_layer(layers, x, rows, per_row)
         outputs = torch.stack([e[1:](h) for e, h in zip(experts, hidden, strict=True)], dim=-2)
         mixed = (torch.softmax(gate, dim=-1).unsqueeze(-1) * outputs).sum(-2)  # [..., out]
         return (mixed if self.paper else self.towers[task](mixed)).squeeze(-1)
 
 
-def _first_layer(layers: list[nn.Linear], x: torch.Tensor, rows: torch.Tensor | None):
-    """[layer(cat(rows over the candidates, x)) for layer in layers], as one product (and
-    one more for the rows' part, once per row)."""
+def _first_layer(layers: list[nn.Linear], x: torch.Tensor, rows: torch.Tensor | None,
+                 per_row: torch.Tensor | None):  # fmt: skip
+    """[layer(input) for layer in layers] as one product, the input being x or, with rows,
+    x with rows at the columns `per_row` marks (their part: one more product, per row)."""
     weight = torch.cat([layer.weight for layer in layers])
     bias = torch.cat([layer.bias for layer in layers])
     if rows is None:
         out = nn.functional.linear(x, weight, bias)
     else:
-        r = rows.shape[-1]
-        out = nn.functional.linear(x, weight[:, r:], bias)
-        out = out + nn.functional.linear(rows, weight[:, :r]).unsqueeze(-2)
+        out = nn.functional.linear(x, weight[:, ~per_row], bias)
+        out = out + nn.functional.linear(rows, weight[:, per_row]).unsqueeze(-2)
     return out.split([layer.out_features for layer in layers], dim=-1)

@@ -265,16 +265,68 @@ def test_both_tasks_encoded_together_give_each_task_s_own_losses(unisar_model, p
 
 @pytest.mark.parametrize("flags", [{}, {"paper": False}, {"mmoe": False}])
 def test_the_head_takes_the_per_row_part_once_per_row(flags):
-    """X_b = [e_u, e_q, e_i, agg_s, agg_r]: with rows=[e_u, e_q] the head gives what it
-    gives on the whole X_b with the rows repeated over the candidates."""
+    """X_b = [e_u, e_i, e_q, agg_s, agg_r] (Sec. 4.3.2): given e_u and e_q once per row,
+    the head gives what it gives on X_b itself, with the same weights."""
     from sar_exp.methods.unisar_layers import MultiTaskHead
 
     torch.manual_seed(0)
-    head = MultiTaskHead(5 * D, D, {"shared": 2, "rec": 2, "search": 2}, 0.0, **flags).eval()
-    rows, candidates = torch.randn(3, 2 * D), torch.randn(3, 4, 3 * D)
-    whole = torch.cat([rows[:, None].expand(-1, 4, -1), candidates], dim=-1)
+    per_row = [*range(D), *range(2 * D, 3 * D)]
+    head = MultiTaskHead(5 * D, D, {"shared": 2, "rec": 2, "search": 2}, 0.0,
+                         per_row_columns=per_row, **flags).eval()  # fmt: skip
+    e_u, e_q = torch.randn(3, D), torch.randn(3, D)
+    e_i, agg_s, agg_r = torch.randn(3, 4, D), torch.randn(3, 4, D), torch.randn(3, 4, D)
+    x_b = torch.cat([e_u[:, None].expand(-1, 4, -1), e_i, e_q[:, None].expand(-1, 4, -1),
+                     agg_s, agg_r], dim=-1)  # fmt: skip
+    split = torch.cat([e_i, agg_s, agg_r], dim=-1)
     for task in ("rec", "search"):
-        assert torch.allclose(head(candidates, task, rows=rows), head(whole, task), atol=1e-5)
+        got = head(split, task, rows=torch.cat([e_u, e_q], dim=-1))
+        assert torch.allclose(got, head(x_b, task), atol=1e-5)
+
+
+def test_attention_is_torch_multihead_attention():
+    """The attention blocks (per-head slices, scales folded into the projections) give
+    nn.MultiheadAttention's outputs and input gradients with the same weights."""
+    from sar_exp.methods.unisar_layers import Attention
+
+    torch.manual_seed(0)
+    ours = Attention(D, 2, 0.0).eval()
+    reference = torch.nn.MultiheadAttention(D, 2, batch_first=True).eval()
+    weights = ours.state_dict()
+    reference.load_state_dict({"in_proj_weight": weights["in_proj.weight"],
+                               "in_proj_bias": weights["in_proj.bias"],
+                               "out_proj.weight": weights["out_proj.weight"],
+                               "out_proj.bias": weights["out_proj.bias"]})  # fmt: skip
+    allowed = torch.rand(3, 5, 6) < 0.7
+    allowed[..., 0] = True  # every query has a key
+    for self_attention in (True, False):
+        query = torch.randn(3, 5 if not self_attention else 6, D, requires_grad=True)
+        keys = query if self_attention else torch.randn(3, 6, D, requires_grad=True)
+        mask = allowed[:, :1].expand(-1, 6, -1) if self_attention else allowed
+        got = ours(query, keys, mask)
+        expected, _ = reference(query, keys, keys, attn_mask=(~mask).repeat_interleave(2, 0))
+        assert torch.allclose(got, expected, atol=1e-5)
+        (a,) = torch.autograd.grad(got.sum(), query)
+        (b,) = torch.autograd.grad(expected.sum(), query)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_relevance_segments_are_each_batch_s_own_loss_and_an_empty_one_is_zero():
+    """Pairs of two batches scored against the shared negatives in one call: each run's
+    loss is its batch's alone; a batch without pairs gets a zero that reaches tau."""
+    torch.manual_seed(0)
+    sim = BilinearSimilarity(D, 0.5)
+    queries, items = torch.randn(5, D), torch.randn(7, D)
+    neg_items, neg_queries = torch.randn(9, D), torch.randn(9, D)
+    pair_q, pair_i = torch.tensor([0, 1, 1, 3, 4]), torch.tensor([2, 2, 5, 6, 0])
+    first, second, empty = relevance_loss(sim, queries, items, pair_q, pair_i, neg_items,
+                                          neg_queries, segments=[2, 3, 0])  # fmt: skip
+    alone = [relevance_loss(sim, queries, items, q, i, neg_items, neg_queries)
+             for q, i in ((pair_q[:2], pair_i[:2]), (pair_q[2:], pair_i[2:]))]  # fmt: skip
+    assert first.item() == pytest.approx(alone[0].item(), rel=1e-6)
+    assert second.item() == pytest.approx(alone[1].item(), rel=1e-6)
+    assert empty.item() == 0.0
+    empty.backward()
+    assert sim.log_temperature.grad is not None
 
 
 def test_two_task_run_end_to_end(make_cfg, tmp_path):
