@@ -67,6 +67,35 @@ def test_changed_settings_rerun_instead_of_reusing(tmp_path, capsys, cache_dir):
     assert len(list(tmp_path.rglob("metrics.json"))) == 1  # --variants ran only base
 
 
+def test_a_cell_whose_config_default_changed_since_is_rerun(tmp_path, capsys, cache_dir):
+    """Same overrides, but conf/ now composes another value (as when a method's default
+    changes): the cell is stale. A setting the old config did not have at all (added
+    since, with a default that keeps the old behaviour) does not make it stale."""
+    from omegaconf import OmegaConf
+
+    args = ["--quick", "--quick-epochs", "1", "--backbones", "mlp", "--variants", "base",
+            "--out", str(tmp_path), "--override", *TINY_OVERRIDES,
+            f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    main(args)
+    metrics = next(tmp_path.rglob("metrics.json"))
+    saved = metrics.parent / "config.yaml"
+    config = OmegaConf.load(saved)
+    del config.method.module["lr"]  # a setting the cell's config did not have yet
+    OmegaConf.save(config, saved)
+    first = metrics.stat().st_mtime_ns
+    main(args)
+    assert metrics.stat().st_mtime_ns == first  # reused
+    config = OmegaConf.load(saved)
+    config.method.module.weight_decay = 0.123  # the default it ran with differs from today's
+    OmegaConf.save(config, saved)
+    main(args)
+    assert metrics.stat().st_mtime_ns != first  # rerun
+    saved.unlink()  # a cell from before runs saved their config: judged on its overrides
+    second = metrics.stat().st_mtime_ns
+    main(args)
+    assert metrics.stat().st_mtime_ns == second
+
+
 def test_the_grid_gives_the_same_tables_whatever_jobs_is(tmp_path, capsys, cache_dir):
     """Every run gets --threads threads (default 1) whether the grid runs them one or
     two at a time, and whatever threads this process had before."""

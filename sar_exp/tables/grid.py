@@ -1,5 +1,6 @@
 """The machinery every paper table shares: a grid of runs (cells x seeds), each in its
-own directory, reused when it finished with the same overrides and thread count,
+own directory, reused when it finished with the same overrides, thread count and
+result-deciding config (a default changed in conf/ since makes it stale),
 resumed when it was interrupted, run one or --jobs at a time; the command-line options
 every table takes; and the improvement line with its t-test."""
 
@@ -29,46 +30,78 @@ class Run(NamedTuple):
     monitor: str = "val/ndcg@10"  # what the training length is read from
 
 
+# the sections of a run's config that decide its results, apart from paths and logging:
+# a default changed in conf/ since a cell ran (same overrides) makes the cell stale
+RESULT_SECTIONS = ("task", "seed", "optimized_metric", "dataset", "backbone", "method")
+
+
 def finished_run(run: Run) -> dict | None:
     """The metrics of a run that finished with exactly these overrides and this thread
-    count (results depend on it; a run that did not record it does not count), else None."""
+    count (results depend on it; a run that did not record it does not count) and
+    whose config still composes to the same method, backbone and data, else None."""
     done, recorded = run.run_dir / "metrics.json", run.run_dir / "table_overrides.json"
     if done.exists() and recorded.exists() and json.loads(recorded.read_text()) == run.overrides:
         metrics = json.loads(done.read_text())
-        if metrics.get("threads") == run.threads:
+        if metrics.get("threads") == run.threads and _same_config(run):
             return metrics
     return None
 
 
+def _compose(run: Run, extra: tuple = ()):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[f"seed={run.seed}", f"paths.output_dir={run.run_dir}",
+                       f"paths.root_dir={Path.cwd()}",
+                       f"paths.cache_dir={Path.cwd() / '.cache' / 'sar_exp'}",
+                       *run.overrides, *extra],
+        )  # fmt: skip
+
+
+def _same_config(run: Run) -> bool:
+    """The run's saved config.yaml agrees with today's composition on every setting of
+    RESULT_SECTIONS that both have (a setting added since, whose default keeps the old
+    behaviour, does not make every finished cell stale; a changed value does)."""
+    from omegaconf import OmegaConf
+
+    saved = run.run_dir / "config.yaml"
+    if not saved.exists():  # a cell from before runs saved their config: overrides alone
+        return True
+    then = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    now = OmegaConf.to_container(_compose(run), resolve=True)
+    return all(_agree(then.get(key), now.get(key)) for key in RESULT_SECTIONS)
+
+
+def _agree(then, now) -> bool:
+    if isinstance(then, dict) and isinstance(now, dict):
+        return all(_agree(then[k], now[k]) for k in then.keys() & now.keys())
+    return then == now
+
+
 def run_one(run: Run) -> dict:
-    """Run one cell, or reuse it when it finished before with the same overrides; a
-    cell that was interrupted with the same overrides resumes from its last.ckpt."""
+    """Run one cell, or reuse it when it finished before with the same overrides (and
+    config); a cell that was interrupted with the same ones resumes from its last.ckpt."""
     if (metrics := finished_run(run)) is not None:
         return metrics
     recorded = run.run_dir / "table_overrides.json"
     last = run.run_dir / "checkpoints" / "last.ckpt"
-    same = recorded.exists() and json.loads(recorded.read_text()) == run.overrides
+    same = (
+        recorded.exists() and json.loads(recorded.read_text()) == run.overrides
+        and _same_config(run)
+    )  # fmt: skip
     resume = [f"ckpt_path={last}"] if same and last.exists() else []
     if not resume:  # another run's checkpoints must never be resumed under these overrides
         for stale in run.run_dir.glob("checkpoints/*.ckpt"):
             stale.unlink()
     run.run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(recorded, json.dumps(run.overrides))  # what a resume must match
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from sar_exp.train import train
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[f"seed={run.seed}", f"paths.output_dir={run.run_dir}",
-                       f"paths.root_dir={Path.cwd()}",
-                       f"paths.cache_dir={Path.cwd() / '.cache' / 'sar_exp'}",
-                       *run.overrides, *resume],
-        )  # fmt: skip
-    return train(cfg, overrides=[])
+    return train(_compose(run, tuple(resume)), overrides=[])
 
 
 def quiet_lightning() -> None:
