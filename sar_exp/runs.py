@@ -159,20 +159,26 @@ def mark_failed(output_dir: Path, reason: str) -> Path:
 def check_same_run(output_dir: Path, cfg: DictConfig) -> None:
     """Resuming in a run directory needs the config that run was started with (a longer
     trainer.max_epochs aside): anything else would mix two runs in one."""
+    for key, before, now in config_changes(output_dir, cfg)[:1]:
+        raise ConfigError(
+            f"ckpt_path resumes the run in {output_dir}, which was started with "
+            f"{key}={before}; this command has {key}={now}"
+        )
+
+
+def config_changes(output_dir: Path, cfg: DictConfig) -> list[tuple[str, object, object]]:
+    """(key, the run's value, cfg's value) for each setting of the run in output_dir
+    (its config.yaml; none: no changes known) that cfg changes, incidental ones and
+    trainer.max_epochs aside. A key the run's config did not have yet (added by a later
+    release) holds its default, which the run used all along."""
     recorded = output_dir / "config.yaml"
     if not recorded.exists():
-        return
+        return []
     before = flatten(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     allowed = re.compile(INCIDENTAL.pattern + r"|^(train|trainer\.max_epochs)$")
-    # a key the run's config did not have yet (added by a later release) holds its
-    # default, which the run used all along
-    for key in sorted(before):
-        if not allowed.match(key) and before.get(key) != now.get(key):
-            raise ConfigError(
-                f"ckpt_path resumes the run in {output_dir}, which was started with "
-                f"{key}={before.get(key)}; this command has {key}={now.get(key)}"
-            )
+    return [(key, before.get(key), now.get(key)) for key in sorted(before)
+            if not allowed.match(key) and before.get(key) != now.get(key)]  # fmt: skip
 
 
 # ------------------------------------------------------------------ checkpoints

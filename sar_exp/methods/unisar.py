@@ -205,6 +205,12 @@ class UniSAR(RecommenderModule):
             {s: m for s, m in align.items() if use_align and self._aligned(s)}
         )
         self.rel_sim = rel if use_rel else None
+        if embedding_init_std is not None and (embedding_style == "official"
+                                               or embedding_init_std <= 0):  # fmt: skip
+            raise ConfigError(
+                "method.module.embedding_init_std must be a positive std, and is not used "
+                "with embedding_style=official (whose xavier init redraws every table)"
+            )
         if embedding_init_std is not None:  # the paper is silent; the framework draws 0.05
             self._embedding_init(embedding_init_std)
         if embedding_style == "official":

@@ -30,15 +30,11 @@ class Run(NamedTuple):
     monitor: str = "val/ndcg@10"  # what the training length is read from
 
 
-# the sections of a run's config that decide its results, apart from paths and logging:
-# a default changed in conf/ since a cell ran (same overrides) makes the cell stale
-RESULT_SECTIONS = ("task", "seed", "optimized_metric", "dataset", "backbone", "method")
-
-
 def finished_run(run: Run) -> dict | None:
     """The metrics of a run that finished with exactly these overrides and this thread
     count (results depend on it; a run that did not record it does not count) and
-    whose config still composes to the same method, backbone and data, else None."""
+    whose saved config is still what these overrides compose to today (a default changed
+    in conf/ since makes it stale; runs.config_changes says what counts), else None."""
     done, recorded = run.run_dir / "metrics.json", run.run_dir / "table_overrides.json"
     if done.exists() and recorded.exists() and json.loads(recorded.read_text()) == run.overrides:
         metrics = json.loads(done.read_text())
@@ -63,23 +59,7 @@ def _compose(run: Run, extra: tuple = ()):
 
 
 def _same_config(run: Run) -> bool:
-    """The run's saved config.yaml agrees with today's composition on every setting of
-    RESULT_SECTIONS that both have (a setting added since, whose default keeps the old
-    behaviour, does not make every finished cell stale; a changed value does)."""
-    from omegaconf import OmegaConf
-
-    saved = run.run_dir / "config.yaml"
-    if not saved.exists():  # a cell from before runs saved their config: overrides alone
-        return True
-    then = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-    now = OmegaConf.to_container(_compose(run), resolve=True)
-    return all(_agree(then.get(key), now.get(key)) for key in RESULT_SECTIONS)
-
-
-def _agree(then, now) -> bool:
-    if isinstance(then, dict) and isinstance(now, dict):
-        return all(_agree(then[k], now[k]) for k in then.keys() & now.keys())
-    return then == now
+    return not runs.config_changes(run.run_dir, _compose(run))
 
 
 def run_one(run: Run) -> dict:

@@ -339,6 +339,14 @@ def test_embedding_init_std_redraws_the_shared_tables_only(unisar_model):
         assert default.get_submodule(name).weight[1:].std().item() == pytest.approx(0.05, rel=0.1)
     positions = wide.encoders["r2r"].positions.weight  # not a shared table: as by default
     assert positions.std().item() == pytest.approx(1.0, rel=0.2)
+    from sar_exp.errors import ConfigError
+
+    for bad in (
+        {"embedding_init_std": 0.0},
+        {"embedding_init_std": 0.5, "embedding_style": "official"},
+    ):
+        with pytest.raises(ConfigError, match="embedding_init_std"):
+            build(**bad)
 
 
 def test_two_task_run_end_to_end(make_cfg, tmp_path):
