@@ -30,17 +30,27 @@ class Run(NamedTuple):
     monitor: str = "val/ndcg@10"  # what the training length is read from
 
 
-def finished_run(run: Run) -> dict | None:
-    """The metrics of a run that finished with exactly these overrides and this thread
-    count (results depend on it; a run that did not record it does not count) and
-    whose saved config is still what these overrides compose to today (a default changed
-    in conf/ since makes it stale; runs.config_changes says what counts), else None."""
-    done, recorded = run.run_dir / "metrics.json", run.run_dir / "table_overrides.json"
-    if done.exists() and recorded.exists() and json.loads(recorded.read_text()) == run.overrides:
+def finished_run(run: Run, same: bool | None = None) -> dict | None:
+    """The metrics of a run that finished with the same settings (see _same_settings;
+    `same`: already known) and this thread count (results depend on it; a run that did
+    not record it does not count), else None."""
+    done = run.run_dir / "metrics.json"
+    if done.exists() and (_same_settings(run) if same is None else same):
         metrics = json.loads(done.read_text())
-        if metrics.get("threads") == run.threads and _same_config(run):
+        if metrics.get("threads") == run.threads:
             return metrics
     return None
+
+
+def _same_settings(run: Run) -> bool:
+    """The cell's directory holds a run of exactly these overrides whose saved config is
+    still what they compose to today (a default changed in conf/ since makes it stale;
+    runs.config_changes says what counts)."""
+    recorded = run.run_dir / "table_overrides.json"
+    return (
+        recorded.exists() and json.loads(recorded.read_text()) == run.overrides
+        and not runs.config_changes(run.run_dir, _compose(run))
+    )  # fmt: skip
 
 
 def _compose(run: Run, extra: tuple = ()):
@@ -58,21 +68,14 @@ def _compose(run: Run, extra: tuple = ()):
         )  # fmt: skip
 
 
-def _same_config(run: Run) -> bool:
-    return not runs.config_changes(run.run_dir, _compose(run))
-
-
 def run_one(run: Run) -> dict:
     """Run one cell, or reuse it when it finished before with the same overrides (and
     config); a cell that was interrupted with the same ones resumes from its last.ckpt."""
-    if (metrics := finished_run(run)) is not None:
+    same = _same_settings(run)
+    if (metrics := finished_run(run, same)) is not None:
         return metrics
     recorded = run.run_dir / "table_overrides.json"
     last = run.run_dir / "checkpoints" / "last.ckpt"
-    same = (
-        recorded.exists() and json.loads(recorded.read_text()) == run.overrides
-        and _same_config(run)
-    )  # fmt: skip
     resume = [f"ckpt_path={last}"] if same and last.exists() else []
     if not resume:  # another run's checkpoints must never be resumed under these overrides
         for stale in run.run_dir.glob("checkpoints/*.ckpt"):
