@@ -49,14 +49,6 @@ def _mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
 
 
-def _rows(steps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """steps [B, L, d], index [B, L'] -> [B, L', d]: steps[b, index[b, j]] (as torch.gather,
-    by one index_select over the flattened rows: gather's backward scatters per element)."""
-    b, length, d = steps.shape
-    flat = (index + length * torch.arange(b, device=index.device)[:, None]).reshape(-1)
-    return steps.reshape(b * length, d).index_select(0, flat).view(*index.shape, d)
-
-
 def _stacked_histories(batches: list[dict]) -> dict:
     """The histories of several batches as one batch of all their rows, each padded to
     the widest (histories are left-aligned, so padding at the end changes no slot)."""
@@ -333,32 +325,36 @@ class UniSAR(RecommenderModule):
     def _cross_transitions(self, batch, rec_steps, ses_steps) -> dict:
         types, valid = batch["interleaved_type"], batch["interleaved_mask"]
         # the merged history holds the same events as the two histories (the same
-        # windows, merged by time): its steps are gathered from theirs, not re-encoded
+        # windows, merged by time): its steps are read from theirs, not re-encoded, and
+        # only at the slots the encoder runs on (LengthGroups)
+        b, rec_width, d = rec_steps.shape
+        table = torch.cat([rec_steps, ses_steps], dim=1)  # one table of both histories
         position = batch["interleaved_position"]
-        both = torch.cat([rec_steps, ses_steps], dim=1)  # one table, one index_select
-        steps = _rows(both, torch.where(types == 1, position, rec_steps.shape[1] + position))
+        source = torch.where(types == 1, position, rec_width + position)
+        source = source + table.shape[1] * torch.arange(b, device=source.device)[:, None]
+        table = table.reshape(-1, d)
         # Eq. 4: a slot attends only to slots of the other behaviour type (w/o mask: all).
         # Eq. 4 as printed multiplies the scores by M (a 0 score, not a blocked one); the
         # text ("attention is computed exclusively among different behaviors") and the
         # code block them, and so does this.
+        encoder = self.encoders["merged"]
         if self.hparams.use_mask:  # a slot with no other-type slot to attend to: nothing
             has = {kind: (valid & (types == kind)).any(1, keepdim=True) for kind in (0, 1)}
             shown = valid & torch.where(types == 1, has[0], has[1])
-            merged = self.encoders["merged"](steps, valid, types, output_valid=shown)
+            grouped, pieces = encoder.grouped(table, source, valid, types, output_valid=shown)
         else:
-            merged = self.encoders["merged"](steps, valid)
+            grouped, pieces = encoder.grouped(table, source, valid)
         return {
-            "s2r": self._slots_of(merged, valid & (types == 1), rec_steps.shape[1]),  # rec slots
-            "r2s": self._slots_of(merged, valid & (types == 0), ses_steps.shape[1]),  # search
+            "s2r": self._slots_of(grouped, pieces, valid & (types == 1), rec_width),  # rec slots
+            "r2s": self._slots_of(grouped, pieces, valid & (types == 0), ses_steps.shape[1]),
         }
 
     @staticmethod
-    def _slots_of(merged: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
-        """The kept slots, in time order, left-aligned to `width`: they line up with the
-        rec (or search) history, which holds the same events."""
+    def _slots_of(grouped, pieces, keep: torch.Tensor, width: int) -> torch.Tensor:
+        """The merged encoding's kept slots, in time order, left-aligned to `width`: they
+        line up with the rec (or search) history, which holds the same events."""
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-        kept = torch.gather(keep, 1, order)[..., None].to(merged.dtype)
-        return _rows(merged, order) * kept  # (a product: faster than where, and finite)
+        return grouped.read(pieces, order, torch.gather(keep, 1, order))
 
     def encode(self, batch: dict, items: Lookup, queries: Lookup) -> dict:
         """The transitions (Eq. 3-4) and their fusion V_r, V_s (Eq. 7) of a batch's rows."""

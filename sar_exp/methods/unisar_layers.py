@@ -60,44 +60,95 @@ def extent(valid: torch.Tensor) -> torch.Tensor:
     return (valid * slots).amax(1)
 
 
+class LengthGroups:
+    """The rows of a batch in groups of similar extent, each cut to its longest row: the
+    encoders run group by group (padding is most of a batch: 55-70% of the slots on the
+    embedded data). A slot past a row's extent is masked out of every attention, so the
+    valid slots come out as from one call on the whole batch: only the work on padding
+    is saved. The groups' slots are taken out with one index_select and put back with
+    one (their gradients: one index_add each)."""
+
+    def __init__(self, valid: torch.Tensor, groups: int = LENGTH_GROUPS):
+        b, length = valid.shape
+        self.rows, self.length = b, length
+        if b == 0 or length == 0:  # one group of everything (the layers still run on it:
+            self.shapes = [(b, length)]  # every parameter is used)
+            self.index = torch.arange(b * length, device=valid.device)
+            self.sizes = [b * length]
+            return
+        ends = extent(valid)
+        order = torch.argsort(ends)
+        slots, self.shapes = [], []
+        split = order.tensor_split(min(groups, b))
+        for g, rows in enumerate(split):
+            n = int(ends[rows].max())  # (no group is empty: at most b groups)
+            if g == len(split) - 1:  # the longest group runs even when every row is empty,
+                n = max(n, 1)  # so each parameter gets a gradient (DDP needs one on every rank)
+            if n == 0:  # rows without history: nothing to encode (their output stays zero)
+                continue
+            slots.append(
+                (rows[:, None] * length + torch.arange(n, device=valid.device)).reshape(-1)
+            )
+            self.shapes.append((len(rows), n))
+        self.index = torch.cat(slots)  # the groups' slots, as flat b * length + slot
+        self.sizes = [rows * n for rows, n in self.shapes]
+
+    def take(self, x: torch.Tensor, source: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """x [B, L, ...] as one [rows, n, ...] tensor per group; with `source` [B, L] of row
+        numbers, x is a table [N, ...] and slot (b, l) holds its row source[b, l]."""
+        if source is None:
+            table, index = x.reshape(self.rows * self.length, *x.shape[2:]), self.index
+        else:
+            table, index = x, source.reshape(-1).index_select(0, self.index)
+        parts = table.index_select(0, index).split(self.sizes)
+        return [
+            p.view(rows, n, *p.shape[1:]) for p, (rows, n) in zip(parts, self.shapes, strict=True)
+        ]
+
+    def dense(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The groups' [rows, n, d] outputs put back as [B, L, d], zero elsewhere."""
+        d = pieces[0].shape[-1]
+        flat = torch.cat([p.reshape(-1, d) for p in pieces])
+        out = flat.new_zeros(self.rows * self.length, d).index_copy(0, self.index, flat)
+        return out.view(self.rows, self.length, d)
+
+    def read(self, pieces: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor):
+        """[B, L'] slot numbers -> [B, L', d]: the groups' output at (b, slots[b, j]) where
+        keep[b, j], else zero; the same as dense(pieces) gathered, without building it."""
+        d = pieces[0].shape[-1]
+        flat = torch.cat([*(p.reshape(-1, d) for p in pieces), pieces[0].new_zeros(1, d)])
+        zero_row = flat.shape[0] - 1  # where every slot outside the groups reads from
+        where = torch.full((self.rows * self.length,), zero_row, device=slots.device)
+        where[self.index] = torch.arange(zero_row, device=slots.device)
+        rows = torch.arange(self.rows, device=slots.device)[:, None] * self.length
+        index = torch.where(keep, where[rows + slots], zero_row)
+        return flat.index_select(0, index.reshape(-1)).view(*slots.shape, d)
+
+
 def by_length(fn, valid: torch.Tensor, sequences: tuple, slot_features: tuple = (),
               output_valid: torch.Tensor | None = None, groups: int = LENGTH_GROUPS):  # fmt: skip
-    """fn(*sequences, *slot_features) on groups of rows of similar extent, each cut to the
-    group's longest: [B, L, d] sequences and [B, L] slot features (a validity mask, the
-    behaviour types: what fn builds its attention masks from, at the group's size) in,
-    [B, L, d] out, zero at every invalid slot (or outside `output_valid` where given).
-    The valid slots come out as from one call on the whole batch, since a slot past a
-    row's extent is masked out of every attention: only the work on padding is saved.
-    The groups' slots are taken out with one index_select and put back with one
-    index_copy (their gradients: one index_add, one index_select)."""
-    b, length = valid.shape
-    d = sequences[0].shape[-1]
-    if b == 0 or length == 0:  # nothing to group (fn still runs: every parameter is used)
-        return fn(*sequences, *slot_features)
-    ends = extent(valid)
-    order = torch.argsort(ends)
-    slots, shapes = [], []
-    split = order.tensor_split(min(groups, b))
-    for g, rows in enumerate(split):
-        n = int(ends[rows].max())  # (no group is empty: at most b groups)
-        if g == len(split) - 1:  # the longest group runs even when every row is empty,
-            n = max(n, 1)  # so each parameter gets a gradient (DDP needs one on every rank)
-        if n == 0:  # rows without history: nothing to encode (their output stays zero)
-            continue
-        slots.append((rows[:, None] * length + torch.arange(n, device=valid.device)).reshape(-1))
-        shapes.append((len(rows), n))
-    out = sequences[0].new_zeros(b * length, d)
-    index = torch.cat(slots)
-    sizes = [rows * n for rows, n in shapes]
-    taken = [s.reshape(b * length, -1).index_select(0, index).split(sizes) for s in sequences]
-    features = [f.reshape(-1).index_select(0, index).split(sizes) for f in slot_features]
+    """fn(*sequences, *slot_features) on LengthGroups of the rows: [B, L, d] sequences and
+    [B, L] slot features (a validity mask, the behaviour types: what fn builds its
+    attention masks from, at the group's size) in, [B, L, d] out, zero at every invalid
+    slot (or outside `output_valid` where given)."""
+    grouped = LengthGroups(valid, groups)
     shown = valid if output_valid is None else output_valid
-    kept = shown.reshape(-1).index_select(0, index).split(sizes)
+    return grouped.dense(grouped_outputs(fn, grouped, sequences, slot_features, shown))
+
+
+def grouped_outputs(fn, grouped: LengthGroups, sequences: tuple, slot_features: tuple,
+                    shown: torch.Tensor, sources: tuple = ()) -> list[torch.Tensor]:  # fmt: skip
+    """fn's [rows, n, d] output per group, zero outside `shown` [B, L]; sources: per
+    sequence, None or the [B, L] rows of the table it is (LengthGroups.take)."""
+    sources = sources or (None,) * len(sequences)
+    taken = [grouped.take(x, source) for x, source in zip(sequences, sources, strict=True)]
+    features = [grouped.take(f) for f in slot_features]
+    kept = grouped.take(shown)
     pieces = []
-    for g, (rows, n) in enumerate(shapes):
-        y = fn(*(t[g].view(rows, n, -1) for t in taken), *(f[g].view(rows, n) for f in features))
-        pieces.append(y.reshape(rows * n, d) * kept[g][:, None].to(y.dtype))
-    return out.index_copy(0, index, torch.cat(pieces)).view(b, length, d)
+    for g in range(len(grouped.shapes)):
+        y = fn(*(t[g] for t in taken), *(f[g] for f in features))
+        pieces.append(y * kept[g][..., None].to(y.dtype))
+    return pieces
 
 
 def with_fallback(allowed: torch.Tensor, fallback: str = "self") -> torch.Tensor:
@@ -200,13 +251,25 @@ class MaskedEncoder(nn.Module):
     ):  # fmt: skip
         """types [B, L]: with them, a slot attends only to slots of another type (Eq. 4's
         mask M); output_valid: the slots whose output is kept (default: the valid ones)."""
-        length = steps.shape[1]
-        x = steps + self.positions(torch.arange(length, device=steps.device))
         features = (valid,) if types is None else (valid, types)
-        return by_length(self.group, valid, (x,), features, output_valid)
+        return by_length(self.group, valid, (steps,), features, output_valid)
+
+    def grouped(
+        self, table: torch.Tensor, source: torch.Tensor, valid: torch.Tensor,
+        types: torch.Tensor | None = None, output_valid: torch.Tensor | None = None,
+    ) -> tuple[LengthGroups, list[torch.Tensor]]:  # fmt: skip
+        """forward on the steps table[source] [B, L, d], left in groups (LengthGroups.read
+        takes out the slots wanted) rather than gathered and put back whole."""
+        grouped = LengthGroups(valid)
+        features = (valid,) if types is None else (valid, types)
+        shown = valid if output_valid is None else output_valid
+        pieces = grouped_outputs(self.group, grouped, (table,), features, shown, (source,))
+        return grouped, pieces
 
     def group(self, x: torch.Tensor, valid: torch.Tensor, types: torch.Tensor | None = None):
-        """The layers on rows cut to a common length, with their masks built at that size."""
+        """The layers on rows cut to a common length n (slots 0..n-1, so positions 0..n-1),
+        with their masks built at that size."""
+        x = x + self.positions.weight[: x.shape[1]]
         allowed = valid[:, None, :] & valid[:, :, None]
         if types is not None:
             allowed = allowed & (types[:, :, None] != types[:, None, :])

@@ -433,7 +433,7 @@ def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
     """by_length runs the encoders on groups of rows cut to their longest history: the
     valid slots (and the gradients) must be those of one call on the whole batch, for
     every mask it can get (empty rows, holes, full rows)."""
-    from sar_exp.methods.unisar_layers import by_length
+    from sar_exp.methods.unisar_layers import LengthGroups, by_length, grouped_outputs
 
     torch.manual_seed(0)
     encoder = MaskedEncoder(D, 2, 1, 0.0, 12).eval()
@@ -446,7 +446,7 @@ def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
     pairs = with_fallback(valid[:, None, :] & valid[:, :, None])
 
     def whole(x):
-        out = encoder._layers(x, pairs)
+        out = encoder._layers(x + encoder.positions.weight, pairs)
         return torch.where(valid[..., None], out, 0.0)
 
     for groups in (1, 3, 9):
@@ -456,6 +456,15 @@ def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
         (a,) = torch.autograd.grad((grouped * weight).sum(), steps)
         (b,) = torch.autograd.grad((whole(steps) * weight).sum(), steps)
         assert torch.allclose(a, b, atol=1e-5)
+        # read: any slots of the groups' output (past a row's extent, unkept: zero)
+        grouped_rows = LengthGroups(valid, groups)
+        pieces = grouped_outputs(encoder.group, grouped_rows, (steps,), (valid,), valid)
+        slots = torch.randint(0, 12, (9, 7))
+        keep = torch.rand(9, 7) < 0.8
+        read = grouped_rows.read(pieces, slots, keep)
+        expected = torch.gather(whole(steps), 1, slots[..., None].expand(-1, -1, D))
+        assert torch.allclose(read, expected * keep[..., None], atol=1e-5)
+        assert (read[~keep] == 0).all() and (read[0] == 0).all()  # row 0: no history
     # the fusion layer (two sequences) likewise, against its Eq. 7 computed in one piece
     cross = torch.randn(9, 12, D)
     allowed = with_fallback(valid[:, None, :].expand(-1, 12, -1), "all")
