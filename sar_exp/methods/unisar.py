@@ -341,20 +341,23 @@ class UniSAR(RecommenderModule):
         if self.hparams.use_mask:  # a slot with no other-type slot to attend to: nothing
             has = {kind: (valid & (types == kind)).any(1, keepdim=True) for kind in (0, 1)}
             shown = valid & torch.where(types == 1, has[0], has[1])
-            grouped, pieces = encoder.grouped(table, source, valid, types, output_valid=shown)
+            grouped, pieces = encoder.grouped(table, valid, types, shown, source=source)
         else:
-            grouped, pieces = encoder.grouped(table, source, valid)
-        return {
-            "s2r": self._slots_of(grouped, pieces, valid & (types == 1), rec_width),  # rec slots
-            "r2s": self._slots_of(grouped, pieces, valid & (types == 0), ses_steps.shape[1]),
-        }
+            grouped, pieces = encoder.grouped(table, valid, source=source)
+        # each type's slots in time order, left-aligned to its history's width: they line
+        # up with the rec (search) history, which holds the same events
+        s2r, r2s = grouped.read(
+            pieces, self._slots_of(valid & (types == 1), rec_width),  # rec slots
+            self._slots_of(valid & (types == 0), ses_steps.shape[1]),  # search slots
+        )  # fmt: skip
+        return {"s2r": s2r, "r2s": r2s}
 
     @staticmethod
-    def _slots_of(grouped, pieces, keep: torch.Tensor, width: int) -> torch.Tensor:
-        """The merged encoding's kept slots, in time order, left-aligned to `width`: they
-        line up with the rec (or search) history, which holds the same events."""
+    def _slots_of(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged history's kept slots in time order, left-aligned to `width`, and
+        whether each is one (slot numbers, flags [B, width])."""
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]
-        return grouped.read(pieces, order, torch.gather(keep, 1, order))
+        return order, torch.gather(keep, 1, order)
 
     def encode(self, batch: dict, items: Lookup, queries: Lookup) -> dict:
         """The transitions (Eq. 3-4) and their fusion V_r, V_s (Eq. 7) of a batch's rows."""

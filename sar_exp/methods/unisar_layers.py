@@ -65,8 +65,9 @@ class LengthGroups:
     encoders run group by group (padding is most of a batch: 55-70% of the slots on the
     embedded data). A slot past a row's extent is masked out of every attention, so the
     valid slots come out as from one call on the whole batch: only the work on padding
-    is saved. The groups' slots are taken out with one index_select and put back with
-    one (their gradients: one index_add each)."""
+    is saved. The groups' slots are taken out with one index_select (its gradient: an
+    index_add) and put back with one index_copy (dense) or read out with one
+    index_select (read)."""
 
     def __init__(self, valid: torch.Tensor, groups: int = LENGTH_GROUPS):
         b, length = valid.shape
@@ -112,17 +113,22 @@ class LengthGroups:
         out = flat.new_zeros(self.rows * self.length, d).index_copy(0, self.index, flat)
         return out.view(self.rows, self.length, d)
 
-    def read(self, pieces: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor):
-        """[B, L'] slot numbers -> [B, L', d]: the groups' output at (b, slots[b, j]) where
-        keep[b, j], else zero; the same as dense(pieces) gathered, without building it."""
+    def read(self, pieces: list[torch.Tensor], *selections) -> list[torch.Tensor]:
+        """For each (slots, keep) of [B, L'] slot numbers and flags, [B, L', d]: the groups'
+        output at (b, slots[b, j]) where keep[b, j], else zero; the same as dense(pieces)
+        gathered, without building it."""
         d = pieces[0].shape[-1]
         flat = torch.cat([*(p.reshape(-1, d) for p in pieces), pieces[0].new_zeros(1, d)])
         zero_row = flat.shape[0] - 1  # where every slot outside the groups reads from
-        where = torch.full((self.rows * self.length,), zero_row, device=slots.device)
-        where[self.index] = torch.arange(zero_row, device=slots.device)
-        rows = torch.arange(self.rows, device=slots.device)[:, None] * self.length
-        index = torch.where(keep, where[rows + slots], zero_row)
-        return flat.index_select(0, index.reshape(-1)).view(*slots.shape, d)
+        device = flat.device
+        where = torch.full((self.rows * self.length,), zero_row, device=device)
+        where[self.index] = torch.arange(zero_row, device=device)
+        rows = torch.arange(self.rows, device=device)[:, None] * self.length
+        out = []
+        for slots, keep in selections:
+            index = torch.where(keep, where[rows + slots], zero_row)
+            out.append(flat.index_select(0, index.reshape(-1)).view(*slots.shape, d))
+        return out
 
 
 def by_length(fn, valid: torch.Tensor, sequences: tuple, slot_features: tuple = (),
@@ -139,7 +145,8 @@ def by_length(fn, valid: torch.Tensor, sequences: tuple, slot_features: tuple = 
 def grouped_outputs(fn, grouped: LengthGroups, sequences: tuple, slot_features: tuple,
                     shown: torch.Tensor, sources: tuple = ()) -> list[torch.Tensor]:  # fmt: skip
     """fn's [rows, n, d] output per group, zero outside `shown` [B, L]; sources: per
-    sequence, None or the [B, L] rows of the table it is (LengthGroups.take)."""
+    sequence, None ([B, L, d]) or the [B, L] row numbers of the table [N, d] it is
+    (LengthGroups.take)."""
     sources = sources or (None,) * len(sequences)
     taken = [grouped.take(x, source) for x, source in zip(sequences, sources, strict=True)]
     features = [grouped.take(f) for f in slot_features]
@@ -251,24 +258,29 @@ class MaskedEncoder(nn.Module):
     ):  # fmt: skip
         """types [B, L]: with them, a slot attends only to slots of another type (Eq. 4's
         mask M); output_valid: the slots whose output is kept (default: the valid ones)."""
-        features = (valid,) if types is None else (valid, types)
-        return by_length(self.group, valid, (steps,), features, output_valid)
+        grouped, pieces = self.grouped(steps, valid, types, output_valid)
+        return grouped.dense(pieces)
 
     def grouped(
-        self, table: torch.Tensor, source: torch.Tensor, valid: torch.Tensor,
-        types: torch.Tensor | None = None, output_valid: torch.Tensor | None = None,
+        self, steps: torch.Tensor, valid: torch.Tensor, types: torch.Tensor | None = None,
+        output_valid: torch.Tensor | None = None, source: torch.Tensor | None = None,
     ) -> tuple[LengthGroups, list[torch.Tensor]]:  # fmt: skip
-        """forward on the steps table[source] [B, L, d], left in groups (LengthGroups.read
-        takes out the slots wanted) rather than gathered and put back whole."""
+        """forward's output left in its length groups (LengthGroups.read takes out the
+        slots wanted); with `source` [B, L], steps is a table [N, d] whose row source[b, l]
+        is slot (b, l) (the merged history's events, read from the two histories)."""
         grouped = LengthGroups(valid)
         features = (valid,) if types is None else (valid, types)
         shown = valid if output_valid is None else output_valid
-        pieces = grouped_outputs(self.group, grouped, (table,), features, shown, (source,))
+        pieces = grouped_outputs(self.group, grouped, (steps,), features, shown, (source,))
         return grouped, pieces
 
     def group(self, x: torch.Tensor, valid: torch.Tensor, types: torch.Tensor | None = None):
         """The layers on rows cut to a common length n (slots 0..n-1, so positions 0..n-1),
         with their masks built at that size."""
+        if x.shape[1] > self.positions.num_embeddings:  # (the weight slice would broadcast)
+            raise ValueError(
+                f"MaskedEncoder: {x.shape[1]} slots, positions for {self.positions.num_embeddings}"
+            )
         x = x + self.positions.weight[: x.shape[1]]
         allowed = valid[:, None, :] & valid[:, :, None]
         if types is not None:

@@ -461,7 +461,7 @@ def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
         pieces = grouped_outputs(encoder.group, grouped_rows, (steps,), (valid,), valid)
         slots = torch.randint(0, 12, (9, 7))
         keep = torch.rand(9, 7) < 0.8
-        read = grouped_rows.read(pieces, slots, keep)
+        (read,) = grouped_rows.read(pieces, (slots, keep))
         expected = torch.gather(whole(steps), 1, slots[..., None].expand(-1, -1, D))
         assert torch.allclose(read, expected * keep[..., None], atol=1e-5)
         assert (read[~keep] == 0).all() and (read[0] == 0).all()  # row 0: no history
@@ -501,6 +501,12 @@ def test_dropout_after_a_linear_layer_keeps_the_rate_and_the_expectation():
     assert torch.equal(dropped_linear(x, layer, 0.1, False, relu=True), expected)
 
 
+def test_an_encoder_refuses_a_sequence_longer_than_its_positions():
+    encoder = MaskedEncoder(D, 2, 1, 0.0, 2).eval()
+    with pytest.raises(ValueError, match="3 slots, positions for 2"):
+        encoder(torch.randn(2, 3, D), torch.ones(2, 3, dtype=torch.bool))
+
+
 def test_a_batch_without_any_history_still_reaches_every_encoder_parameter():
     """Multi-process training needs a gradient for every parameter on every rank, also
     when no row of the rank's batch has a history (the grouping then encodes nothing)."""
@@ -521,7 +527,8 @@ def test_cross_transitions_are_the_merged_encoding_read_at_each_type_s_slots(
     """Eq. 4 computed directly, in one call over the padded merged history: H_s2r is the
     encoder's output at the rec slots in time order, H_r2s at the search slots; with the
     type mask a slot with no slot of the other type to attend to is zero. (The model runs
-    the two histories side by side instead.)"""
+    it in length groups, its steps read from the two histories' and its output read out
+    of the groups.)"""
     build, batch = unisar_model
     model = build(use_mask=use_mask, layers=layers).eval()
     steps = {1: torch.randn(*batch["rec_history_mask"].shape, 16),
