@@ -113,7 +113,7 @@ class UniSAR(RecommenderModule):
         embedding_style: str = "paper",
         use_captions: bool = True,
         lr_scheduler: bool = False,
-        embedding_init_std: float | None = None,
+        embedding_init_std: float | None = 0.5,
         monitor: str = "val/mean_ndcg@5",
         **kwargs,
     ):
@@ -197,22 +197,23 @@ class UniSAR(RecommenderModule):
             {s: m for s, m in align.items() if use_align and self._aligned(s)}
         )
         self.rel_sim = rel if use_rel else None
-        if embedding_init_std is not None and (embedding_style == "official"
-                                               or embedding_init_std <= 0):  # fmt: skip
+        if embedding_init_std is not None and embedding_init_std <= 0:
             raise ConfigError(
-                "method.module.embedding_init_std must be a positive std, and is not used "
-                "with embedding_style=official (whose xavier init redraws every table)"
+                "method.module.embedding_init_std must be a positive std (or null: the "
+                f"framework's 0.05), got {embedding_init_std}"
             )
-        if embedding_init_std is not None:  # the paper is silent; the framework draws 0.05
-            self._embedding_init(embedding_init_std)
-        if embedding_style == "official":
+        if embedding_style == "official":  # xavier for every table, whatever the std says
             self._official_init(extractors, fusion, align, {"rel": rel})
+        elif embedding_init_std is not None:  # the paper is silent
+            self._embedding_init(embedding_init_std)
 
     def _embedding_init(self, std: float) -> None:
         """The user, item, attribute and word tables drawn from N(0, std^2) instead of the
         framework's N(0, 0.05^2); padding rows stay zero. With 0.05 an embedding's norm is
-        about 0.4 against about 8 for the layer-normed transition outputs, and UniSAR sits
-        at a constant predictor for 6-30 epochs; 0.5 shortened that on seed 2 (README)."""
+        about 0.4 against about 8 for the layer-normed transition outputs (and the
+        positions' N(0, 1)), and UniSAR sat at a constant predictor for 6-30 epochs; with
+        0.5 (the default) three seeds of the embedded data started sooner and ended at rec
+        NDCG@5 0.349 +- 0.010 against 0.310 +- 0.071 (README)."""
         tables = [self.users.ids, *self.users.attributes, self.items.ids, *self.items.attributes]
         tables.append(self.queries.words)
         for table in tables:

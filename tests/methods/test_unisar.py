@@ -331,22 +331,20 @@ def test_relevance_segments_are_each_batch_s_own_loss_and_an_empty_one_is_zero()
 
 def test_embedding_init_std_redraws_the_shared_tables_only(unisar_model):
     build, _ = unisar_model
-    default, wide = build(), build(embedding_init_std=0.5)
+    framework, wide = build(embedding_init_std=None), build()  # the default: 0.5
+    official = build(embedding_style="official")  # xavier, whatever the std
     for name in ("items.ids", "users.ids", "queries.words", "items.attributes.0"):
         table = wide.get_submodule(name).weight
         assert table[1:].std().item() == pytest.approx(0.5, rel=0.1)
         assert not table[0].any()  # padding
-        assert default.get_submodule(name).weight[1:].std().item() == pytest.approx(0.05, rel=0.1)
+        assert framework.get_submodule(name).weight[1:].std().item() == pytest.approx(0.05, rel=0.1)
+        assert official.get_submodule(name).weight[1:].std().item() < 0.3
     positions = wide.encoders["r2r"].positions.weight  # not a shared table: as by default
     assert positions.std().item() == pytest.approx(1.0, rel=0.2)
     from sar_exp.errors import ConfigError
 
-    for bad in (
-        {"embedding_init_std": 0.0},
-        {"embedding_init_std": 0.5, "embedding_style": "official"},
-    ):
-        with pytest.raises(ConfigError, match="embedding_init_std"):
-            build(**bad)
+    with pytest.raises(ConfigError, match="embedding_init_std must be a positive std"):
+        build(embedding_init_std=0.0)
 
 
 def test_two_task_run_end_to_end(make_cfg, tmp_path):
