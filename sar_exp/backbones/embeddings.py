@@ -43,21 +43,31 @@ class FeatureEmbedding(nn.Module):
 
 
 class QueryEncoder(nn.Module):
-    """A query is the mean of its word embeddings (ClardRec Sec. 4.1, UniSAR 4.1.1)."""
+    """A query is the mean of its word embeddings (ClardRec Sec. 4.1, UniSAR 4.1.1); with
+    `num_queries`, [query-id embedding | mean of words] (SESRec Sec. 4.2.1: repeated
+    queries make the id informative), 2 x dim wide."""
 
     def __init__(
-        self, num_words: int, dim: int, query_words: torch.Tensor | None = None, max_words: int = 1
-    ):
+        self, num_words: int, dim: int, query_words: torch.Tensor | None = None, max_words: int = 1,
+        num_queries: int | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.words = nn.Embedding(num_words + 1, dim, padding_idx=0)
         nn.init.normal_(self.words.weight, std=0.05)
         if query_words is None:
             query_words = torch.zeros(1, max_words, dtype=torch.long)
         self.register_buffer("query_words", query_words.long(), persistent=False)
-        self.out_dim = dim
+        self.ids = None
+        if num_queries is not None:  # drawn after the words: the other models' draws stay
+            self.ids = nn.Embedding(num_queries + 1, dim, padding_idx=0)
+            nn.init.normal_(self.ids.weight, std=0.05)
+            with torch.no_grad():
+                self.ids.weight[0].zero_()
+        self.out_dim = dim if self.ids is None else 2 * dim
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
-        return self.mean_of_words(self.query_words[queries])
+        words = self.mean_of_words(self.query_words[queries])
+        return words if self.ids is None else torch.cat([self.ids(queries), words], dim=-1)
 
     def mean_of_words(self, words: torch.Tensor, bag: bool = False) -> torch.Tensor:
         """[..., W] word ids (0 = padding) -> [..., dim] mean of their embeddings; also

@@ -24,6 +24,8 @@ class RecommenderModule(pl.LightningModule):
     # Methods whose queries meet d_h-wide user and item representations in dot
     # products (ClardRec Sec. 4.1, JSR) embed query words at d_h instead of d_e.
     queries_in_hidden_space = False
+    # Methods that embed a query as [query id | mean of words] (SESRec Sec. 4.2.1).
+    query_id_embeddings = False
 
     @staticmethod
     def uses_queries(backbone: dict) -> bool:
@@ -68,7 +70,10 @@ class RecommenderModule(pl.LightningModule):
         query_dim = hidden_dim if self.queries_in_hidden_space else embedding_dim
         # Drawn even when unused (then dropped), so every other part starts from the
         # same random weights whether or not the model reads queries.
-        queries = QueryEncoder(schema["num_words"], query_dim, tables.get("query_words"))
+        queries = QueryEncoder(
+            schema["num_words"], query_dim, tables.get("query_words"),
+            num_queries=schema["num_queries"] if self.query_id_embeddings else None,
+        )  # fmt: skip
         self.queries = queries if self.uses_queries(backbone) else None
         pool = torch.zeros(schema["num_items"] + 1, dtype=torch.bool)
         if "rec_item_pool" in tables:

@@ -26,10 +26,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sar_exp.data.batches import stable_seed
 from sar_exp.errors import ConfigError
 from sar_exp.methods.base import RecommenderModule
 from sar_exp.methods.losses import binary_ce
+from sar_exp.methods.search_history import (
+    Lookup,
+    history_pairs,
+    mean_clicks,
+    sampled_negatives,
+)
 from sar_exp.methods.unisar_layers import FusionLayer, MaskedEncoder, MultiTaskHead, TargetAttention
 from sar_exp.methods.unisar_losses import BilinearSimilarity, alignment_loss, relevance_loss
 
@@ -62,22 +67,6 @@ def _stacked_histories(batches: list[dict]) -> dict:
             [nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1])) for p in parts]
         )
     return out
-
-
-class Lookup:
-    """Embeddings of the distinct ids of one step, encoded once, for any id tensor."""
-
-    def __init__(self, ids: list[torch.Tensor], encode):
-        self.ids = torch.unique(torch.cat([t.reshape(-1) for t in ids]))
-        self.table = encode(self.ids)
-
-    def index(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self.ids, ids)
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        # index_select: its gradient is an index_add (advanced indexing's sorts first)
-        rows = self.table.index_select(0, self.index(ids).reshape(-1))
-        return rows.view(*ids.shape, self.table.shape[-1])
 
 
 class UniSAR(RecommenderModule):
@@ -276,26 +265,13 @@ class UniSAR(RecommenderModule):
         queries = [b[k] for b in batches for k in query_keys if k in b] + list(extra_queries)
         return Lookup(items, self._item_embedding), Lookup(queries, self._query_embedding)
 
-    @staticmethod
-    def _mean_clicks(items: Lookup, clicks: torch.Tensor) -> torch.Tensor:
-        """[B, S, C] clicked item ids (0 = none) -> [B, S, d] their mean; only the real
-        clicks are looked up (most of the [B, S, C] slots are padding)."""
-        flat = clicks.reshape(-1)
-        real = torch.nonzero(flat > 0).squeeze(1)
-        session = torch.div(real, clicks.shape[-1], rounding_mode="floor")
-        d = items.table.shape[-1]
-        sums = items.table.new_zeros(flat.numel() // clicks.shape[-1], d)
-        sums = sums.index_add(0, session, items(flat.index_select(0, real)))
-        counts = (clicks > 0).sum(-1, keepdim=True).clamp(min=1)
-        return sums.view(*clicks.shape[:-1], d) / counts
-
     # ------------------------------------------------------------ transitions
     def transitions(self, batch: dict, items: Lookup, queries: Lookup) -> dict:
         """H_r2r, H_s2s (Eq. 3), H_s2r, H_r2s (Eq. 4) and the slot masks of a batch."""
         rec_valid, ses_valid = batch["rec_history_mask"], batch["search_history_mask"]
         rec_steps = items(batch["rec_history"])
         # a search event is its query plus the mean of its clicked items (Eq. 1)
-        ses_steps = queries(batch["search_history_query"]) + self._mean_clicks(
+        ses_steps = queries(batch["search_history_query"]) + mean_clicks(
             items, batch["search_history_clicks"]
         )
         out = {"rec_valid": rec_valid, "ses_valid": ses_valid}
@@ -409,17 +385,9 @@ class UniSAR(RecommenderModule):
 
     # ------------------------------------------------------------ training
     def _negatives(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_Rel's sampled negative items and queries, shared by the step (Eq. 2), drawn
-        from the run's seed, the rank and the step (a resumed run draws the same)."""
-        n = self.hparams.rel_negatives
-        generator = torch.Generator().manual_seed(
-            stable_seed("unisar-rel", torch.initial_seed(), self.global_rank, self.global_step)
-        )
-        items = torch.randint(1, self.schema["num_items"] + 1, (n,), generator=generator)
-        queries = torch.randint(
-            1, max(2, self.schema["num_queries"] + 1), (n,), generator=generator
-        )
-        return items.to(self.device), queries.to(self.device)
+        """L_Rel's sampled negative items and queries, shared by the step (Eq. 2)."""
+        return sampled_negatives(self.hparams.rel_negatives, self.schema, "unisar-rel",
+                                 self.global_rank, self.global_step, self.device)  # fmt: skip
 
     def _task_loss(self, batch, task, items, queries, h, relevance) -> dict:
         """L_R or L_S (Eq. 11) of one batch, h its encoded histories, relevance its L_Rel:
@@ -443,14 +411,7 @@ class UniSAR(RecommenderModule):
         """Eq. 2 over the (query, clicked item) pairs of each batch's history sessions, one
         loss per batch; the batches share the step's negatives, so a query or item paired
         in several is scored against them once (with in-batch negatives: batch by batch)."""
-        pair_queries, pair_items = [], []
-        for batch in batches:
-            clicks = batch["search_history_clicks"]
-            pair_mask = batch["search_history_mask"][..., None] & (clicks > 0)
-            pair_queries.append(
-                batch["search_history_query"][..., None].expand_as(clicks)[pair_mask]
-            )
-            pair_items.append(clicks[pair_mask])
+        pair_queries, pair_items = zip(*(history_pairs(batch) for batch in batches), strict=True)
         neg_items, neg_queries = items(negatives[0]), queries(negatives[1])
 
         def loss(pair_query, pair_item, segments=None):

@@ -388,7 +388,7 @@ def test_official_initialisation_keeps_padding_rows_zero_and_ablations_share_wei
 def test_merged_history_steps_are_the_two_histories_events(unisar_model):
     """Eq. 4's input is gathered from the rec and search histories' steps by position:
     it must equal encoding the merged history's own items, queries and clicks."""
-    from sar_exp.methods.unisar import Lookup
+    from sar_exp.methods.search_history import Lookup, mean_clicks
 
     build, batch = unisar_model
     model = build()
@@ -398,14 +398,13 @@ def test_merged_history_steps_are_the_two_histories_events(unisar_model):
     queries = Lookup([batch["search_history_query"], batch["interleaved_query"]],
                      model._query_embedding)  # fmt: skip
     rec_steps = items(batch["rec_history"])
-    ses_steps = queries(batch["search_history_query"]) + model._mean_clicks(
+    ses_steps = queries(batch["search_history_query"]) + mean_clicks(
         items, batch["search_history_clicks"]
     )
     direct = torch.where(
         (batch["interleaved_type"] == 1)[..., None],
         items(batch["interleaved_item"]),
-        queries(batch["interleaved_query"])
-        + model._mean_clicks(items, batch["interleaved_clicks"]),
+        queries(batch["interleaved_query"]) + mean_clicks(items, batch["interleaved_clicks"]),
     )
     position = batch["interleaved_position"]
     valid = batch["interleaved_mask"]
@@ -471,7 +470,7 @@ def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
 
 
 def test_mean_of_clicked_items_skips_padding(unisar_model):
-    from sar_exp.methods.unisar import Lookup
+    from sar_exp.methods.search_history import Lookup, mean_clicks
 
     build, batch = unisar_model
     model = build()
@@ -481,7 +480,7 @@ def test_mean_of_clicked_items_skips_padding(unisar_model):
     emb = model._item_embedding(clicks)
     real = (clicks > 0).unsqueeze(-1).float()
     direct = (emb * real).sum(-2) / real.sum(-2).clamp(min=1)
-    assert torch.allclose(model._mean_clicks(items, clicks), direct, atol=1e-6)
+    assert torch.allclose(mean_clicks(items, clicks), direct, atol=1e-6)
 
 
 def test_dropout_after_a_linear_layer_keeps_the_rate_and_the_expectation():
