@@ -21,12 +21,13 @@ PAIRS = [
     ("aug", "mlp"), ("aug", "mmoe"), ("aug", "gru4rec"), ("aug", "sasrec"), ("aug", "din"),
     ("jsr", "mlp"), ("jsr", "mmoe"), ("jsr", "gru4rec"), ("jsr", "sasrec"),
     ("clardrec", "mlp"), ("clardrec", "mmoe"), ("clardrec", "gru4rec"), ("clardrec", "sasrec"),
-    ("unisar", "sasrec"),
+    ("unisar", "sasrec"), ("sesrec", "sasrec"), ("sesrec", "gru4rec"),
 ]  # fmt: skip
 # what a method needs beyond the defaults (UniSAR: its merged history, both tasks scored)
 EXTRA = {
     "unisar": ["protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
                "optimized_metric=val/mean_ndcg@5", "method.module.rel_negatives=16"],
+    "sesrec": ["protocol=sesrec", "method.module.align_negatives=16"],
 }  # fmt: skip
 
 

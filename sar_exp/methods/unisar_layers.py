@@ -41,16 +41,21 @@ def dropout_scale(p: float) -> float:
     return DROPOUT_LEVELS / (DROPOUT_LEVELS - cut)
 
 
+ACTIVATIONS = {"relu": torch.relu, "leaky_relu": nn.functional.leaky_relu}
+
+
 def dropped_linear(x: torch.Tensor, layer: nn.Linear, p: float, training: bool,
-                   relu: bool = False) -> torch.Tensor:  # fmt: skip
-    """dropout(layer(x)) (or dropout(relu(layer(x)))) in one pass over the output: the
-    1 / (1 - p) scale goes into the layer's weight and bias (relu(s z) = s relu(z))."""
+                   activation: str | None = None) -> torch.Tensor:  # fmt: skip
+    """dropout(layer(x)) (or dropout(activation(layer(x))), a ReLU or leaky ReLU) in one
+    pass over the output: the 1 / (1 - p) scale goes into the layer's weight and bias
+    (f(s z) = s f(z) for both activations and s > 0)."""
+    act = ACTIVATIONS[activation] if activation else None
     if not training or p == 0.0:
         out = layer(x)
-        return torch.relu(out) if relu else out
+        return act(out) if act else out
     scale = dropout_scale(p)
     out = nn.functional.linear(x, layer.weight * scale, layer.bias * scale)
-    out = torch.relu(out) if relu else out
+    out = act(out) if act else out
     return out * dropout_mask(out.shape, p, out.device, out.dtype)
 
 
@@ -227,18 +232,19 @@ class Attention(nn.Module):
 
 class EncoderLayer(nn.Module):
     """A transformer encoder layer as UniSAR's code configures nn.TransformerEncoderLayer:
-    post-LN, ReLU, feed-forward width d, dropout p."""
+    post-LN, ReLU, feed-forward width d, dropout p (SESRec's code: a leaky ReLU and
+    LayerNorm eps 1e-8)."""
 
-    def __init__(self, d: int, heads: int, p: float):
+    def __init__(self, d: int, heads: int, p: float, activation: str = "relu", eps: float = 1e-5):
         super().__init__()
         self.attention = Attention(d, heads, p)
         self.ffn = nn.ModuleList([nn.Linear(d, d), nn.Linear(d, d)])
-        self.norms = nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d)])
-        self.p = p
+        self.norms = nn.ModuleList([nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)])
+        self.p, self.activation = p, activation
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         x = self.norms[0](x + self.attention(x, x, allowed, drop_output=True))
-        hidden = dropped_linear(x, self.ffn[0], self.p, self.training, relu=True)
+        hidden = dropped_linear(x, self.ffn[0], self.p, self.training, self.activation)
         return self.norms[1](x + dropped_linear(hidden, self.ffn[1], self.p, self.training))
 
 
@@ -247,10 +253,13 @@ class MaskedEncoder(nn.Module):
     (0 = oldest), attending only where `allowed` says (Eq. 3: within the sequence;
     Eq. 4: between behaviour types); invalid slots come out as zeros."""
 
-    def __init__(self, d: int, heads: int, layers: int, dropout: float, max_length: int):
+    def __init__(self, d: int, heads: int, layers: int, dropout: float, max_length: int,
+                 activation: str = "relu", eps: float = 1e-5):  # fmt: skip
         super().__init__()
         self.positions = nn.Embedding(max_length, d)
-        self.layers = nn.ModuleList(EncoderLayer(d, heads, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(
+            EncoderLayer(d, heads, dropout, activation, eps) for _ in range(layers)
+        )
 
     def forward(
         self, steps: torch.Tensor, valid: torch.Tensor, types: torch.Tensor | None = None,
@@ -321,7 +330,7 @@ class FusionLayer(nn.Module):
         attended = self.norms[0](same + self.self_attention(same, same, allowed, drop_output=True))
         query, keys = (cross, attended) if self.paper else (attended, cross)
         x = self.norms[1](query + self.cross_attention(query, keys, allowed, drop_output=True))
-        hidden = dropped_linear(x, self.ffn[0], self.p, self.training, relu=True)
+        hidden = dropped_linear(x, self.ffn[0], self.p, self.training, "relu")
         return self.norms[2](x + dropped_linear(hidden, self.ffn[1], self.p, self.training))
 
 
@@ -334,11 +343,19 @@ class TargetAttention(nn.Module):
 
     def forward(self, history: torch.Tensor, valid: torch.Tensor, candidates: torch.Tensor):
         """history [B, L, d], valid [B, L], candidates [B, K, d] -> [B, K, d]."""
+        return self.pooled(history, candidates, [valid])[0]
+
+    def pooled(self, history: torch.Tensor, candidates: torch.Tensor, masks: list) -> list:
+        """forward over each [B, L] mask of slots, the scores computed once (SESRec Eq.
+        17-19: all, similar and dissimilar behaviours with one W)."""
         scores = torch.einsum("bld,bkd->bkl", self.weight(history), candidates)
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        weights = torch.where(valid.any(-1)[:, None, None], weights, 0.0)  # no history: zeros
-        return torch.einsum("bkl,bld->bkd", weights, history)
+        out = []
+        for valid in masks:
+            masked = scores.masked_fill(~valid[:, None, :], float("-inf"))
+            weights = torch.softmax(masked, dim=-1)
+            weights = torch.where(valid.any(-1)[:, None, None], weights, 0.0)  # none: zeros
+            out.append(torch.einsum("bkl,bld->bkd", weights, history))
+        return out
 
 
 class MultiTaskHead(nn.Module):

@@ -23,6 +23,9 @@ PAIRS = [
     *[("clardrec", "sasrec", (f"method.module.{flag}=false",)) for flag in
       ("use_cd", "use_fa", "use_da", "use_cs")],
     ("base", "din", ("task=ctr",)),
+    *[("sesrec", b, ("protocol=sesrec",)) for b in ("sasrec", "gru4rec")],
+    ("sesrec", "sasrec", ("protocol=sesrec", "method.module.use_mie=false",
+                          "method.module.use_contrast=false", "method.module.use_align=false")),
 ]  # fmt: skip
 
 

@@ -489,13 +489,13 @@ def test_dropout_after_a_linear_layer_keeps_the_rate_and_the_expectation():
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 4)
     x = torch.randn(200_000, 4)
-    out = dropped_linear(x, layer, 0.1, True, relu=True)
+    out = dropped_linear(x, layer, 0.1, True, "relu")
     expected = torch.relu(layer(x))
     dropped = (out == 0) & (expected != 0)
     assert dropped.float().sum() / (expected != 0).float().sum() == pytest.approx(0.1, abs=0.003)
     kept = ~dropped & (expected != 0)
     assert torch.allclose(out[kept], expected[kept] / (1 - 0.1), rtol=1e-3, atol=1e-5)
-    assert torch.equal(dropped_linear(x, layer, 0.1, False, relu=True), expected)
+    assert torch.equal(dropped_linear(x, layer, 0.1, False, "relu"), expected)
 
 
 def test_an_encoder_refuses_a_sequence_longer_than_its_positions():
