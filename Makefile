@@ -56,3 +56,9 @@ table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (D
 .PHONY: table-unisar
 table-unisar: ## UniSAR Table 3 + 4 + 5 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, THREADS=, QUICK=1, VARIANTS=)
 	$(PYTHON) -m sar_exp.tables.unisar --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) --threads $(THREADS) $(if $(QUICK),--quick) $(if $(VARIANTS),--variants $(VARIANTS))
+
+# SESRec's Table 2, 3 and 4. DATASET=kuaisar|amazon DATA=DIR for the real data; the
+# other switches as for table-clardrec (VARIANTS="SASRec SESRec base plus_ali" runs part of it).
+.PHONY: table-sesrec
+table-sesrec: ## SESRec Table 2 + 3 + 4 over seeds beside the published numbers (DATASET=, DATA=, SEEDS=, JOBS=, THREADS=, QUICK=1, VARIANTS=)
+	$(PYTHON) -m sar_exp.tables.sesrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) --threads $(THREADS) $(if $(QUICK),--quick) $(if $(VARIANTS),--variants $(VARIANTS))

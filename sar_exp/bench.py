@@ -209,6 +209,10 @@ def main(argv=None) -> None:
         help="the synthetic preset of UniSAR's line (the reference's 800 users, 2,500 items)",
     )  # fmt: skip
     parser.add_argument(
+        "--sesrec-steps", type=int, default=30,
+        help="SESRec against SASRec under SESRec's protocol and caps (0: leave it out)",
+    )  # fmt: skip
+    parser.add_argument(
         "--override", nargs="*", default=[],
         help="extra overrides for the training runs, e.g. protocol=unisar_kuaisar",
     )  # fmt: skip
@@ -231,6 +235,8 @@ def main(argv=None) -> None:
         results = _run(args, folder, scratch)
         if args.unisar_steps > 0:
             results["unisar"] = _run_unisar(args, scratch)
+        if args.sesrec_steps > 0:
+            results["sesrec"] = _run_sesrec(args, folder, scratch)
         if args.json:
             from sar_exp.train import write_json_atomic
 
@@ -305,6 +311,28 @@ def _run_unisar(args, scratch: str) -> dict:
         f" ({speedup:.1f}x the official code's {UNISAR_REFERENCE_ROWS_PER_S} rows/s; target 5x)"
     )
     return {**figures, "preset": args.unisar_preset}
+
+
+SESREC_TARGET_RATIO = 1 / 3  # of SASRec's rows/s under the same protocol and caps (issue 13)
+
+
+def _run_sesrec(args, folder: Path, scratch: str) -> dict:
+    """SESRec and the framework's SASRec on the main preset under protocol=sesrec (rec
+    histories up to 150, search up to 25), batch 256: rows/s and their ratio."""
+    overrides = ["protocol=sesrec", *args.override]
+    figures = {}
+    for method in ("base", "sesrec"):
+        cfg = _compose(str(folder), scratch, method, "sasrec", args.batch_size, overrides)
+        figures[method] = _throughput(cfg, args.sesrec_steps)
+    ratio = figures["sesrec"]["samples/s"] / figures["base"]["samples/s"]
+    print(f"\nSESRec against SASRec, protocol=sesrec (caps 150/25), batch {args.batch_size}, "
+          f"{args.sesrec_steps} steps:")  # fmt: skip
+    for method, name in (("base", "SASRec"), ("sesrec", "SESRec")):
+        f = figures[method]
+        print(f"  {name:<7} {f['samples/s']:>8.0f} rows/s {f['ms/step']:>8.1f} ms/step "
+              f"data wait {100 * f['data wait share']:.1f}%")  # fmt: skip
+    print(f"  SESRec / SASRec: {ratio:.2f} (target at least {SESREC_TARGET_RATIO:.2f})")
+    return {**figures, "ratio": ratio}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--steps", "6", "--backbones", "mlp", "din",
           "--methods", "base", "clardrec", "--cache", str(tmp_path), "--json", str(figures),
-          "--unisar-steps", "0"])  # fmt: skip
+          "--unisar-steps", "0", "--sesrec-steps", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert "clardrec  din              n/a" in out  # ClardRec has no DIN variant
     results = json.loads(figures.read_text())
@@ -28,13 +28,25 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
 def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--methods", "--unisar-preset", "small", "--unisar-steps", "6",
-          "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+          "--sesrec-steps", "0", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
     line = capsys.readouterr().out.strip().splitlines()[-1]
     unisar = json.loads(figures.read_text())["unisar"]
     assert line.startswith("UniSAR, small preset, batch 1024 (+ 1024 search rows), 6 steps: ")
     assert f"{unisar['samples/s']:.0f} rec rows/s" in line
     assert f"({unisar['samples/s'] / 140:.1f}x the official code's 140 rows/s; target 5x)" in line
     assert 0.0 <= unisar["data wait share"] < 1.0
+
+
+def test_bench_reports_sesrec_against_sasrec_under_its_protocol(tmp_path, capsys):
+    figures = tmp_path / "bench.json"
+    main(["--preset", "small", "--methods", "--unisar-steps", "0", "--sesrec-steps", "6",
+          "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    sesrec = json.loads(figures.read_text())["sesrec"]
+    assert lines[-4].startswith("SESRec against SASRec, protocol=sesrec (caps 150/25), batch 256")
+    assert f"{sesrec['sesrec']['samples/s']:>8.0f} rows/s" in lines[-2]
+    ratio = sesrec["sesrec"]["samples/s"] / sesrec["base"]["samples/s"]
+    assert lines[-1] == f"  SESRec / SASRec: {ratio:.2f} (target at least 0.33)"
 
 
 def test_bench_times_the_views_that_training_uses(make_cfg, tiny_folder, tmp_path):

@@ -221,3 +221,46 @@ def test_a_cell_run_with_another_thread_count_is_run_again(tmp_path, capsys, cac
     assert "  mlp      base" not in capsys.readouterr().out.split("Training length")[1]
     main(args)
     assert json.loads(metrics.read_text())["threads"] == 1  # run again, with the count
+
+
+def test_quick_sesrec_table_prints_tables_2_to_4_with_whose_numbers_they_are(
+    tmp_path, capsys, cache_dir
+):
+    from sar_exp.tables import sesrec
+
+    sesrec.main(["--quick", "--quick-epochs", "1", "--variants", "SASRec", "SESRec", "base",
+                 "gamma_median", "--out", str(tmp_path), "--override", *TINY_OVERRIDES,
+                 f"paths.cache_dir={cache_dir}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Table 2 (SESRec): main results on synthetic, 1 seed(s): 0" in out
+    assert "KuaiSAR as UniSAR's paper reports it" in out
+    assert "(0.3432)" in out  # SESRec's KuaiSAR NDCG@5 in UniSAR's Table 3
+    assert "Table 3 (SESRec): ablations" in out and "Table 4 (SESRec): split thresholds" in out
+    assert "(0.3394)" in out and "(0.3510)" in out  # Base, Median on the private data
+    assert "private Kuaishou" in out
+    assert "Improv. of SESRec over the best baseline run" in out and "vs SASRec" in out
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(" ") is False
+             and len(line.split()) > 2 and line.split()[1] in ("paper", "DIN")}  # fmt: skip
+    assert "paper" in lines  # rows the framework does not run show the paper's numbers
+    runs = sorted(p.parent.parent.name for p in (tmp_path / "quick").rglob("metrics.json"))
+    assert runs == ["SASRec", "SESRec", "base", "gamma_median"]
+    config = (tmp_path / "quick" / "synthetic" / "base" / "seed0" / "config.yaml").read_text()
+    assert "use_align: false" in config and "protocol" in config and "name: sesrec" in config
+
+
+def test_quick_unisar_table_runs_its_rows_and_both_halves_of_joint_training(
+    tmp_path, capsys, cache_dir
+):
+    from sar_exp.tables import unisar
+
+    unisar.main(["--quick", "--quick-epochs", "1", "--variants", "SASRec", "UniSAR", "wo_joint",
+                 "--out", str(tmp_path), "--override", *TINY_OVERRIDES,
+                 "dataset.protocol.num_eval_negatives=20",  # the tiny data after 5-core
+                 f"paths.cache_dir={cache_dir}"])  # fmt: skip
+    out = capsys.readouterr().out
+    for title in ("Table 3 (UniSAR): recommendation", "Table 4 (UniSAR): search",
+                  "Table 5 (UniSAR): ablations"):  # fmt: skip
+        assert title in out
+    assert "w/o Joint Training" in out and "(0.3569)" in out  # its published rec NDCG@5
+    runs = sorted(p.parent.parent.name for p in (tmp_path / "quick").rglob("metrics.json"))
+    assert runs == ["SASRec", "UniSAR", "wo_joint_rec", "wo_joint_search"]

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sar_exp import runs
 from sar_exp.tables import grid
 from sar_exp.tables.grid import DEFAULT_SEEDS
 from sar_exp.tables.report import Cell, render, training_length  # noqa: F401 (training_length: tests)
@@ -192,23 +191,9 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(_ablation_names_as_values(sys.argv[1:] if argv is None else argv))
     args.variants = [v.strip() for v in args.variants]
-    unknown = [v for v in args.variants if v not in ALL_VARIANTS]
-    if unknown:  # one line, not argparse's usage block
-        parser.exit(2, f"{parser.prog}: error: --variants: unknown {' '.join(unknown)}; "
-                       f"choose from {' '.join(ALL_VARIANTS)}\n")  # fmt: skip
-    if args.dataset == "kuaisar" and not args.data:
-        parser.exit(2, f"{parser.prog}: error: --dataset kuaisar needs --data DIR\n")
-    if args.quick:
-        args.seeds = args.seeds[:1]
-        args.out = str(Path(args.out) / "quick")
+    grid.check_table_args(parser, args, ALL_VARIANTS)
     grid.quiet_lightning()
-    results = collect(args)
-    text = tables(results, args)
-    print("\n" + text)
-    report = report_path(args)
-    report.parent.mkdir(parents=True, exist_ok=True)
-    runs.write_atomic(report, text + "\n")
-    print(f"\nwritten to {report}")
+    grid.print_and_write(tables(collect(args), args), report_path(args))
 
 
 def _ablation_names_as_values(argv: list[str]) -> list[str]:

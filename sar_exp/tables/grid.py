@@ -188,3 +188,34 @@ def improvement(ours: Cell, baselines: dict[str, Cell], metric: str) -> str:
     p_text = f"p={p:.3f}" if not math.isnan(p) else "p=n/a"
     change = relative_improvement(ours.mean, baselines[best].mean)
     return f"{metric} {change:+.2f}%{star} vs {best} ({p_text})"
+
+
+def check_table_args(parser, args, all_variants: list[str]) -> None:
+    """The checks every table's command line gets after parsing, each a one-line error:
+    unknown variants, a real dataset without --data; --quick keeps one seed and writes
+    under <out>/quick."""
+    unknown = [v for v in args.variants if v not in all_variants]
+    if unknown:  # one line, not argparse's usage block
+        parser.exit(2, f"{parser.prog}: error: --variants: unknown {' '.join(unknown)}; "
+                       f"choose from {' '.join(all_variants)}\n")  # fmt: skip
+    if args.dataset != "synthetic" and not args.data:
+        parser.exit(2, f"{parser.prog}: error: --dataset {args.dataset} needs --data DIR\n")
+    if args.quick:
+        args.seeds = args.seeds[:1]
+        args.out = str(Path(args.out) / "quick")
+
+
+def print_and_write(text: str, report: Path) -> None:
+    """The rendered tables to the console and (atomically) to `report`."""
+    print("\n" + text)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    runs.write_atomic(report, text + "\n")
+    print(f"\nwritten to {report}")
+
+
+def variants_report(args, all_variants: list[str]) -> Path:
+    """tables.txt for every variant on the default seeds; a selection gets its own file."""
+    if args.variants == all_variants and args.seeds == DEFAULT_SEEDS:
+        return Path(args.out) / args.dataset / "tables.txt"
+    name = "tables_" + "_".join(args.variants)[:80] + f"_seeds{'-'.join(map(str, args.seeds))}.txt"
+    return Path(args.out) / args.dataset / name

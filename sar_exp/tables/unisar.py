@@ -19,7 +19,6 @@ import math
 import sys
 from pathlib import Path
 
-from sar_exp import runs
 from sar_exp.tables import grid
 from sar_exp.tables.report import Cell, render
 
@@ -229,26 +228,9 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS,
                         help="rows to run, e.g. SASRec JSR UniSAR wo_mmoe wo_joint")  # fmt: skip
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    unknown = [v for v in args.variants if v not in ALL_VARIANTS]
-    if unknown:
-        parser.exit(2, f"{parser.prog}: error: --variants: unknown {', '.join(unknown)}; "
-                       f"choose from {', '.join(ALL_VARIANTS)}\n")  # fmt: skip
-    if args.dataset != "synthetic" and not args.data:
-        parser.exit(2, f"{parser.prog}: error: --dataset {args.dataset} needs --data DIR\n")
-    if args.quick:
-        args.seeds = args.seeds[:1]
-        args.out = str(Path(args.out) / "quick")
+    grid.check_table_args(parser, args, ALL_VARIANTS)
     grid.quiet_lightning()
-    text = tables(collect(args), args)
-    print("\n" + text)
-    report = Path(args.out) / args.dataset / (
-        "tables.txt" if args.variants == ALL_VARIANTS and args.seeds == grid.DEFAULT_SEEDS
-        else "tables_" + "_".join(args.variants)[:80]
-        + f"_seeds{'-'.join(map(str, args.seeds))}.txt"
-    )  # fmt: skip
-    report.parent.mkdir(parents=True, exist_ok=True)
-    runs.write_atomic(report, text + "\n")
-    print(f"\nwritten to {report}")
+    grid.print_and_write(tables(collect(args), args), grid.variants_report(args, ALL_VARIANTS))
 
 
 if __name__ == "__main__":
