@@ -99,3 +99,22 @@ def mlp(
             if dropout:
                 modules.append(nn.Dropout(dropout))
     return nn.Sequential(*modules)
+
+
+def xavier_init(*roots: nn.Module) -> None:
+    """The official codes' initialisation (UniSAR, SESRec): xavier-normal embedding tables
+    and linear weights, zero biases, padding rows (id 0) zero; each module once, in the
+    order given (an ablation's unused modules first keeps the other parts' draws)."""
+    seen = set()
+    for root in roots:
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            if isinstance(module, nn.Embedding | nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()

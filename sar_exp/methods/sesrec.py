@@ -7,7 +7,17 @@ default.
 
 Flags for the conflicts (`true` = the paper):
   paper_losses  Eq. 6-7 as printed (the positive left out of each denominator) vs the
-                code's cross-entropy over [positive, negatives]
+                code's cross-entropy over [positive, negatives]. Both average L_ali over
+                the batch's (query, click) pairs, as the code does; Eq. 6-7 sum a row's
+                pairs and Eq. 23 sums the rows, which would weigh L_ali by the pairs per
+                row (alpha = 0.1 is tuned for the mean).
+  paper_split   Eq. 11-12's strict a > gamma for "similar" vs the code's a >= gamma
+                (they differ only on ties, e.g. a one-slot history)
+Where the paper is silent the code fills in: xavier-normal initialisation of every
+table and layer (`init: official`; `framework` keeps the framework's N(0, 0.05^2)
+tables and PyTorch's defaults), the code's ReduceLROnPlateau on validation MRR when
+`lr_scheduler` (off by default: the paper names plain Adam), a session without a click
+adding zeros where the code puts its "relevant item" (the data has no such item).
 Ablations (Table 3, cumulative): `use_align=false, use_contrast=false, use_mie=false` is
 "base" (the two encoders and target attention over the whole histories), then +L_ali
 (use_align), +L_con (use_contrast), +MIE (use_mie: the full model). `threshold` is Table
@@ -23,10 +33,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sar_exp.backbones.embeddings import xavier_init
 from sar_exp.errors import ConfigError
 from sar_exp.methods.base import RecommenderModule
 from sar_exp.methods.losses import binary_ce
-from sar_exp.methods.search_history import Lookup, history_pairs, mean_clicks, sampled_negatives
+from sar_exp.methods.optim import decayed_adam
+from sar_exp.methods.search_history import (
+    Lookup,
+    history_pairs,
+    masked_mean,
+    mean_clicks,
+    sampled_negatives,
+)
 from sar_exp.methods.unisar_layers import MaskedEncoder, TargetAttention
 from sar_exp.methods.unisar_losses import BilinearSimilarity, relevance_loss
 
@@ -35,12 +53,12 @@ ENCODERS = ("sasrec", "gru4rec")
 
 
 class GRUStates(nn.Module):
-    """backbone=gru4rec for SESRec: a GRU over a left-aligned history (positions added as
-    for the transformer, Eq. 2-3), every valid step's state out, zeros elsewhere."""
+    """backbone=gru4rec for SESRec: a GRU over a left-aligned history, every valid step's
+    state out, zeros elsewhere (no positions: the recurrence has the order; dropout
+    between layers only, as nn.GRU has it)."""
 
-    def __init__(self, d: int, layers: int, dropout: float, max_length: int):
+    def __init__(self, d: int, layers: int, dropout: float):
         super().__init__()
-        self.positions = nn.Embedding(max_length, d)
         self.gru = nn.GRU(d, d, num_layers=layers, batch_first=True,
                           dropout=dropout if layers > 1 else 0.0)  # fmt: skip
 
@@ -49,10 +67,9 @@ class GRUStates(nn.Module):
         lengths = valid.sum(1)
         if not torch.equal(valid, torch.arange(length, device=valid.device) < lengths[:, None]):
             raise ValueError("GRUStates: histories must be left-aligned without holes")
-        x = steps + self.positions.weight[:length]
         # an empty history packs as one step whose state is then zeroed
         packed = nn.utils.rnn.pack_padded_sequence(
-            x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+            steps, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
         )
         out, _ = self.gru(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=length)
@@ -79,7 +96,13 @@ class SESRec(RecommenderModule):
         use_contrast: bool = True,
         use_mie: bool = True,
         paper_losses: bool = True,
+        paper_split: bool = True,
         mlp_dims: list[int] | tuple[int, ...] = (200, 80),
+        init: str = "official",
+        lr_scheduler: bool = False,
+        plateau_patience: int = 1,
+        min_lr: float = 1e-5,
+        monitor: str = "val/mrr",
         **kwargs,
     ):
         super().__init__(schema, backbone, **kwargs)
@@ -95,6 +118,8 @@ class SESRec(RecommenderModule):
                 "method.module.use_mie needs use_contrast: the split into similar and "
                 "dissimilar behaviours that MIE reads is learned only by L_con (Eq. 15-16)"
             )
+        if init not in ("official", "framework"):
+            raise ConfigError(f"method.module.init must be official or framework, got {init!r}")
         kind = backbone.get("name")
         if kind not in ENCODERS:
             raise ConfigError(f"SESRec's encoders are sasrec or gru4rec, got backbone={kind}")
@@ -105,20 +130,29 @@ class SESRec(RecommenderModule):
         self.sources = nn.Embedding(schema["num_sources"] + 1, d, padding_idx=0)  # M_s, Eq. 3
         caps = {"rec": schema["max_rec_history"], "search": schema["max_search_history"]}
         if kind == "sasrec":  # the code's block: post-LN, leaky ReLU, LayerNorm eps 1e-8
-            encoders = {k: MaskedEncoder(d, heads, layers, dropout, n, "leaky_relu", 1e-8)
-                        for k, n in caps.items()}  # fmt: skip
+            encoders = {k: MaskedEncoder(d, heads, layers, dropout, n, "leaky_relu", 1e-8,
+                                         hidden_dropout=False) for k, n in caps.items()}  # fmt: skip
         else:
-            encoders = {k: GRUStates(d, layers, dropout, n) for k, n in caps.items()}
+            encoders = {k: GRUStates(d, layers, dropout) for k, n in caps.items()}
         self.encoders = nn.ModuleDict(encoders)  # Eq. 4-5
-        self.split = use_contrast  # co-attention and the split (Eq. 9-12) serve L_con and MIE
-        if self.split:
-            self.affinity = nn.Linear(d, d, bias=False)  # W_l, Eq. 9
-            self.coattention = nn.ModuleDict(  # W_r, W_s, Eq. 10
-                {"rec": nn.Linear(d, 1, bias=False), "search": nn.Linear(d, 1, bias=False)}
-            )
+        # co-attention and the split (Eq. 9-12) serve L_con and MIE; drawn in any case, so
+        # every ablation starts from the same weights in the other parts
+        affinity = nn.Linear(d, d, bias=False)  # W_l, Eq. 9
+        coattention = nn.ModuleDict(  # W_r, W_s, Eq. 10
+            {"rec": nn.Linear(d, 1, bias=False), "search": nn.Linear(d, 1, bias=False)}
+        )
+        self.split = use_contrast
+        self.affinity = affinity if self.split else None
+        self.coattention = coattention if self.split else None
         self.target_attention = nn.ModuleDict(  # W_d per history, Eq. 17-19
             {"rec": TargetAttention(d), "search": TargetAttention(d)}
         )
+        align = BilinearSimilarity(d, temperature, paper_losses)
+        self.align_sim = align if use_align else None
+        if init == "official":  # the drawn-but-unused first: the other parts' draws stay
+            xavier_init(affinity, coattention, align, self)
+        # the prediction MLP last: its width depends on use_mie, so drawing it earlier
+        # would shift every later draw between Table 3's rows
         interests = 3 if use_mie else 1  # Eq. 20: [all | similar | dissimilar]
         width = 2 * interests * d + d + self.users.out_dim  # Eq. 21's input
         layers_ = []
@@ -126,7 +160,8 @@ class SESRec(RecommenderModule):
             layers_ += [nn.Linear(width, n), nn.ReLU(), nn.Dropout(dropout)]
             width = n
         self.predictor = nn.Sequential(*layers_, nn.Linear(width, 1))
-        self.align_sim = BilinearSimilarity(d, temperature, paper_losses) if use_align else None
+        if init == "official":
+            xavier_init(self.predictor)
 
     # ------------------------------------------------------------ embeddings
     def _item_embedding(self, ids: torch.Tensor) -> torch.Tensor:
@@ -180,7 +215,9 @@ class SESRec(RecommenderModule):
             valid = h[f"{side}_valid"]
             scores = torch.softmax(logit.squeeze(1).masked_fill(~valid, float("-inf")), dim=-1)
             scores = torch.where(valid.any(1, keepdim=True), scores, 0.0)  # empty: zeros
-            similar = valid & (scores > self._threshold(scores.detach(), valid))
+            gamma = self._threshold(scores.detach(), valid)
+            above = scores > gamma if self.hparams.paper_split else scores >= gamma
+            similar = valid & above
             dissimilar = valid & ~similar
             # either set empty (every score equal, one slot): both are the whole history
             # (the code; the paper does not say)
@@ -202,7 +239,7 @@ class SESRec(RecommenderModule):
         return torch.full_like(scores[:, :1], float(choice))
 
     # ------------------------------------------------------------ prediction
-    def _predict(self, batch, candidates, items, queries, h) -> torch.Tensor:
+    def _predict(self, batch, candidates, items, h) -> torch.Tensor:
         """[B, K] logits (Eq. 17-21)."""
         e_v = items(candidates)  # [B, K, d]
         interests = []
@@ -216,7 +253,7 @@ class SESRec(RecommenderModule):
 
     def score(self, batch, candidates):
         items, queries = self._lookups(batch, candidates)
-        return self._predict(batch, candidates, items, queries, self.encode(batch, items, queries))
+        return self._predict(batch, candidates, items, self.encode(batch, items, queries))
 
     # ------------------------------------------------------------ training
     def training_loss(self, batch):
@@ -228,7 +265,7 @@ class SESRec(RecommenderModule):
                                           self.global_rank, self.global_step, self.device)  # fmt: skip
         items, queries = self._lookups(batch, batch["candidates"], negatives)
         h = self.encode(batch, items, queries)
-        logits = self._predict(batch, batch["candidates"], items, queries, h)
+        logits = self._predict(batch, batch["candidates"], items, h)
         labels = torch.zeros_like(logits)
         labels[:, 0] = 1.0
         parts = {"rec": binary_ce(logits, labels)}  # Eq. 22: 1 positive + N-1 negatives
@@ -263,14 +300,18 @@ class SESRec(RecommenderModule):
         for side in ("rec", "search"):
             x = h[side]
             anchor = (h[f"{side}_scores"][..., None] * x).sum(1)
-            positive = _masked_mean(x, h[f"{side}_similar"])
-            negative = _masked_mean(x, h[f"{side}_dissimilar"])
+            positive = masked_mean(x, h[f"{side}_similar"])
+            negative = masked_mean(x, h[f"{side}_dissimilar"])
             total = total + nn.functional.triplet_margin_loss(  # Eq. 15 (eps 1e-6: the code)
                 anchor, positive, negative, margin=self.hparams.margin, reduction="none"
             )
         weights = both.to(total.dtype)
         return (total * weights).sum() / weights.sum().clamp(min=1.0)
 
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    def configure_optimizers(self):
+        """Adam with lambda ||Theta||_2 (Eq. 23) as weight decay; with `lr_scheduler` the
+        code's ReduceLROnPlateau (tenfold after `plateau_patience` epochs without a better
+        validation MRR, down to `min_lr`)."""
+        hp = self.hparams
+        plateau = (hp.plateau_patience, hp.min_lr) if hp.lr_scheduler else None
+        return decayed_adam(self, self.lr, self.weight_decay, plateau, hp.monitor)

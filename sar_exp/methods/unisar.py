@@ -26,12 +26,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sar_exp.backbones.embeddings import xavier_init
 from sar_exp.errors import ConfigError
 from sar_exp.methods.base import RecommenderModule
 from sar_exp.methods.losses import binary_ce
+from sar_exp.methods.optim import decayed_adam
 from sar_exp.methods.search_history import (
     Lookup,
     history_pairs,
+    masked_mean,
     mean_clicks,
     sampled_negatives,
 )
@@ -47,11 +50,6 @@ HISTORY_KEYS = (
 TRANSITIONS = ("r2r", "s2s", "r2s", "s2r")
 # Sec. 5.3: a removed transition's place in Eq. 7 is taken by the one of the same slots
 STAND_IN = {"r2r": "s2r", "s2r": "r2r", "s2s": "r2s", "r2s": "s2s"}
-
-
-def _mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid slots (h = Mean(H), Sec. 4.2.2)."""
-    return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
 
 
 def _stacked_histories(batches: list[dict]) -> dict:
@@ -192,7 +190,8 @@ class UniSAR(RecommenderModule):
                 f"framework's 0.05), got {embedding_init_std}"
             )
         if embedding_style == "official":  # xavier for every table, whatever the std says
-            self._official_init(extractors, fusion, align, {"rel": rel})
+            # drawn ones first, kept or not, so an ablation starts from the same weights
+            xavier_init(*extractors.values(), *fusion.values(), *align.values(), rel, self)
         elif embedding_init_std is not None:  # the paper is silent
             self._embedding_init(embedding_init_std)
 
@@ -209,26 +208,6 @@ class UniSAR(RecommenderModule):
             nn.init.normal_(table.weight, std=std)
             with torch.no_grad():
                 table.weight[table.padding_idx].zero_()
-
-    def _official_init(self, *drawn: dict) -> None:
-        """The code's initialisation: xavier-normal embedding tables and linear weights,
-        zero biases (set embedding_dim=32 as well for its 32-wide tables). Run over every
-        module drawn, kept or not, so an ablation starts from the same weights in every
-        other part; padding rows (id 0) stay zero."""
-        modules = [*(m for group in drawn for m in group.values()), self]  # drawn ones first
-        seen = set()
-        for root in modules:
-            for module in root.modules():
-                if id(module) in seen:
-                    continue
-                seen.add(id(module))
-                if isinstance(module, nn.Embedding | nn.Linear):
-                    nn.init.xavier_normal_(module.weight)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                    with torch.no_grad():
-                        module.weight[module.padding_idx].zero_()
 
     @staticmethod
     def _projection(width: int, d: int, style: str) -> nn.Module:
@@ -437,7 +416,7 @@ class UniSAR(RecommenderModule):
             if scenario not in self.align_sim:
                 continue
             loss = loss + alignment_loss(
-                self.align_sim[scenario], _mean(h[same], valid), _mean(h[cross], valid), both,
+                self.align_sim[scenario], masked_mean(h[same], valid), masked_mean(h[cross], valid), both,
                 batch["user"],
                 paper=self.hparams.paper_losses,
             )  # fmt: skip
@@ -482,18 +461,5 @@ class UniSAR(RecommenderModule):
         drops tenfold after 3 epochs without a better selection metric, down to 1e-6;
         on the embedded data that cut can come during the first epochs' plateau and
         stall the run (README, UniSAR)."""
-        plain = lambda name: "bias" in name or "log_temperature" in name  # noqa: E731
-        decay = [p for n, p in self.named_parameters() if not plain(n)]
-        rest = [p for n, p in self.named_parameters() if plain(n)]
-        groups = [{"params": decay, "weight_decay": self.weight_decay},
-                  {"params": rest, "weight_decay": 0.0}]  # fmt: skip
-        optimizer = torch.optim.Adam(groups, lr=self.lr)
-        if not self.hparams.lr_scheduler:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=0.1, patience=3, min_lr=1e-6
-        )
-        return {"optimizer": optimizer,
-                # not strict: a run without validation (the benchmark) has no monitor value
-                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor,
-                                 "interval": "epoch", "strict": False}}  # fmt: skip
+        plateau = (3, 1e-6) if self.hparams.lr_scheduler else None
+        return decayed_adam(self, self.lr, self.weight_decay, plateau, self.hparams.monitor)

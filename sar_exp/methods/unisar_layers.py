@@ -232,19 +232,21 @@ class Attention(nn.Module):
 
 class EncoderLayer(nn.Module):
     """A transformer encoder layer as UniSAR's code configures nn.TransformerEncoderLayer:
-    post-LN, ReLU, feed-forward width d, dropout p (SESRec's code: a leaky ReLU and
-    LayerNorm eps 1e-8)."""
+    post-LN, ReLU, feed-forward width d, dropout p (SESRec's code: a leaky ReLU,
+    LayerNorm eps 1e-8 and no dropout between the two feed-forward layers)."""
 
-    def __init__(self, d: int, heads: int, p: float, activation: str = "relu", eps: float = 1e-5):
+    def __init__(self, d: int, heads: int, p: float, activation: str = "relu", eps: float = 1e-5,
+                 hidden_dropout: bool = True):  # fmt: skip
         super().__init__()
         self.attention = Attention(d, heads, p)
         self.ffn = nn.ModuleList([nn.Linear(d, d), nn.Linear(d, d)])
         self.norms = nn.ModuleList([nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)])
         self.p, self.activation = p, activation
+        self.hidden_p = p if hidden_dropout else 0.0  # SESRec's code: no dropout inside the FFN
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         x = self.norms[0](x + self.attention(x, x, allowed, drop_output=True))
-        hidden = dropped_linear(x, self.ffn[0], self.p, self.training, self.activation)
+        hidden = dropped_linear(x, self.ffn[0], self.hidden_p, self.training, self.activation)
         return self.norms[1](x + dropped_linear(hidden, self.ffn[1], self.p, self.training))
 
 
@@ -254,11 +256,11 @@ class MaskedEncoder(nn.Module):
     Eq. 4: between behaviour types); invalid slots come out as zeros."""
 
     def __init__(self, d: int, heads: int, layers: int, dropout: float, max_length: int,
-                 activation: str = "relu", eps: float = 1e-5):  # fmt: skip
+                 activation: str = "relu", eps: float = 1e-5, hidden_dropout: bool = True):  # fmt: skip
         super().__init__()
         self.positions = nn.Embedding(max_length, d)
         self.layers = nn.ModuleList(
-            EncoderLayer(d, heads, dropout, activation, eps) for _ in range(layers)
+            EncoderLayer(d, heads, dropout, activation, eps, hidden_dropout) for _ in range(layers)
         )
 
     def forward(

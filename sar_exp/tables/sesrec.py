@@ -95,19 +95,27 @@ PUBLISHED_THRESHOLD = {
 
 
 def base_overrides(args, sesrec: bool) -> list[str]:
-    """What every row gets: SESRec's protocol and selection; on the real data SESRec's rows
-    take the official settings (its experiment file), the baselines the dataset, path and
-    the paper's batch size."""
-    out = []
-    if args.dataset != "synthetic":
-        if sesrec:
-            out += [f"experiment=sesrec_{args.dataset}"]
-        out += [f"dataset={args.dataset}", f"dataset.path={args.data}", "data.batch_size=256"]
+    """What every row gets: SESRec's protocol and selection on validation MRR; on the real
+    data SESRec's rows take the official settings (its experiment file), the baselines
+    the dataset, path, the paper's batch size and the preset's item embeddings."""
     protocol = "sesrec_amazon" if args.dataset == "amazon" else "sesrec"
-    out += [f"protocol={protocol}", "logger=csv", "trainer.enable_progress_bar=false",
-            "~callbacks.progress_bar", "callbacks.early_stopping.patience=5",
-            f"trainer.max_epochs={args.max_epochs}", f"optimized_metric={MONITOR}"]  # fmt: skip
-    return out
+    out = [f"protocol={protocol}", "logger=csv", "trainer.enable_progress_bar=false",
+           "~callbacks.progress_bar", f"optimized_metric={MONITOR}"]  # fmt: skip
+    if args.dataset == "synthetic":
+        return [
+            *out,
+            "callbacks.early_stopping.patience=5",
+            f"trainer.max_epochs={args.max_epochs}",
+        ]
+    if sesrec:  # the official settings, its schedule and stopping included
+        return [f"experiment=sesrec_{args.dataset}", f"dataset.path={args.data}", *out]
+    # 5.1.4: "the same setting of item embeddings on all models" (the preset's)
+    same_items = (["dataset.item_attributes=[first_level_category_id,second_level_category_id]",
+                   "method.module.embedding_dim=16"] if args.dataset == "kuaisar"
+                  else ["method.module.embedding_dim=32"])  # fmt: skip
+    return [f"dataset={args.dataset}", f"dataset.path={args.data}", "data.batch_size=256",
+            *same_items, *out, "callbacks.early_stopping.patience=5",
+            f"trainer.max_epochs={args.max_epochs}"]  # fmt: skip
 
 
 def cell_overrides(name: str, args) -> list[str]:
