@@ -240,7 +240,10 @@ def test_the_interleaved_history_merges_the_capped_rec_and_search_windows():
                                max_rec_history=30, max_search_history=30, max_interleaved_history=60,
                                search_negatives_avoid="user")),
         ("sesrec_amazon", dict(split="leave_one_out", k_core=5, require_both_histories=True,
-                               max_rec_history=15, max_search_history=15, negatives="popularity")),
+                               max_rec_history=15, max_search_history=15, negatives="uniform")),
+        ("sesrec", dict(split="leave_one_out", k_core=5, require_both_histories=True,
+                        require_both_behaviours=True, drop_last_days=2, max_rec_history=150,
+                        max_search_history=25, negatives="uniform")),
     ],
 )  # fmt: skip
 def test_presets_carry_the_papers_values(make_cfg, preset, values):
