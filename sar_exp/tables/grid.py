@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -219,3 +220,20 @@ def variants_report(args, all_variants: list[str]) -> Path:
         return Path(args.out) / args.dataset / "tables.txt"
     name = "tables_" + "_".join(args.variants)[:80] + f"_seeds{'-'.join(map(str, args.seeds))}.txt"
     return Path(args.out) / args.dataset / name
+
+
+def variants_main(table: str, doc: str, all_variants: list[str], example: str, collect, tables,
+                  argv=None) -> None:  # fmt: skip
+    """The command line of a table whose rows are chosen with --variants (UniSAR, SESRec):
+    parse, check, run or reuse the cells, print and write the tables."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m sar_exp.tables.{table}", description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_common_arguments(parser, f"outputs/tables/{table}", ["synthetic", "kuaisar", "amazon"])
+    parser.add_argument("--variants", nargs="+", default=all_variants,
+                        help=f"rows to run, e.g. {example}")  # fmt: skip
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    check_table_args(parser, args, all_variants)
+    quiet_lightning()
+    print_and_write(tables(collect(args), args), variants_report(args, all_variants))

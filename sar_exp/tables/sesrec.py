@@ -17,9 +17,7 @@ Kuaishou data, and are shown as such."""
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 from sar_exp.tables import grid
@@ -194,17 +192,15 @@ def improvement_line(results) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m sar_exp.tables.sesrec", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    grid.add_common_arguments(parser, "outputs/tables/sesrec", ["synthetic", "kuaisar", "amazon"])
-    parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS,
-                        help="rows to run, e.g. SASRec SESRec base plus_ali gamma_median")  # fmt: skip
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    grid.check_table_args(parser, args, ALL_VARIANTS)
-    grid.quiet_lightning()
-    grid.print_and_write(tables(collect(args), args), grid.variants_report(args, ALL_VARIANTS))
+    grid.variants_main(
+        "sesrec",
+        __doc__,
+        ALL_VARIANTS,
+        "SASRec SESRec base plus_ali gamma_median",
+        collect,
+        tables,
+        argv,
+    )
 
 
 if __name__ == "__main__":

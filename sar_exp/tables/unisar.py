@@ -14,9 +14,7 @@ validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 from sar_exp.tables import grid
@@ -220,17 +218,9 @@ def improvement_line(results, task: str, baselines: list[str]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m sar_exp.tables.unisar", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    grid.add_common_arguments(parser, "outputs/tables/unisar", ["synthetic", "kuaisar", "amazon"])
-    parser.add_argument("--variants", nargs="+", default=ALL_VARIANTS,
-                        help="rows to run, e.g. SASRec JSR UniSAR wo_mmoe wo_joint")  # fmt: skip
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    grid.check_table_args(parser, args, ALL_VARIANTS)
-    grid.quiet_lightning()
-    grid.print_and_write(tables(collect(args), args), grid.variants_report(args, ALL_VARIANTS))
+    grid.variants_main(
+        "unisar", __doc__, ALL_VARIANTS, "SASRec JSR UniSAR wo_mmoe wo_joint", collect, tables, argv
+    )
 
 
 if __name__ == "__main__":
