@@ -253,7 +253,7 @@ def test_quick_unisar_table_runs_its_rows_and_both_halves_of_joint_training(
 ):
     from sar_exp.tables import unisar
 
-    unisar.main(["--quick", "--quick-epochs", "1", "--variants", "SASRec", "UniSAR", "wo_joint",
+    unisar.main(["--quick", "--quick-epochs", "1", "--variants", "SASRec", "SESRec", "UniSAR", "wo_joint",
                  "--out", str(tmp_path), "--override", *TINY_OVERRIDES,
                  "dataset.protocol.num_eval_negatives=20",  # the tiny data after 5-core
                  f"paths.cache_dir={cache_dir}"])  # fmt: skip
@@ -263,4 +263,6 @@ def test_quick_unisar_table_runs_its_rows_and_both_halves_of_joint_training(
         assert title in out
     assert "w/o Joint Training" in out and "(0.3569)" in out  # its published rec NDCG@5
     runs = sorted(p.parent.parent.name for p in (tmp_path / "quick").rglob("metrics.json"))
-    assert runs == ["SASRec", "UniSAR", "wo_joint_rec", "wo_joint_search"]
+    assert runs == ["SASRec", "SESRec", "UniSAR", "wo_joint_rec", "wo_joint_search"]
+    sesrec_row = next(line for line in out.splitlines() if line.split()[:1] == ["SESRec"])
+    assert "paper" not in sesrec_row and "(0.3432)" in sesrec_row  # run, beside UniSAR's number

@@ -125,7 +125,7 @@ def cell_overrides(name: str, args) -> list[str]:
 
 def collect(args) -> dict:
     cells = [
-        grid.Run(name, seed, [*cell_overrides(name, args), *grid.common_overrides(args),
+        grid.Run((name,), seed, [*cell_overrides(name, args), *grid.common_overrides(args),
                               *args.override],
                  Path(args.out) / args.dataset / name / f"seed{seed}", args.threads, MONITOR)
         for name in args.variants for seed in args.seeds
@@ -134,7 +134,7 @@ def collect(args) -> dict:
 
 
 def cells_of(results, name: str) -> list[Cell]:
-    found = results.get(name, [])
+    found = results.get((name,), [])
     return [Cell([r[f"test/{m}"] for r in found if f"test/{m}" in r]) for m in METRICS]
 
 
