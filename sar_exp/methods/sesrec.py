@@ -133,7 +133,7 @@ class SESRec(RecommenderModule):
             encoders = {k: MaskedEncoder(d, heads, layers, dropout, n, "leaky_relu", 1e-8,
                                          hidden_dropout=False) for k, n in caps.items()}  # fmt: skip
         else:
-            encoders = {k: GRUStates(d, layers, dropout) for k, n in caps.items()}
+            encoders = {k: GRUStates(d, layers, dropout) for k in caps}
         self.encoders = nn.ModuleDict(encoders)  # Eq. 4-5
         # co-attention and the split (Eq. 9-12) serve L_con and MIE; drawn in any case, so
         # every ablation starts from the same weights in the other parts
