@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from sar_exp.data.views import View
+from sar_exp.data.views import View, training_negatives
 
 
 def history_window(
@@ -94,7 +94,7 @@ class BatchAssembler:
         protocol = view.meta["protocol"]
         # popularity: draw in proportion to training clicks, never the user's own clicks
         self.cumulative = self.user_clicks = None
-        if protocol.get("negatives") == "popularity" and f"{task}_popularity" in view:
+        if training_negatives(protocol) == "popularity" and f"{task}_popularity" in view:
             weights = torch.from_numpy(view[f"{task}_popularity"]).double()[self.pool]
             self.pool = self.pool[weights > 0]
             self.cumulative = torch.cumsum(weights[weights > 0], 0)

@@ -72,6 +72,10 @@ class Protocol:
     # negatives of training and of the stored evaluation candidates: uniform over the
     # task's items, or in proportion to their training clicks (the UniSAR family)
     negatives: str = "uniform"
+    # the training negatives' sampler when it differs from the stored ones' (SESRec's code
+    # draws training negatives by popularity, its paper evaluates against uniform ones);
+    # None: the same as `negatives`
+    train_negatives: str | None = None
     # what a stored search negative avoids: items clicked under that query by anyone
     # (ClardRec B.1) or items the user ever clicked, in rec or search (UniSAR, SESRec)
     search_negatives_avoid: str = "query"
@@ -100,6 +104,7 @@ class Protocol:
                 f"dataset.protocol.cf_split must be three positive shares summing to 1, got {list(self.cf_split)}"
             )
         for key, allowed in (("split", SPLIT_RULES), ("negatives", NEGATIVE_SAMPLERS),
+                             ("train_negatives", (None, *NEGATIVE_SAMPLERS)),
                              ("search_negatives_avoid", ("query", "user"))):  # fmt: skip
             if getattr(self, key) not in allowed:
                 raise ConfigError(
@@ -441,6 +446,13 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
     return view, frames
 
 
+def training_negatives(protocol) -> str:
+    """The training negatives' sampler: `train_negatives`, or `negatives` when unset.
+    Takes the Protocol or its dict (a view's meta)."""
+    get = protocol.get if isinstance(protocol, dict) else lambda key: getattr(protocol, key)
+    return get("train_negatives") or get("negatives")
+
+
 def _add_histories(view: View, prefix: str, user: np.ndarray, time: np.ndarray) -> None:
     view[prefix + "rec_start"], view[prefix + "rec_end"] = _history_pointers(
         view["rec_click_user"], view["rec_click_time"], user, time
@@ -462,8 +474,9 @@ def _store_split(
     view, task, split_code, arrays, rng, pool, exclude, protocol, what, owner_key="user",
     histories=True,
 ):  # fmt: skip
-    if protocol.negatives == "popularity" and "item" in arrays:
-        # training clicks per item: what both stored and training negatives follow;
+    stored_popular = protocol.negatives == "popularity"
+    if "popularity" in (protocol.negatives, training_negatives(protocol)) and "item" in arrays:
+        # training clicks per item: what popularity negatives (stored or training) follow;
         # and each user's training clicks, which training negatives must avoid
         train = split_code == 0
         size = view["item_attributes"].shape[0]
@@ -482,7 +495,7 @@ def _store_split(
             owner = arrays[owner_key][rows]
             view[prefix + "negatives"] = sample_negatives(
                 rng, pool, owner, arrays["item"][rows], exclude, protocol.num_eval_negatives, what,
-                weights=view.get(f"{task}_popularity"),
+                weights=view.get(f"{task}_popularity") if stored_popular else None,
             )  # fmt: skip
 
 

@@ -22,7 +22,9 @@ Ablations (Table 3, cumulative): `use_align=false, use_contrast=false, use_mie=f
 "base" (the two encoders and target attention over the whole histories), then +L_ali
 (use_align), +L_con (use_contrast), +MIE (use_mie: the full model). `threshold` is Table
 4's split: "mean" (1/T, the paper's), "median", or a number (1/8, 1/16). Fig. 5 sweeps
-`alpha` and `beta`.
+`alpha` and `beta`. Not in the paper: `use_search=false` (with base's flags) drops the
+search history altogether, to tell what base gains from the searches from what it gains
+from its candidate-aware attention and MLP over the rec history alone.
 
 Encoders (Eq. 4-5): backbone=sasrec gives the paper's transformers (bidirectional,
 post-LN, one per history, as the code has them); backbone=gru4rec GRUs that return every
@@ -95,6 +97,7 @@ class SESRec(RecommenderModule):
         use_align: bool = True,
         use_contrast: bool = True,
         use_mie: bool = True,
+        use_search: bool = True,
         paper_losses: bool = True,
         paper_split: bool = True,
         mlp_dims: list[int] | tuple[int, ...] = (200, 80),
@@ -117,6 +120,11 @@ class SESRec(RecommenderModule):
             raise ConfigError(
                 "method.module.use_mie needs use_contrast: the split into similar and "
                 "dissimilar behaviours that MIE reads is learned only by L_con (Eq. 15-16)"
+            )
+        if not use_search and (use_align or use_contrast):
+            raise ConfigError(
+                "method.module.use_search=false needs use_align=false, use_contrast=false and "
+                "use_mie=false: L_ali, L_con and MIE all read the search history"
             )
         if init not in ("official", "framework"):
             raise ConfigError(f"method.module.init must be official or framework, got {init!r}")
@@ -151,10 +159,16 @@ class SESRec(RecommenderModule):
         self.align_sim = align if use_align else None
         if init == "official":  # the drawn-but-unused first: the other parts' draws stay
             xavier_init(affinity, coattention, align, self)
+        self.sides = ("rec", "search") if use_search else ("rec",)
+        if not use_search:  # dropped after the draws, so the rec side's weights stay
+            del self.encoders["search"], self.target_attention["search"]
+            # what only queries reach is frozen: nothing trains it (and DDP would refuse it)
+            for part in (self.queries, self.query_projection, self.sources):
+                part.requires_grad_(False)
         # the prediction MLP last: its width depends on use_mie, so drawing it earlier
         # would shift every later draw between Table 3's rows
         interests = 3 if use_mie else 1  # Eq. 20: [all | similar | dissimilar]
-        width = 2 * interests * d + d + self.users.out_dim  # Eq. 21's input
+        width = len(self.sides) * interests * d + d + self.users.out_dim  # Eq. 21's input
         layers_ = []
         for n in mlp_dims:  # the code's 200 -> 80 -> 1 with ReLU and dropout
             layers_ += [nn.Linear(width, n), nn.ReLU(), nn.Dropout(dropout)]
@@ -185,17 +199,14 @@ class SESRec(RecommenderModule):
         dissimilar slot masks (Eq. 9-12)."""
         rec_valid, ses_valid = batch["rec_history_mask"], batch["search_history_mask"]
         e_r = items(batch["rec_history"])  # Eq. 2 (positions: in the encoder)
-        e_s = (  # Eq. 3: query + mean clicked item + source type (positions: in the encoder)
-            queries(batch["search_history_query"])
-            + mean_clicks(items, batch["search_history_clicks"])
-            + self.sources(batch["search_history_source"])
-        )
-        h = {
-            "rec": self.encoders["rec"](e_r, rec_valid),
-            "search": self.encoders["search"](e_s, ses_valid),
-            "rec_valid": rec_valid,
-            "search_valid": ses_valid,
-        }
+        h = {"rec": self.encoders["rec"](e_r, rec_valid), "rec_valid": rec_valid}
+        if "search" in self.sides:
+            e_s = (  # Eq. 3: query + mean clicked item + source type (positions: in the encoder)
+                queries(batch["search_history_query"])
+                + mean_clicks(items, batch["search_history_clicks"])
+                + self.sources(batch["search_history_source"])
+            )
+            h.update(search=self.encoders["search"](e_s, ses_valid), search_valid=ses_valid)
         if self.split:
             h.update(self._coattention(h))
         return h
@@ -243,7 +254,7 @@ class SESRec(RecommenderModule):
         """[B, K] logits (Eq. 17-21)."""
         e_v = items(candidates)  # [B, K, d]
         interests = []
-        for side in ("rec", "search"):
+        for side in self.sides:
             masks = [h[f"{side}_valid"]]
             if self.hparams.use_mie:
                 masks += [h[f"{side}_similar"], h[f"{side}_dissimilar"]]

@@ -37,6 +37,10 @@ RUNNABLE = {
 # 1/T, is SESRec): variant -> (label, SESRec overrides)
 FLAGS = "method.module."
 ABLATIONS = {
+    # not the paper's: base without the search history, which tells what base's gain over
+    # SASRec owes to the searches (against base) and to its attention and MLP (against SASRec)
+    "base_no_search": ("Base, no search (ours)", [f"{FLAGS}use_align=false", f"{FLAGS}use_contrast=false",
+                                                  f"{FLAGS}use_mie=false", f"{FLAGS}use_search=false"]),
     "base": ("Base", [f"{FLAGS}use_align=false", f"{FLAGS}use_contrast=false", f"{FLAGS}use_mie=false"]),
     "plus_ali": ("+ L_ali", [f"{FLAGS}use_contrast=false", f"{FLAGS}use_mie=false"]),
     "plus_con": ("+ L_con", [f"{FLAGS}use_mie=false"]),
@@ -161,7 +165,7 @@ def tables(results, args) -> str:
         for name in variants:
             if name in args.variants:
                 label = labels[name]
-                paper = numbers[label] if show else None
+                paper = numbers.get(label) if show else None
                 side_rows[table].append((table, "", label, cells_of(results, name), paper))
     seeds = f"{len(args.seeds)} seed(s): {' '.join(map(str, args.seeds))}"
     note = "each cell: ours (mean±std over seeds) and, in brackets, "

@@ -29,6 +29,13 @@ PROTOCOLS = {
         negatives="popularity", local_time_offset_hours=8, evaluated_tasks=("rec", "search"),
         num_eval_negatives=20,  # the tiny data after 5-core has few items
     ),
+    # SESRec on KuaiSAR: UniSAR's filters, both histories before each interaction, caps
+    # 150/25, uniform stored and popularity training negatives
+    "sesrec": Protocol(
+        require_both_histories=True, require_both_behaviours=True, drop_last_days=2, k_core=5,
+        max_rec_history=150, max_search_history=25, train_negatives="popularity",
+        local_time_offset_hours=8, num_eval_negatives=20,
+    ),
 }  # fmt: skip
 TIME_ONLY = {"time_split", "unisar_kuaisar"}  # the cf view splits at random
 

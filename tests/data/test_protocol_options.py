@@ -154,6 +154,32 @@ def test_popularity_negatives_follow_training_clicks_and_avoid_the_users_clicks(
     assert np.corrcoef(counts[2:31], popularity[2:31])[0, 1] > 0.5
 
 
+@pytest.mark.parametrize("stored, training", [("uniform", "popularity"), ("popularity", "uniform")])
+def test_training_negatives_can_follow_another_sampler_than_the_stored_ones(stored, training):
+    """SESRec: uniform evaluation candidates (5.1.2), popularity training negatives (its
+    code); and the reverse. Users 1-20 click item 1 ten times each; users 21-40 never do,
+    so by popularity nearly all their candidate rows hold item 1, uniformly few do."""
+    import torch
+
+    from sar_exp.data.batches import BatchAssembler
+
+    fans = [(u, 1, k * DAY) for u in range(1, 21) for k in range(10)]
+    fans += [(u, 40 + u, 10 * DAY) for u in range(1, 21)]
+    others = [(u, 40 + 3 * u + k, k * DAY) for u in range(21, 41) for k in range(3)]
+    search = [(u, 200, 0, 1) for u in range(1, 41)]
+    view = build_view(tables(fans + others, search, n_items=200, n_users=40), "sequential",
+                      Protocol(negatives=stored, train_negatives=training, num_eval_negatives=5))  # fmt: skip
+    test_rows = view["rec.test.user"] > 20
+    stored_share = (view["rec.test.negatives"][test_rows] == 1).any(1).mean()
+    batch = BatchAssembler(view, "rec", "train", num_train_negatives=20, seed=0)(
+        torch.arange(view["rec.train.user"].size), 0, 0
+    )
+    train_rows = batch["user"] > 20
+    training_share = (batch["candidates"][train_rows, 1:] == 1).any(1).double().mean().item()
+    shares = {stored: stored_share, training: training_share}
+    assert shares["popularity"] > 0.9 and shares["uniform"] < 0.4, shares
+
+
 def test_the_cf_view_refuses_a_time_split(tiny_folder, tmp_path):
     from sar_exp.data.canonical import load_canonical
 
@@ -240,10 +266,11 @@ def test_the_interleaved_history_merges_the_capped_rec_and_search_windows():
                                max_rec_history=30, max_search_history=30, max_interleaved_history=60,
                                search_negatives_avoid="user")),
         ("sesrec_amazon", dict(split="leave_one_out", k_core=5, require_both_histories=True,
-                               max_rec_history=15, max_search_history=15, negatives="uniform")),
+                               max_rec_history=15, max_search_history=15, negatives="uniform",
+                               train_negatives="popularity")),
         ("sesrec", dict(split="leave_one_out", k_core=5, require_both_histories=True,
                         require_both_behaviours=True, drop_last_days=2, max_rec_history=150,
-                        max_search_history=25, negatives="uniform")),
+                        max_search_history=25, negatives="uniform", train_negatives="popularity")),
     ],
 )  # fmt: skip
 def test_presets_carry_the_papers_values(make_cfg, preset, values):

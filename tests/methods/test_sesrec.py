@@ -56,6 +56,32 @@ def test_every_table3_variant_trains_every_part_it_has(sesrec_model, flags, part
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
+def test_without_the_search_history_base_reads_only_the_rec_history(sesrec_model):
+    """use_search=false (the attribution row, not the paper's): scores ignore the searches,
+    keep base's rec-side weights, and every remaining parameter trains."""
+    build, batch = sesrec_model
+    base_flags = {"use_align": False, "use_contrast": False, "use_mie": False}
+    model = build(use_search=False, **base_flags).eval()
+    scores = model.score(batch, batch["candidates"])
+    other = {**batch, "search_history_query": batch["search_history_query"].flip(0),
+             "search_history_clicks": batch["search_history_clicks"].flip(0),
+             "search_history_mask": batch["search_history_mask"].flip(0)}  # fmt: skip
+    assert torch.equal(model.score(other, batch["candidates"]), scores)
+    base = build(**base_flags).eval()
+    assert not torch.equal(
+        base.score(other, batch["candidates"]), base.score(batch, batch["candidates"])
+    )
+    assert torch.equal(
+        model.encoders["rec"].positions.weight, base.encoders["rec"].positions.weight
+    )
+    model.train()
+    loss, _ = model.training_loss(batch)
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with pytest.raises(ConfigError, match="use_search=false needs use_align=false"):
+        build(use_search=False)
+
+
 def test_total_loss_is_eq23(sesrec_model):
     build, batch = sesrec_model
     model = build(alpha=0.3, beta=0.7)
