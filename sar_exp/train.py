@@ -76,6 +76,37 @@ def set_threads(threads: int) -> None:
         pass
 
 
+def build_model(cfg: DictConfig, datamodule):
+    """The method's Lightning module for cfg, sized by the (set-up) datamodule."""
+    # _partial_: plain Python objects (dicts, tensors) go to the constructor untouched.
+    build = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
+    return build(
+        schema=datamodule.schema,
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        task=cfg.task,
+        eval_mode=cfg.eval.mode,
+        evaluated_tasks=list(datamodule.evaluation_tasks),
+        lookup_tables=datamodule.lookup_tables(),
+    )
+
+
+def load_run(run_dir: str | Path):
+    """(datamodule, model) of a finished run, for analysis: its config.yaml composed
+    again, the data set up for testing, the model in eval mode with its best.ckpt."""
+    import torch
+
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    model = build_model(cfg, datamodule)
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu",
+                            weights_only=False)  # fmt: skip
+    model.load_state_dict(checkpoint["state_dict"])
+    return datamodule, model.eval()
+
+
 def _instantiate_all(group: DictConfig | None) -> list:
     if not group:
         return []
@@ -246,16 +277,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[dict[str, 
         datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
         datamodule.prepare_data()
         datamodule.setup("fit")
-        # _partial_: plain Python objects (dicts, tensors) go to the constructor untouched.
-        build_model = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
-        model = build_model(
-            schema=datamodule.schema,
-            backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-            task=cfg.task,
-            eval_mode=cfg.eval.mode,
-            evaluated_tasks=list(datamodule.evaluation_tasks),
-            lookup_tables=datamodule.lookup_tables(),
-        )
+        model = build_model(cfg, datamodule)
         callbacks = [
             *_instantiate_all(_without_progress_bar_if_off(cfg)),
             RunState(identity(cfg)),
