@@ -170,15 +170,44 @@ def config_changes(output_dir: Path, cfg: DictConfig) -> list[tuple[str, object,
     """(key, the run's value, cfg's value) for each setting of the run in output_dir
     (its config.yaml; none: no changes known) that cfg changes, incidental ones and
     trainer.max_epochs aside. A key the run's config did not have yet (added by a later
-    release) holds its default, which the run used all along."""
+    release) held its default, which the run used all along: it is a change only where
+    cfg sets it to something else (a protocol or method preset that uses the new key)."""
     recorded = output_dir / "config.yaml"
     if not recorded.exists():
         return []
     before = flatten(OmegaConf.to_container(OmegaConf.load(recorded), resolve=False))
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     allowed = re.compile(INCIDENTAL.pattern + r"|^(train|trainer\.max_epochs)$")
-    return [(key, before.get(key), now.get(key)) for key in sorted(before)
-            if not allowed.match(key) and before.get(key) != now.get(key)]  # fmt: skip
+    changed = [(key, before.get(key), now.get(key)) for key in sorted(before)
+               if not allowed.match(key) and before.get(key) != now.get(key)]  # fmt: skip
+    defaults = _defaults_of_new_keys(cfg)
+    changed += [(key, "(not recorded: its default, " + repr(defaults[key]) + ")", now[key])
+                for key in sorted(set(now) - set(before))
+                if key in defaults and not allowed.match(key) and now[key] != defaults[key]]  # fmt: skip
+    return changed
+
+
+def _defaults_of_new_keys(cfg: DictConfig) -> dict[str, object]:
+    """The code's defaults of the settings a later release may add: the protocol's fields
+    (dataset.protocol.*) and the method's constructor arguments (method.module.*)."""
+    import dataclasses
+    import inspect
+
+    from hydra.utils import get_class
+
+    from sar_exp.data.views import Protocol
+
+    out = {f"dataset.protocol.{f.name}": f.default for f in dataclasses.fields(Protocol)
+           if f.default is not dataclasses.MISSING}  # fmt: skip
+    target = OmegaConf.select(cfg, "method.module._target_")
+    if target:
+        try:
+            parameters = inspect.signature(get_class(target).__init__).parameters.values()
+        except Exception:  # a target that does not import: nothing known
+            parameters = []
+        out.update({f"method.module.{p.name}": p.default for p in parameters
+                    if p.default is not inspect.Parameter.empty})  # fmt: skip
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in out.items()}
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -208,6 +208,29 @@ def test_resuming_with_another_config_is_refused(make_cfg, tmp_path):
         train(cfg)
 
 
+def test_a_setting_added_later_counts_only_where_a_preset_moves_it_off_its_default(
+    make_cfg, tmp_path
+):
+    """A run recorded before `dataset.protocol.train_negatives` and SESRec's `use_search`
+    existed used their defaults (None: the stored sampler; true): protocol=sesrec sets
+    the first to popularity, so that run no longer matches; the second it leaves alone."""
+    from omegaconf import OmegaConf
+
+    from sar_exp.runs import config_changes
+
+    cfg = make_cfg("method=sesrec", "protocol=sesrec")
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["dataset"]["protocol"]["train_negatives"], old["method"]["module"]["use_search"]
+    old["data"]["protocol"].pop("train_negatives", None)  # the datamodule's copy
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    changes = config_changes(tmp_path, cfg)
+    assert [(key, now) for key, _, now in changes] == [
+        ("dataset.protocol.train_negatives", "popularity")
+    ]
+    uniform = make_cfg("method=sesrec", "protocol=sesrec", "dataset.protocol.train_negatives=null")
+    assert config_changes(tmp_path, uniform) == []
+
+
 def test_a_preprocessing_kill_leaves_no_cache_a_later_run_trusts(tmp_path):
     from sar_exp.data.cache import cached_folder
 

@@ -48,6 +48,13 @@ def test_report_statistics():
     assert relative_improvement(0.11, 0.10) == pytest.approx(10.0)
     assert welch_p([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]) < 0.01
     assert welch_p([1.0], [2.0]) != welch_p([1.0], [2.0])  # nan with one seed
+    from sar_exp.tables.grid import improvement
+
+    assert improvement(Cell([0.2]), {"a": Cell([0.1]), "b": Cell([])}, "mrr") == (
+        "mrr +100.00% vs a (p=n/a)"
+    )
+    # a zero baseline (e.g. HR@1 on a tiny test set) has no relative change: no "+nan%"
+    assert improvement(Cell([0.07]), {"a": Cell([0.0])}, "hr@1") == "hr@1 0.0700 vs a's 0 (p=n/a)"
 
 
 def test_table4_is_read_from_the_experiment_files():
@@ -250,6 +257,51 @@ def test_quick_sesrec_table_prints_tables_2_to_4_with_whose_numbers_they_are(
     ).read_text()
     assert "use_search: false" in config and "use_align: false" in config
     assert "name: sesrec" in config and "train_negatives: popularity" in config
+
+
+@pytest.mark.parametrize("table", ["sesrec", "unisar"])
+def test_every_variant_of_a_table_composes(table):
+    """Each row's overrides compose (a flag missing from the method's config would only
+    fail when the grid reaches that row) and the rows with their own flags set them."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from sar_exp.tables import grid, sesrec, unisar
+
+    module = {"sesrec": sesrec, "unisar": unisar}[table]
+    args = argparse.Namespace(dataset="synthetic", data=None, max_epochs=3, quick=False,
+                              threads=grid.DEFAULT_THREADS)  # fmt: skip
+    for name in module.ALL_VARIANTS:
+        if table == "sesrec":
+            runs = [module.cell_overrides(name, args)]
+        else:
+            runs = [overrides for _, overrides, _ in module.cell_runs(name, args)]
+        for overrides in runs:
+            cfg = grid._compose(grid.Run((name,), 0, overrides, Path("/tmp/x"), 1, "val/mrr"))
+            flags = [o for o in overrides if o.startswith("method.module.")]
+            for flag in flags:
+                key, value = flag.split("=", 1)
+                got = str(OmegaConf.select(cfg, key)).replace("'", "").replace(" ", "").lower()
+                assert got == value.lower(), (name, flag)
+
+
+def test_sesrec_table_on_amazon_shows_the_papers_amazon_column(tmp_path, capsys, cache_dir):
+    from pathlib import Path
+
+    from sar_exp.tables import sesrec
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "amazon"
+    sesrec.main(["--dataset", "amazon", "--data", str(fixture), "--quick", "--quick-epochs", "1",
+                 "--variants", "SASRec", "--out", str(tmp_path), "--override",
+                 "dataset.category=Toy_Store", "dataset.protocol.num_eval_negatives=20",
+                 f"paths.cache_dir={cache_dir}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "main results on amazon" in out and "the paper's Amazon Kindle column" in out
+    sasrec_row = next(line for line in out.splitlines() if line.split()[:1] == ["SASRec"])
+    assert "(0.3822)" in sasrec_row and "paper" not in sasrec_row  # run, beside Table 2's value
+    config = (tmp_path / "quick" / "amazon" / "SASRec" / "seed0" / "config.yaml").read_text()
+    assert "name: sesrec_amazon" in config and "max_rec_history: 15" in config
 
 
 def test_quick_unisar_table_runs_its_rows_and_both_halves_of_joint_training(

@@ -186,12 +186,16 @@ class SESRec(RecommenderModule):
 
     def _lookups(self, batch: dict, candidates: torch.Tensor, negatives=(None, None)):
         """Every item and query the step touches, encoded once."""
-        items = [candidates, batch["rec_history"], batch["search_history_clicks"]]
-        queries = [batch["search_history_query"]]
+        items = [candidates, batch["rec_history"]]
+        queries = []
+        if "search" in self.sides:
+            items.append(batch["search_history_clicks"])
+            queries.append(batch["search_history_query"])
         if negatives[0] is not None:
             items.append(negatives[0])
             queries.append(negatives[1])
-        return Lookup(items, self._item_embedding), Lookup(queries, self._query_embedding)
+        query_lookup = Lookup(queries, self._query_embedding) if queries else None
+        return Lookup(items, self._item_embedding), query_lookup
 
     # ------------------------------------------------------------ encoding
     def encode(self, batch: dict, items: Lookup, queries: Lookup) -> dict:

@@ -187,6 +187,8 @@ def improvement(ours: Cell, baselines: dict[str, Cell], metric: str) -> str:
     p = welch_p(ours.values, baselines[best].values)
     star = "*" if not math.isnan(p) and p <= 0.05 and ours.mean > baselines[best].mean else ""
     p_text = f"p={p:.3f}" if not math.isnan(p) else "p=n/a"
+    if baselines[best].mean <= 0:  # no relative change from zero
+        return f"{metric} {ours.mean:.4f} vs {best}'s 0 ({p_text})"
     change = relative_improvement(ours.mean, baselines[best].mean)
     return f"{metric} {change:+.2f}%{star} vs {best} ({p_text})"
 

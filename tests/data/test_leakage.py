@@ -148,6 +148,18 @@ def test_ctr_query_item_lists_come_from_searches_before_the_heldout_requests(tab
         assert listed < set(zip(every["query"].to_list(), every["item"].to_list()))
 
 
+@pytest.mark.parametrize("protocol", ["popularity", "unisar_kuaisar", "sesrec"])
+def test_popularity_comes_from_training_clicks_only(tables, protocol):
+    """What popularity negatives (stored or training) are drawn by: training clicks per
+    item, and the users' training clicks they avoid; no held-out event counts."""
+    view = build_view(tables, "sequential", PROTOCOLS[protocol])
+    train = view.split("rec", "train")
+    size = view["item_attributes"].shape[0]
+    assert np.array_equal(view["rec_popularity"], np.bincount(train["item"], minlength=size))
+    keys = (train["user"].astype(np.int64) << 32) + train["item"].astype(np.int64)
+    assert np.array_equal(view["rec_train_clicks"], np.unique(keys))
+
+
 @pytest.mark.parametrize("protocol", sorted(set(PROTOCOLS) - TIME_ONLY))
 def test_cf_view_keeps_heldout_pairs_out_of_training(tables, protocol):
     protocol = PROTOCOLS[protocol]
