@@ -322,3 +322,22 @@ def test_quick_unisar_table_runs_its_rows_and_both_halves_of_joint_training(
     assert runs == ["SASRec", "SESRec", "UniSAR", "wo_joint_rec", "wo_joint_search"]
     sesrec_row = next(line for line in out.splitlines() if line.split()[:1] == ["SESRec"])
     assert "paper" not in sesrec_row and "(0.3432)" in sesrec_row  # run, beside UniSAR's number
+
+
+def test_a_failing_cell_is_reported_and_the_grid_goes_on(tmp_path, capsys, cache_dir):
+    """One bad cell (here a refused batch size) is one line and an exit status at the
+    end, after the tables; it does not take the other cells down with it."""
+    from sar_exp.tables import grid
+
+    common = ["backbone=mlp", "logger=csv", "trainer.max_epochs=1", *TINY_OVERRIDES,
+              f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    cells = [grid.Run(("bad",), 0, [*common, "data.batch_size=0"], tmp_path / "bad", 1),
+             grid.Run(("good",), 0, common, tmp_path / "good", 1)]  # fmt: skip
+    results = grid.collect(cells, [0])
+    out = capsys.readouterr().out
+    assert "[1/2] bad seed 0: FAILED, ConfigError: data.batch_size must be a positive" in out
+    assert "[2/2] good seed 0: ndcg@5" in out
+    assert list(results) == [("good",)]
+    with pytest.raises(SystemExit, match=r"1 cell\(s\) failed:\n  bad seed 0: ConfigError"):
+        grid.print_and_write("the tables", tmp_path / "tables.txt")
+    assert (tmp_path / "tables.txt").read_text() == "the tables\n"  # written before the exit

@@ -99,9 +99,20 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
+# cells of the last collect() that failed: (key, seed, run_dir, one-line reason)
+FAILED: list[tuple] = []
+
+
 def _run_task(run: Run) -> tuple:
-    metrics = run_one(run)
-    return run.key, run.seed, {**metrics, "length": training_length(run.run_dir, run.monitor)}
+    """(key, seed, metrics or None, why it failed or None): one cell's failure (a bad
+    override, a crash) is reported and the grid goes on with the others."""
+    try:
+        metrics = run_one(run)
+    except Exception as err:  # noqa: BLE001 (any failure of one cell)
+        reason = (str(err).strip().splitlines() or [""])[0]
+        return run.key, run.seed, None, f"{type(err).__name__}: {reason}"[:300]
+    metrics = {**metrics, "length": training_length(run.run_dir, run.monitor)}
+    return run.key, run.seed, metrics, None
 
 
 def collect(grid: list[Run], seeds: list[int], jobs: int = 1, report_only: bool = False,
@@ -114,12 +125,18 @@ def collect(grid: list[Run], seeds: list[int], jobs: int = 1, report_only: bool 
         grid = [run for run in grid if finished_run(run) is not None]
     by_seed: dict = {}
     start = time.time()
+    FAILED.clear()
+    run_dirs = {(run.key, run.seed): run.run_dir for run in grid}
 
-    def report(count: int, key, seed, metrics) -> None:
+    def report(count: int, key, seed, metrics, failure) -> None:
+        where = f"[{count}/{len(grid)}] {' '.join(map(str, key))} seed {seed}:"
+        if failure is not None:
+            FAILED.append((key, seed, run_dirs[(key, seed)], failure))
+            print(f"{where} FAILED, {failure} ({run_dirs[(key, seed)]})", flush=True)
+            return
         by_seed.setdefault(key, {})[seed] = metrics
         value = metrics.get(headline, float("nan"))
-        print(f"[{count}/{len(grid)}] {' '.join(map(str, key))} seed {seed}: "
-              f"{headline.removeprefix('test/')} {value:.4f} ({time.time() - start:.0f}s)",
+        print(f"{where} {headline.removeprefix('test/')} {value:.4f} ({time.time() - start:.0f}s)",
               flush=True)  # fmt: skip
 
     if jobs <= 1:
@@ -209,11 +226,16 @@ def check_table_args(parser, args, all_variants: list[str]) -> None:
 
 
 def print_and_write(text: str, report: Path) -> None:
-    """The rendered tables to the console and (atomically) to `report`."""
+    """The rendered tables to the console and (atomically) to `report`; then, if cells
+    failed, one line each and exit status 1 (their cells show what the other seeds gave)."""
     print("\n" + text)
     report.parent.mkdir(parents=True, exist_ok=True)
     runs.write_atomic(report, text + "\n")
     print(f"\nwritten to {report}")
+    if FAILED:
+        lines = [f"  {' '.join(map(str, key))} seed {seed}: {why} ({run_dir})"
+                 for key, seed, run_dir, why in FAILED]  # fmt: skip
+        raise SystemExit(f"{len(FAILED)} cell(s) failed:\n" + "\n".join(lines))
 
 
 def variants_report(args, all_variants: list[str]) -> Path:
