@@ -34,26 +34,33 @@ def tiny_folder(tmp_path_factory) -> Path:
     )
 
 
+def compose_cfg(*overrides: str, output_dir: Path, cache_dir: Path, tiny: bool = True):
+    """Compose conf/config.yaml with overrides (later ones win), one epoch, CSV logging,
+    writing to output_dir; on the tiny dataset unless tiny=False. For module-scoped
+    fixtures; tests take make_cfg."""
+    GlobalHydra.instance().clear()
+    base = [
+        f"paths.root_dir={REPO}",
+        f"paths.cache_dir={cache_dir}",
+        f"paths.output_dir={output_dir}",
+        "logger=csv",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(
+            "config", overrides=base + (TINY_OVERRIDES if tiny else []) + list(overrides)
+        )
+
+
 @pytest.fixture
 def make_cfg(cache_dir, tmp_path):
     """Compose conf/config.yaml with overrides, on the tiny dataset, writing under tmp_path."""
 
     def _make(*overrides: str, output_dir: Path | None = None, tiny: bool = True):
-        GlobalHydra.instance().clear()
         out = output_dir or tmp_path / "run"
-        base = [
-            f"paths.root_dir={REPO}",
-            f"paths.cache_dir={cache_dir}",
-            f"paths.output_dir={out}",
-            "logger=csv",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "~callbacks.progress_bar",
-        ]
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose(
-                "config", overrides=base + (TINY_OVERRIDES if tiny else []) + list(overrides)
-            )
+        return compose_cfg(*overrides, output_dir=out, cache_dir=cache_dir, tiny=tiny)
 
     yield _make
     GlobalHydra.instance().clear()

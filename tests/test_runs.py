@@ -110,20 +110,13 @@ def test_wandb_gets_the_whole_config_and_a_name_that_says_what_ran(make_cfg, tmp
 
 @pytest.fixture(scope="module")
 def clardrec_checkpoint(tmp_path_factory, cache_dir):
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sar_exp.train import CONFIG_DIR
+    from tests.conftest import compose_cfg
 
     out = tmp_path_factory.mktemp("trained")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"paths.root_dir={REPO}", f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
-            "logger=csv", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-            "~callbacks.progress_bar", "method=clardrec", "backbone=mlp", "protocol=clardrec_cf",
-            *TINY_OVERRIDES,
-        ])  # fmt: skip
+    cfg = compose_cfg("method=clardrec", "backbone=mlp", "protocol=clardrec_cf",
+                      output_dir=out, cache_dir=cache_dir)  # fmt: skip
     metrics = train(cfg)
     GlobalHydra.instance().clear()
     return out / "checkpoints" / "best.ckpt", metrics

@@ -62,23 +62,16 @@ def session_swap_shift(
 @pytest.fixture(scope="module")
 def trained_unisar(tmp_path_factory):
     """UniSAR trained as its table trains it on the embedded data (seed 0)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sar_exp.train import CONFIG_DIR, load_run, train
-    from tests.conftest import REPO
+    from sar_exp.train import load_run, train
+    from tests.conftest import compose_cfg
 
     out = tmp_path_factory.mktemp("unisar_planted")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"paths.root_dir={REPO}", f"paths.cache_dir={out / 'cache'}", f"paths.output_dir={out}",
-            "logger=csv", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-            "method=unisar", "backbone=sasrec", "protocol=unisar_kuaisar",
-            "dataset.protocol.evaluated_tasks=[rec,search]", "optimized_metric=val/mean_ndcg@5",
-            "callbacks.early_stopping.patience=5", "trainer.max_epochs=20", "seed=0",
-        ])  # fmt: skip
-    GlobalHydra.instance().clear()
+    cfg = compose_cfg(
+        "method=unisar", "backbone=sasrec", "protocol=unisar_kuaisar",
+        "dataset.protocol.evaluated_tasks=[rec,search]", "optimized_metric=val/mean_ndcg@5",
+        "callbacks.early_stopping.patience=5", "trainer.max_epochs=20", "seed=0",
+        output_dir=out, cache_dir=out / "cache", tiny=False,
+    )  # fmt: skip
     train(cfg)
     dm, model = load_run(out)
     topic = dm.lookup_tables()["item_attributes"][:, dm.item_attributes.index(TOPIC_ATTRIBUTE)]
