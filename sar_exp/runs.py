@@ -189,16 +189,19 @@ def config_changes(output_dir: Path, cfg: DictConfig) -> list[tuple[str, object,
 
 def _defaults_of_new_keys(cfg: DictConfig) -> dict[str, object]:
     """The code's defaults of the settings a later release may add: the protocol's fields
-    (dataset.protocol.*) and the method's constructor arguments (method.module.*)."""
+    (dataset.protocol.*), the embedded generator's knobs (dataset.synthetic.*) and the
+    method's constructor arguments (method.module.*)."""
     import dataclasses
     import inspect
 
     from hydra.utils import get_class
 
+    from sar_exp.data.synthetic import SyntheticConfig
     from sar_exp.data.views import Protocol
 
-    out = {f"dataset.protocol.{f.name}": f.default for f in dataclasses.fields(Protocol)
-           if f.default is not dataclasses.MISSING}  # fmt: skip
+    out = {f"dataset.{section}.{f.name}": f.default
+           for section, fields in (("protocol", Protocol), ("synthetic", SyntheticConfig))
+           for f in dataclasses.fields(fields) if f.default is not dataclasses.MISSING}  # fmt: skip
     target = OmegaConf.select(cfg, "method.module._target_")
     if target:
         try:

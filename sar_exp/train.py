@@ -24,6 +24,9 @@ OmegaConf.register_new_resolver(
 OmegaConf.register_new_resolver(
     "sar_monitor", lambda task: "val/auc" if task == "ctr" else "val/ndcg@10", replace=True
 )
+OmegaConf.register_new_resolver(
+    "sar_if_ctr", lambda task, value: value if task == "ctr" else 0.0, replace=True
+)
 OmegaConf.register_new_resolver("sar_eq", lambda a, b: str(a) == str(b), replace=True)
 OmegaConf.register_new_resolver("sar_run_name", runs.run_name, replace=True)
 OmegaConf.register_new_resolver("sar_run_dir", runs.run_dir, replace=True, use_cache=True)

@@ -11,6 +11,10 @@ each with a knob (README, "The embedded dataset"):
 * transitions: a search on a topic raises that topic's share in the rec exposures of the
   next `transition_window_hours` (`transition_boost`); a rec click triggers a related
   search with probability `trigger_prob`.
+* skipped exposures: each rec request also shows about `skipped_per_request` items of
+  any topic, which the user skips unless the click model above would click them (those
+  are not written), so a rec impression's click depends on the user's interests and
+  style as a CTR model can learn it (`task=ctr`; QueryRec's Table 4).
 * shown-but-not-clicked search results, sessions without a click (`search_click_bias`),
   search-only items of types the recommender never shows (`search_only_share`), and
   rec items sent together sharing one timestamp (`max_exposure_size`).
@@ -62,6 +66,12 @@ class SyntheticConfig:
     trigger_prob: float = 0.3
     search_click_bias: float = -2.9
     rec_click_bias: float = -1.4
+    # Poisson mean of the extra items a rec request shows that the user skips; drawn
+    # from their own random stream, so every other table is the same at any value.
+    # conf/dataset/synthetic.yaml sets 2.0 under task=ctr and keeps 0 for ranking: the
+    # skipped items would join the rec item pools of the k-core protocols (sesrec,
+    # unisar_kuaisar) and so move their stored negatives
+    skipped_per_request: float = 0.0
     caption_words: int = 3  # words of an item's caption, from its topic's vocabulary
     seed: int = 0
 
@@ -216,6 +226,9 @@ def generate(cfg: SyntheticConfig) -> dict[str, pl.DataFrame]:
         + rng.normal(0, 0.5, r_user.size)
     )
     r_click = (rng.random(r_user.size) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    skipped = _skipped_exposures(
+        cfg, q_user, q_time, r_item, item_topic, item_style, user_rec_topics, user_style
+    )
 
     # Transition rec -> search: a triggered session searches the last clicked rec topic.
     clicked = np.flatnonzero(r_click == 1)
@@ -251,8 +264,38 @@ def generate(cfg: SyntheticConfig) -> dict[str, pl.DataFrame]:
         cfg, rng, n_all, item_topic, item_author, topic_words,
         r_user, r_item, r_time, r_click,
         s_user, s_time, s_source, words, n_words,
-        sh_session, sh_item, sh_click,
+        sh_session, sh_item, sh_click, skipped,
     )  # fmt: skip
+
+
+def _skipped_exposures(cfg, q_user, q_time, r_item, item_topic, item_style, user_rec_topics,
+                       user_style) -> dict[str, np.ndarray]:  # fmt: skip
+    """Items a request also showed and the user skipped: uniform over the items the
+    recommender shows (so the rec item pool stays as it is), each kept when the rec
+    click model (interest and style, no transition) draws no click. Clicks depend on
+    the user's preferences among everything shown, which a CTR model can learn; the
+    ones it would have clicked are not written, so the click data every ranking view
+    reads stays the same. Its own random stream keeps every other draw unchanged."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    count = rng.poisson(cfg.skipped_per_request, q_user.size)
+    user, time = np.repeat(q_user, count), np.repeat(q_time, count)
+    shown = np.unique(r_item)
+    item = shown[rng.integers(0, shown.size, user.size)]
+    in_interest = (user_rec_topics[user] == item_topic[item][:, None]).any(axis=1)
+    logit = (
+        cfg.rec_click_bias
+        + cfg.topic_weight * in_interest
+        + cfg.style_weight * (item_style[item] == user_style[user])
+        + rng.normal(0, 0.5, user.size)
+    )
+    skip = rng.random(user.size) >= 1 / (1 + np.exp(-logit))
+    return {
+        "user": user[skip],
+        "item": item[skip],
+        "time": time[skip],
+        "duration_ms": rng.integers(5_000, 60_000, user.size)[skip],
+        "playing_time": rng.integers(0, 3_000, user.size)[skip],  # skipped: short views
+    }
 
 
 def _beijing_time(ms: pl.Expr) -> pl.Expr:
@@ -267,7 +310,7 @@ def _as_kuaisar_tables(
     cfg, rng, n_all, item_topic, item_author, topic_words,
     r_user, r_item, r_time, r_click,
     s_user, s_time, s_source, words, n_words,
-    sh_session, sh_item, sh_click,
+    sh_session, sh_item, sh_click, skipped,
 ):  # fmt: skip
     raw_user = 10_000_000 + 13 * rng.permutation(cfg.n_users)
     raw_item = 103_656_000_000 + 1_009 * rng.permutation(n_all)
@@ -287,7 +330,24 @@ def _as_kuaisar_tables(
             "search": (rng.random(r_user.size) < 0.02).astype(np.int8),
             "click": r_click,
         }
-    ).with_columns(time=_beijing_time(pl.col("timestamp").cast(pl.Int64)))
+    )
+    n_skipped = skipped["user"].size
+    no = np.zeros(n_skipped, np.int8)
+    rec_skipped = pl.DataFrame(
+        {
+            "user_id": raw_user[skipped["user"]],
+            "item_id": raw_item[skipped["item"]],
+            "duration_ms": skipped["duration_ms"],
+            "playing_time": skipped["playing_time"],
+            "timestamp": (START_MS + skipped["time"]).astype(np.float64),
+            **dict.fromkeys(["forward", "like", "follow", "search_item_related", "search"], no),
+            "click": no,
+        }
+    )
+    # after the drawn exposures, so their rows keep their order within a request
+    rec = pl.concat([rec, rec_skipped]).with_columns(
+        time=_beijing_time(pl.col("timestamp").cast(pl.Int64))
+    )
 
     query_words = [w[:n].tolist() for w, n in zip(words, n_words)]
     sessions = pl.DataFrame(
@@ -326,6 +386,7 @@ def _as_kuaisar_tables(
         )  # fmt: skip
     )
 
+    # activity levels count the drawn exposures, so they do not move with the skipped ones
     rec_counts = np.bincount(r_user, minlength=cfg.n_users)
     search_counts = np.bincount(s_user, minlength=cfg.n_users)
     users = pl.DataFrame(

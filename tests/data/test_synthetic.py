@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from sar_exp.data.kuaisar import REC_COLUMNS, SEARCH_COLUMNS
@@ -99,3 +100,106 @@ def test_search_transitions_raise_topic_share():
         return (joined["topic"] == joined["search_topic"]).mean()
 
     assert share_following_search(0.6) > share_following_search(0.0) + 0.1
+
+
+def _rank_auc(score: np.ndarray, label: np.ndarray) -> float:
+    """AUC of `score` for binary `label` (ties count half), by the rank-sum formula."""
+    ranks = pl.Series(score).rank("average").to_numpy()
+    positives = label == 1
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _topic_familiarity_auc(skipped_per_request: float) -> float:
+    """How well "the share of the user's rec clicks on this impression's topic"
+    separates clicked from unclicked rec impressions: what a CTR model can learn."""
+    tables = generate(make_config("small", skipped_per_request=skipped_per_request))
+    items = tables["item_features"].select("item_id", topic="first_level_category_id")
+    rec = tables["rec_inter"].join(items, on="item_id", maintain_order="left")
+    clicks = rec.filter(pl.col("click") == 1)
+    share = (
+        clicks.group_by("user_id", "topic")
+        .len()
+        .with_columns(share=pl.col("len") / pl.col("len").sum().over("user_id"))
+    )
+    scored = rec.join(share, on=["user_id", "topic"], how="left").with_columns(
+        pl.col("share").fill_null(0.0)
+    )
+    return _rank_auc(scored["share"].to_numpy(), scored["click"].to_numpy())
+
+
+def test_skipped_exposures_make_rec_clicks_predictable():
+    """The CTR signal: without skipped exposures nearly every rec impression is of
+    the user's own topics, so whether it is clicked hardly depends on the topic; with
+    them (task=ctr's default, 2 a request) the topic separates clicks clearly."""
+    without, with_skips = _topic_familiarity_auc(0.0), _topic_familiarity_auc(2.0)
+    assert without < 0.65  # 0.62: the share counts the impression's own click
+    assert with_skips > 0.78  # 0.80
+
+
+def test_skipped_exposures_leave_the_click_data_unchanged():
+    """They are drawn from their own stream and written after the drawn exposures, so
+    the ranking views, which read clicks, see the same data at any value."""
+    plain = generate(make_config("small", **TINY))
+    skips = generate(make_config("small", **{**TINY, "skipped_per_request": 3.0}))
+    n = plain["rec_inter"].height
+    assert skips["rec_inter"].height > n
+    assert skips["rec_inter"].head(n).equals(plain["rec_inter"])
+    assert skips["rec_inter"].tail(-n)["click"].sum() == 0
+    shown = set(plain["rec_inter"]["item_id"].to_list())
+    assert set(skips["rec_inter"]["item_id"].to_list()) == shown
+    for name in ("src_inter", "user_features", "item_features", "social_network"):
+        assert skips[name].equals(plain[name]), name
+
+
+def test_skipped_exposures_only_under_the_ctr_task(make_cfg):
+    assert make_cfg("task=ctr").dataset.synthetic.skipped_per_request == 2.0
+    assert make_cfg().dataset.synthetic.skipped_per_request == 0.0
+    cfg = make_cfg("task=ctr", "dataset.synthetic.skipped_per_request=1")
+    assert cfg.dataset.synthetic.skipped_per_request == 1
+
+
+def test_searches_predict_the_topic_of_the_next_rec_click():
+    """QueryRec's next-item signal: the first rec click after a spontaneous search is
+    on the query's topic more often when the search->rec transition is planted."""
+
+    def share(boost):
+        cfg = make_config("small", transition_boost=boost)
+        tables = generate(cfg)
+        items = tables["item_features"].select("item_id", topic="first_level_category_id")
+        clicks = (
+            tables["rec_inter"].filter(pl.col("click") == 1)
+            .join(items, on="item_id").select("user_id", "timestamp", "topic")
+            .sort("user_id", "timestamp")
+        )  # fmt: skip
+        searches = (
+            tables["src_inter"].unique("search_session_id")
+            .filter(pl.col("search_source") != "RECOMMEND_QUERY")
+            .with_columns(word=pl.col("keyword").str.extract(r"\[(\d+)").cast(pl.Int64))
+            .select("user_id", ts="search_session_timestamp",
+                    query_topic=(pl.col("word") - 1) // cfg.words_per_topic + 1)
+            .sort("user_id", "ts")
+        )  # fmt: skip
+        nxt = searches.join_asof(
+            clicks, left_on="ts", right_on="timestamp", by="user_id", strategy="forward"
+        ).drop_nulls("topic")
+        return (nxt["topic"] == nxt["query_topic"]).mean()
+
+    assert share(0.4) > share(0.0) + 0.05
+
+
+def test_unclicked_search_results_name_the_query_topic():
+    """What QueryRec's diffusion exploits: a query without clicks still has shown
+    items, and they are of the query's topic (chance: 1 in n_topics)."""
+    cfg = make_config("small")
+    tables = generate(cfg)
+    items = tables["item_features"].select("item_id", topic="first_level_category_id")
+    shown = (
+        tables["src_inter"].join(items, on="item_id")
+        .with_columns(word=pl.col("keyword").str.extract(r"\[(\d+)").cast(pl.Int64))
+        .with_columns(clicked=pl.col("click_cnt").max().over("search_session_id"))
+    )  # fmt: skip
+    unclicked_sessions = shown.filter(pl.col("clicked") == 0)
+    assert unclicked_sessions["search_session_id"].n_unique() > 1000
+    query_topic = (unclicked_sessions["word"] - 1) // cfg.words_per_topic + 1
+    assert (unclicked_sessions["topic"] == query_topic).mean() > 0.95
