@@ -15,6 +15,10 @@ each with a knob (README, "The embedded dataset"):
   any topic, which the user skips unless the click model above would click them (those
   are not written), so a rec impression's click depends on the user's interests and
   style as a CTR model can learn it (`task=ctr`; QueryRec's Table 4).
+* search appeal: some items are clicked more than others whenever a search shows them
+  (`search_appeal_weight`, an item's appeal times it on the search click's logit), so a
+  query's shown-but-unclicked results point at its topic's appealing items (what
+  QueryRec's diffusion step can find; on under `task=ctr` only, like skipped exposures).
 * shown-but-not-clicked search results, sessions without a click (`search_click_bias`),
   search-only items of types the recommender never shows (`search_only_share`), and
   rec items sent together sharing one timestamp (`max_exposure_size`).
@@ -72,6 +76,9 @@ class SyntheticConfig:
     # skipped items would join the rec item pools of the k-core protocols (sesrec,
     # unisar_kuaisar) and so move their stored negatives
     skipped_per_request: float = 0.0
+    # weight of an item's appeal (standard normal, own random stream) on the search click
+    # logit; 0 keeps every search click as it was (conf: 1.5 under task=ctr, else 0)
+    search_appeal_weight: float = 0.0
     caption_words: int = 3  # words of an item's caption, from its topic's vocabulary
     seed: int = 0
 
@@ -253,9 +260,12 @@ def generate(cfg: SyntheticConfig) -> dict[str, pl.DataFrame]:
         from_search_only, search_only_items.sample(rng, sh_topic), rec_items.sample(rng, sh_topic)
     )
     sh_user = s_user[sh_session]
+    # appeal from its own stream: at weight 0 every draw of `rng` stays as it was
+    item_appeal = np.random.default_rng([cfg.seed, 2]).normal(0, 1, n_all)
     sh_logit = (
         cfg.search_click_bias
         + cfg.style_weight * (item_style[sh_item] == user_style[sh_user])
+        + cfg.search_appeal_weight * item_appeal[sh_item]
         + rng.normal(0, 0.5, sh_session.size)
     )
     sh_click = (rng.random(sh_session.size) < 1 / (1 + np.exp(-sh_logit))).astype(np.int8)
