@@ -208,7 +208,12 @@ def _reader(source: str, options: dict):
             return amazon.read_amazon(folder, category, queries, seed)
 
         return read, lambda folder: amazon.source_files(folder, category, queries), amazon
-    return read_kuaisar, source_files, kuaisar
+    release = options.get("release", "full")
+
+    def read_kuaisar_release(folder, user_attributes, item_attributes):
+        return read_kuaisar(folder, user_attributes, item_attributes, release=release)
+
+    return read_kuaisar_release, source_files, kuaisar
 
 
 def load_canonical(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from sar_exp.errors import DataError
+from sar_exp.errors import ConfigError, DataError
 
 REC_FILE = "rec_inter.csv"
 SEARCH_FILE = "src_inter.csv"
@@ -209,18 +209,35 @@ def read_social(folder: Path) -> pl.DataFrame | None:
     )
 
 
+# KuaiSAR-small (QueryRec 5.1) is the release that ends on 2023-05-31 (Beijing time):
+# the events before 2023-06-01 00:00 there, in ms since the epoch
+SMALL_RELEASE_END_MS = 1_685_548_800_000
+RELEASES = ("full", "small")
+
+
 def read_kuaisar(
-    folder: str | Path, user_attributes: list[str], item_attributes: list[str]
-) -> KuaiSARRaw:
-    """Read and validate the five KuaiSAR CSVs from `folder`."""
+    folder: str | Path, user_attributes: list[str], item_attributes: list[str],
+    release: str = "full",
+) -> KuaiSARRaw:  # fmt: skip
+    """Read and validate the five KuaiSAR CSVs from `folder`. Either release reads as it
+    is; release="small" also cuts a full release's events at the small one's end (on
+    the small release itself it removes nothing)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(
             f"dataset folder {folder} does not exist (set dataset.path to the unzipped KuaiSAR folder)"
         )
+    if release not in RELEASES:
+        raise ConfigError(
+            f"dataset.reader.release must be one of {list(RELEASES)}, got {release!r}"
+        )
+    rec, search = read_rec(folder), read_search(folder)
+    if release == "small":
+        rec = rec.filter(pl.col("timestamp") < SMALL_RELEASE_END_MS)
+        search = search.filter(pl.col("timestamp") < SMALL_RELEASE_END_MS)
     return KuaiSARRaw(
-        rec=read_rec(folder),
-        search=read_search(folder),
+        rec=rec,
+        search=search,
         users=read_users(folder, user_attributes),
         items=read_items(folder, item_attributes),
         social=read_social(folder),

@@ -139,3 +139,25 @@ def test_preprocessing_reports_its_stages(folder, tmp_path, capsys):
     assert "[sar_exp] building canonical tables (" in err and "rec rows" in err and "done in" in err
     load_canonical(folder, tmp_path / "cache", USER_ATTRS, ITEM_ATTRS)
     assert capsys.readouterr().err == ""  # from the cache: nothing to report
+
+
+def test_small_release_cuts_a_full_release_at_its_end(folder, tmp_path):
+    """KuaiSAR-small (QueryRec 5.1) ends on 2023-05-31: release=small keeps the events
+    before 2023-06-01 00:00 Beijing time, through the reader option the config passes."""
+    from sar_exp.data.kuaisar import SMALL_RELEASE_END_MS
+    from sar_exp.errors import ConfigError
+
+    full = read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+    small = read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS, release="small")
+    assert full.rec["timestamp"].max() >= SMALL_RELEASE_END_MS  # the embedded data run to 06-10
+    assert small.rec["timestamp"].max() < SMALL_RELEASE_END_MS
+    assert small.search["timestamp"].max() < SMALL_RELEASE_END_MS
+    assert 0 < small.rec.height < full.rec.height
+    # 2023-06-01 00:00 in Beijing is 2023-05-31 16:00 UTC
+    assert SMALL_RELEASE_END_MS == 1_685_548_800_000
+    cut = load_canonical(
+        folder, tmp_path, USER_ATTRS, ITEM_ATTRS, reader_options={"release": "small"}
+    )
+    assert cut.rec.height == small.rec.height
+    with pytest.raises(ConfigError, match="dataset.reader.release must be one of"):
+        read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS, release="medium")
