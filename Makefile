@@ -57,6 +57,12 @@ table-clardrec: ## ClardRec Table 1 + 2 over seeds beside the paper's numbers (D
 table-unisar: ## UniSAR Table 3 + 4 + 5 over seeds beside the paper's numbers (DATASET=, DATA=, SEEDS=, JOBS=, THREADS=, QUICK=1, VARIANTS=)
 	$(PYTHON) -m sar_exp.tables.unisar --dataset $(DATASET) $(if $(DATA),--data $(DATA)) --seeds $(SEEDS) --jobs $(JOBS) --threads $(THREADS) $(if $(QUICK),--quick) $(if $(VARIANTS),--variants $(VARIANTS))
 
+# QueryRec's Table 4 and 5 (task=ctr). DATASET=kuaisar DATA=DIR RELEASE=small|large for
+# the real data; the other switches as for table-clardrec.
+.PHONY: table-queryrec
+table-queryrec: ## QueryRec Table 4 + 5 over seeds beside the published numbers (DATASET=, DATA=, RELEASE=, SEEDS=, JOBS=, THREADS=, QUICK=1, VARIANTS=)
+	$(PYTHON) -m sar_exp.tables.queryrec --dataset $(DATASET) $(if $(DATA),--data $(DATA)) $(if $(RELEASE),--release $(RELEASE)) --seeds $(SEEDS) --jobs $(JOBS) --threads $(THREADS) $(if $(QUICK),--quick) $(if $(VARIANTS),--variants $(VARIANTS))
+
 # SESRec's Table 2, 3 and 4. DATASET=kuaisar|amazon DATA=DIR for the real data; the
 # other switches as for table-clardrec (VARIANTS="SASRec SESRec base plus_ali" runs part of it).
 .PHONY: table-sesrec

@@ -259,7 +259,7 @@ def test_quick_sesrec_table_prints_tables_2_to_4_with_whose_numbers_they_are(
     assert "name: sesrec" in config and "train_negatives: popularity" in config
 
 
-@pytest.mark.parametrize("table", ["sesrec", "unisar"])
+@pytest.mark.parametrize("table", ["sesrec", "unisar", "queryrec"])
 def test_every_variant_of_a_table_composes(table):
     """Each row's overrides compose (a flag missing from the method's config would only
     fail when the grid reaches that row) and the rows with their own flags set them."""
@@ -267,13 +267,13 @@ def test_every_variant_of_a_table_composes(table):
 
     from omegaconf import OmegaConf
 
-    from sar_exp.tables import grid, sesrec, unisar
+    from sar_exp.tables import grid, queryrec, sesrec, unisar
 
-    module = {"sesrec": sesrec, "unisar": unisar}[table]
+    module = {"sesrec": sesrec, "unisar": unisar, "queryrec": queryrec}[table]
     args = argparse.Namespace(dataset="synthetic", data=None, max_epochs=3, quick=False,
-                              threads=grid.DEFAULT_THREADS)  # fmt: skip
+                              threads=grid.DEFAULT_THREADS, release="small")  # fmt: skip
     for name in module.ALL_VARIANTS:
-        if table == "sesrec":
+        if table in ("sesrec", "queryrec"):
             runs = [module.cell_overrides(name, args)]
         else:
             runs = [overrides for _, overrides, _ in module.cell_runs(name, args)]

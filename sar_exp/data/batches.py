@@ -81,6 +81,7 @@ class BatchAssembler:
         full_ranking_exclusions: bool = False,
         seed: int = 0,
         rank: int = 0,
+        extras=None,
     ):
         to_tensor = _as_tensor
         self.samples = {k: to_tensor(v) for k, v in view.split(task, split).items()}
@@ -107,6 +108,8 @@ class BatchAssembler:
         self.interleaved = interleaved
         self.full_ranking_exclusions = full_ranking_exclusions and split != "train"
         self.seed, self.rank = seed, rank
+        # a method's own per-batch draws (QueryRec's): extras(batch, index, epoch, number)
+        self.extras = extras
 
     def __len__(self) -> int:
         return int(self.samples["user"].numel())
@@ -159,6 +162,8 @@ class BatchAssembler:
             batch.update(self._interleaved(s, c, index))
         if self.full_ranking_exclusions:
             batch["exclude_items"] = self._user_clicks(batch["user"])
+        if self.extras is not None:
+            self.extras(batch, index, epoch, batch_number)
         return batch
 
     def _train_negatives(

@@ -49,6 +49,7 @@ class SARDataModule(pl.LightningDataModule):
         seed: int = 0,
         reader_options: dict | None = None,
         scores: list[str] | tuple[str, ...] = ("rec",),
+        queryrec: dict | None = None,
     ):
         super().__init__()
         if batch_size is None or int(batch_size) <= 0:
@@ -88,6 +89,12 @@ class SARDataModule(pl.LightningDataModule):
         self.companion_batch_sizes = dict(companion_batch_sizes or {})
         self.interleaved, self.full_ranking, self.seed = interleaved, full_ranking, seed
         self.view: View | None = None
+        # QueryRec's per-batch training extras (method.queryrec_data), and the query
+        # positive sets they draw from (the view's clicked lists, or extended by diffusion)
+        self.queryrec = dict(queryrec) if queryrec else None
+        if self.queryrec is not None and view != "ctr":
+            raise ConfigError("method=queryrec needs task=ctr (QueryRec is a CTR model)")
+        self.query_positives = None
 
     # ------------------------------------------------------------ building
     def dataset_folder(self) -> Path:
@@ -112,7 +119,20 @@ class SARDataModule(pl.LightningDataModule):
                 raise ConfigError(
                     f"the {self.view_name} view has no {self.main_task!r} task; it has {self.view.task_names()}"
                 )
+            if self.queryrec is not None:
+                self.query_positives = self._query_positives(self.view)
         return self.view
+
+    def _query_positives(self, view: View) -> tuple[torch.Tensor, torch.Tensor]:
+        """I_q+ per query as CSR tensors: clicked before the cut-off, plus the
+        diffusion model's top-K when `diffusion` is on (trained once, cached)."""
+        arrays = {"offsets": view["query_clicked_offsets"], "items": view["query_clicked_items"]}
+        if self.queryrec.get("diffusion"):
+            from sar_exp.methods.queryrec_diffusion import DiffusionSettings, cached_augmentation
+
+            settings = DiffusionSettings(**self.queryrec["diffusion"])
+            arrays = cached_augmentation(view, settings, self.seed, self.cache_dir)
+        return torch.from_numpy(arrays["offsets"]).long(), torch.from_numpy(arrays["items"]).long()
 
     def prepare_data(self) -> None:
         self.load()  # builds and caches on the first process; the others read the cache
@@ -155,7 +175,7 @@ class SARDataModule(pl.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _assembler(self, task: str, split: str, rank: int = 0) -> BatchAssembler:
-        return BatchAssembler(
+        assembler = BatchAssembler(
             self.load(),
             task,
             split,
@@ -165,6 +185,16 @@ class SARDataModule(pl.LightningDataModule):
             seed=self.seed,
             rank=rank,
         )
+        if self.queryrec is not None and split == "train":
+            from sar_exp.data.queryrec_batches import QueryRecExtras
+
+            q = self.queryrec
+            assembler.extras = QueryRecExtras(
+                assembler.samples, assembler.context, q["next_positives"], q["next_negatives"],
+                self.query_positives, q["query_positives"], q["contrast_negatives"],
+                int(self.load().meta["num_items"]), seed=self.seed, rank=rank,
+            )  # fmt: skip
+        return assembler
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, task: str | None = None):
         task = task or self.main_task

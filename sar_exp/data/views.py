@@ -728,7 +728,12 @@ def _ctr(view, frames, protocol, rng):
     search = _strictly_before(frames["search"], cutoff)
     n_queries = int(view["query_words"].shape[0])
     pos = search.filter(pl.col("clicked") == 1).unique(["query", "item"], maintain_order=True)
-    neg = search.filter(pl.col("clicked") == 0).unique(["query", "item"], maintain_order=True)
+    # I_q- (QueryRec 4.2): shown under q and clicked under q by no one, so disjoint from I_q+
+    neg = (
+        search.filter(pl.col("clicked") == 0)
+        .unique(["query", "item"], maintain_order=True)
+        .join(pos.select("query", "item"), on=["query", "item"], how="anti", maintain_order="left")
+    )
     view["query_clicked_offsets"], view["query_clicked_items"] = _csr(
         pos["query"].to_numpy(), pos["item"].to_numpy(), n_queries
     )

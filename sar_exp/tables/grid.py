@@ -247,9 +247,10 @@ def variants_report(args, all_variants: list[str]) -> Path:
 
 
 def variants_main(table: str, doc: str, all_variants: list[str], example: str, collect, tables,
-                  argv=None) -> None:  # fmt: skip
-    """The command line of a table whose rows are chosen with --variants (UniSAR, SESRec):
-    parse, check, run or reuse the cells, print and write the tables."""
+                  argv=None, extra_arguments=None) -> None:  # fmt: skip
+    """The command line of a table whose rows are chosen with --variants (UniSAR, SESRec,
+    QueryRec): parse, check, run or reuse the cells, print and write the tables.
+    `extra_arguments(parser)` adds a table's own options."""
     parser = argparse.ArgumentParser(
         prog=f"python -m sar_exp.tables.{table}", description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -257,6 +258,8 @@ def variants_main(table: str, doc: str, all_variants: list[str], example: str, c
     add_common_arguments(parser, f"outputs/tables/{table}", ["synthetic", "kuaisar", "amazon"])
     parser.add_argument("--variants", nargs="+", default=all_variants,
                         help=f"rows to run, e.g. {example}")  # fmt: skip
+    if extra_arguments is not None:
+        extra_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     check_table_args(parser, args, all_variants)
     quiet_lightning()

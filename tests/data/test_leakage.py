@@ -293,3 +293,38 @@ def test_unisar_training_steps_read_nothing_from_a_heldout_event(make_cfg, proto
             assert (rows["interleaved_time"][valid].numpy() < first[owner]).all(), task
             seen[task] += int(valid.sum())
     assert seen["rec"] > 0 and seen["search"] > 0
+
+
+@pytest.mark.parametrize("protocol", ["default", "both_histories", "time_split"])
+def test_queryrec_future_lists_stop_at_the_training_cutoff(tables, protocol):
+    """QueryRec's next-item lists r+_{u,t} and r-_{u,t} hold future impressions: every
+    one drawn for a training sample is the same user's, strictly after the sample and
+    strictly before the user's first held-out request, and clicked (r+) or not (r-)."""
+    from sar_exp.data.batches import BatchAssembler
+    from sar_exp.data.queryrec_batches import QueryRecExtras
+
+    view = build_view(tables, "ctr", PROTOCOLS[protocol])
+    _, first = _heldout(view, "rec")
+    assembler = BatchAssembler(view, "rec", "train")
+    clicked = view["query_clicked_offsets"], view["query_clicked_items"]
+    assembler.extras = QueryRecExtras(
+        assembler.samples, assembler.context, 8, 8,
+        tuple(torch.from_numpy(a).long() for a in clicked), 4, 16,
+        int(view.meta["num_items"]),
+    )  # fmt: skip
+    train = view.split("rec", "train")
+    times: dict[tuple, list] = {}  # (user, item, label) -> training impression times
+    for u, i, t, y in zip(train["user"], train["item"], train["time"], train["label"]):
+        times.setdefault((u, i, y), []).append(t)
+    batch = assembler(torch.arange(len(assembler)))
+    user, time = train["user"], train["time"]
+    checked = 0
+    for kind, label in (("positive", 1.0), ("negative", 0.0)):
+        items = batch[f"next_{kind}"].numpy()
+        rows, cols = np.nonzero(batch[f"next_{kind}_mask"].numpy())
+        assert rows.size > 0
+        for r, c in zip(rows, cols):
+            later = [t for t in times.get((user[r], items[r, c], label), []) if t > time[r]]
+            assert later and min(later) < first[user[r]], (kind, r)
+            checked += 1
+    assert checked > 1000

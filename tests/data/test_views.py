@@ -137,6 +137,13 @@ def test_ctr_view_keeps_labels_and_query_item_lists(tables):
     offsets, items = view["query_clicked_offsets"], view["query_clicked_items"]
     assert offsets[-1] == items.size and (np.diff(offsets) >= 0).all()
     assert view["query_unclicked_items"].size > 0
+    # I_q- is what was shown under q and clicked under q by no one (QueryRec 4.2)
+    un_offsets, unclicked = view["query_unclicked_offsets"], view["query_unclicked_items"]
+    clicked_pairs = set(zip(np.repeat(np.arange(offsets.size - 1), np.diff(offsets)), items))
+    unclicked_pairs = set(
+        zip(np.repeat(np.arange(un_offsets.size - 1), np.diff(un_offsets)), unclicked)
+    )
+    assert clicked_pairs and unclicked_pairs and not clicked_pairs & unclicked_pairs
 
 
 def test_bad_protocol_values_are_named():
