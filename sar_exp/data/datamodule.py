@@ -127,7 +127,7 @@ class SARDataModule(pl.LightningDataModule):
         """I_q+ per query as CSR tensors: clicked before the cut-off, plus the
         diffusion model's top-K when `diffusion` is on (trained once, cached)."""
         arrays = {"offsets": view["query_clicked_offsets"], "items": view["query_clicked_items"]}
-        if self.queryrec.get("diffusion"):
+        if self.queryrec.get("use_diffusion"):
             from sar_exp.methods.queryrec_diffusion import DiffusionSettings, cached_augmentation
 
             settings = DiffusionSettings(**self.queryrec["diffusion"])

@@ -7,7 +7,7 @@
 * Query-item contrast (Eq. 15): q^t, the user's last query before t; members of its
   positive set I_q+ (the view's clicked lists, or those lists extended by diffusion,
   both built from search events before their user's cut-off); and items drawn from the
-  whole item set for the denominator.
+  whole item set for the denominator, with a mask leaving out every member of I_q+.
 Every draw is seeded by (run seed, rank, epoch, batch), like the training negatives.
 """
 
@@ -40,6 +40,12 @@ class QueryRecExtras:
         self.query_positives, self.per_row = query_positives, per_row
         self.contrast_negatives, self.num_items = contrast_negatives, num_items
         self.seed, self.rank = seed, rank
+        # (query, item) keys of every I_q+, sorted: Eq. 15's denominator leaves them out
+        self.positive_keys = None
+        if query_positives is not None:
+            offsets, items = query_positives
+            owner = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+            self.positive_keys = torch.sort((owner << 32) | items).values
         # training impressions by (user, time): the clicked ones and the skipped ones
         key = (samples["user"] << TIME_BITS) | samples["time"]
         clicked = samples["label"] > 0.5
@@ -80,6 +86,17 @@ class QueryRecExtras:
                 valid, items[pick.clamp(max=max(items.numel() - 1, 0))], 0
             )
             batch["query_positive_mask"] = valid
-            batch["contrast_negatives"] = torch.randint(
+            negatives = torch.randint(
                 1, self.num_items + 1, (self.contrast_negatives,), generator=generator
             )
+            batch["contrast_negatives"] = negatives
+            batch["contrast_negative_mask"] = ~self._in_positive_set(last, negatives)
+
+    def _in_positive_set(self, query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[B, N]: whether items[n] is in I_q+ of query[b]."""
+        keys = self.positive_keys
+        if keys.numel() == 0:
+            return torch.zeros(query.numel(), items.numel(), dtype=torch.bool)
+        wanted = (query[:, None] << 32) | items[None, :]
+        found = torch.searchsorted(keys, wanted).clamp(max=keys.numel() - 1)
+        return keys[found] == wanted

@@ -31,6 +31,7 @@ import polars as pl
 from sar_exp.data import filters
 from sar_exp.data.cache import cache_key, cached_folder, code_fingerprint
 from sar_exp.data.canonical import CanonicalTables
+from sar_exp.data.kuaisar import FEEDBACK_COLUMNS
 from sar_exp.data.progress import stage
 from sar_exp.errors import ConfigError, DataError
 
@@ -518,6 +519,8 @@ def _sample_arrays(frame: pl.DataFrame, with_query: bool = False, with_label: bo
         arrays["query"] = frame["query"].to_numpy().astype(np.int32)
     if with_label:
         arrays["label"] = frame["click"].to_numpy().astype(np.float32)
+        for name in FEEDBACK_COLUMNS:  # the other feedback labels (PLE's tasks)
+            arrays[f"label_{name}"] = frame[name].to_numpy().astype(np.float32)
     return arrays
 
 
@@ -725,6 +728,8 @@ def _ctr(view, frames, protocol, rng):
     # search events before their user's first held-out rec request only: the lists
     # train the model, so a later search must not reveal what the user is tested on.
     cutoff = _first_heldout_time(arrays["user"], arrays["time"], split, _num_users(view))
+    if protocol.split == "time":  # held out by day: no one's searches from those days count,
+        cutoff = np.minimum(cutoff, cutoff.min())  # users without a held-out request too
     search = _strictly_before(frames["search"], cutoff)
     n_queries = int(view["query_words"].shape[0])
     pos = search.filter(pl.col("clicked") == 1).unique(["query", "item"], maintain_order=True)

@@ -10,8 +10,8 @@ with a comment and listed in the README.
   rec after t and away from the ones shown after t and not clicked: L_2.
 * Query-item contrast (Eq. 15) with s(q, i) = tanh(e_q^T W e_i) and temperature beta,
   over I_q+ of the user's last query q^t; the denominator's "all other items" are
-  sampled (`contrast_negatives` a batch, uniform over the item set, those equal to a
-  row's drawn positive left out): L_3. With `use_diffusion`, I_q+ is extended by the
+  sampled (`contrast_negatives` a batch, uniform over the item set, the members of the
+  row's I_q+ left out): L_3. With `use_diffusion`, I_q+ is extended by the
   diffusion model's top-K (queryrec_diffusion.py), queries without clicks included;
   without it a query with an empty I_q+ is masked (Sec. 5.6).
 * Eq. 16: L = L_1 + lambda_2 L_2 + lambda_3 L_3.
@@ -139,11 +139,10 @@ class QueryRec(PlainBackbone):
         if self.use_contrastive:
             query = self.queries(batch["last_query"])
             positives = batch["query_positive"]
-            negatives = batch["contrast_negatives"]
-            negative_mask = ~(negatives[None, :, None] == positives[:, None, :]).any(-1)
             contrast = contrastive_loss(
                 self.similarity(query, self.items(positives)), batch["query_positive_mask"],
-                self.similarity(query, self.items(negatives)), negative_mask, self.temperature,
+                self.similarity(query, self.items(batch["contrast_negatives"])),
+                batch["contrast_negative_mask"], self.temperature,
             )  # fmt: skip
             loss = loss + self.lambda_contrast * contrast
             parts["contrast"] = contrast.detach()

@@ -79,7 +79,10 @@ class DiffusionSettings:
 
 
 class Schedule:
-    """beta_t, alpha_t = 1 - beta_t and alpha-bar_t (Eq. 6-8), and the posterior of Eq. 10."""
+    """beta_t, alpha_t = 1 - beta_t and alpha-bar_t (Eq. 6-8), and the posterior of Eq. 10.
+    Two misprints are read as DDPM has them: Eq. 7's mean is sqrt(alpha-bar_t) x_0 (Eq. 8
+    and the text's product define it), and Eq. 10's x_t coefficient is sqrt(alpha_t)
+    (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t), not sqrt(alpha-bar_t)."""
 
     def __init__(self, settings: DiffusionSettings):
         self.steps = settings.steps
@@ -96,8 +99,8 @@ class Schedule:
     def posterior_mean(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor):
         """Eq. 10's mu-tilde(x_t, x_0, t)."""
         a_bar, a_prev, alpha = self.alpha_bar[t], self.alpha_bar_prev[t], self.alpha[t]
-        c_t = (alpha.sqrt() * (1 - a_prev) / (1 - a_bar)).float()[:, None]
-        c_0 = (a_prev.sqrt() * (1 - alpha) / (1 - a_bar)).float()[:, None]
+        c_t = (alpha.sqrt() * (1 - a_prev) / (1 - a_bar)).float()[:, None].to(x_t.device)
+        c_0 = (a_prev.sqrt() * (1 - alpha) / (1 - a_bar)).float()[:, None].to(x_t.device)
         return c_t * x_t + c_0 * x0
 
 
@@ -130,9 +133,29 @@ def _csr_rows(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray):
     return np.repeat(np.arange(rows.size), counts), values[starts + within]
 
 
-def query_vectors(view, settings: DiffusionSettings):
-    """(queries, candidate items, x_q [n_queries, n_candidates]) for every query with a
-    shown item before the cut-off: r_p on I_q+, r_n on I_q-, r_0 elsewhere."""
+class QueryVectors:
+    """x_q of every query with a shown item before the cut-off, kept sparse as (row,
+    column, value) entries sorted by row; `dense(rows)` builds a batch of rows, so
+    memory grows with the batch, not with queries x candidates (KuaiSAR: 175k x 20k)."""
+
+    def __init__(self, queries, candidates, row, column, value, r_0: float, dropped: int):
+        self.queries, self.candidates, self.r_0, self.dropped = queries, candidates, r_0, dropped
+        order = np.argsort(row, kind="stable")
+        self.column, self.value = column[order], value[order]
+        self.offsets = np.searchsorted(row[order], np.arange(queries.size + 1))
+
+    def __len__(self) -> int:
+        return int(self.queries.size)
+
+    def dense(self, rows: np.ndarray) -> torch.Tensor:
+        x = torch.full((rows.size, self.candidates.size), self.r_0)
+        position, index = _csr_rows(self.offsets, np.arange(self.column.size), rows)
+        x[position, self.column[index]] = torch.from_numpy(self.value[index]).float()
+        return x
+
+
+def query_vectors(view, settings: DiffusionSettings) -> QueryVectors:
+    """r_p on I_q+, r_n on I_q-, r_0 elsewhere, over the candidate items."""
     cl_off, cl_items = view["query_clicked_offsets"], view["query_clicked_items"]
     un_off, un_items = view["query_unclicked_offsets"], view["query_unclicked_items"]
     shown_items = np.concatenate([cl_items, un_items])
@@ -143,91 +166,106 @@ def query_vectors(view, settings: DiffusionSettings):
         candidates = np.sort(candidates[order[: settings.max_items]])
     column = np.full(counts.size, -1, np.int64)
     column[candidates] = np.arange(candidates.size)
-    n_queries = cl_off.size - 2  # offsets span queries 0..n+1
-    has_shown = (np.diff(cl_off)[: n_queries + 1] + np.diff(un_off)[: n_queries + 1]) > 0
-    queries = np.flatnonzero(has_shown)
-    x = torch.full((queries.size, candidates.size), settings.r_0)
+    n_rows = cl_off.size - 1  # query ids 0..n (0: padding, never shown)
+    queries = np.flatnonzero((np.diff(cl_off) + np.diff(un_off))[:n_rows] > 0)
+    parts, dropped = [], 0
     for offsets, items, value in (
-        (un_off, un_items, settings.r_n),
         (cl_off, cl_items, settings.r_p),
+        (un_off, un_items, settings.r_n),
     ):
         row, item = _csr_rows(offsets, items, queries)
         keep = column[item] >= 0
-        x[row[keep], column[item[keep]]] = value  # clicked last: r_p wins a tie
-    return queries, candidates, x
+        dropped += int((~keep).sum())
+        parts.append((row[keep], column[item[keep]], np.full(int(keep.sum()), value)))
+    row, col, value = (np.concatenate(p) for p in zip(*parts))  # I_q+ and I_q- are disjoint
+    return QueryVectors(queries, candidates, row, col, value, settings.r_0, dropped)
 
 
-def train_denoiser(x: torch.Tensor, settings: DiffusionSettings, seed: int):
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_denoiser(vectors: QueryVectors, settings: DiffusionSettings, seed: int):
     """Eq. 12's simplified loss, the MSE of the predicted x_0, t uniform; returns the
-    model and the mean loss of each epoch."""
+    model and the mean loss of each epoch. On a GPU when there is one."""
+    device = _device()
     schedule = Schedule(settings)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Denoiser(x.shape[1], settings.hidden_dim)
+        model = Denoiser(vectors.candidates.size, settings.hidden_dim).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
     losses = []
     for _ in range(settings.epochs):
-        order = torch.randperm(x.shape[0], generator=generator)
+        order = torch.randperm(len(vectors), generator=generator).numpy()
         total = 0.0
-        for start in range(0, x.shape[0], settings.batch_size):
-            x0 = x[order[start : start + settings.batch_size]]
+        for start in range(0, len(vectors), settings.batch_size):
+            x0 = vectors.dense(order[start : start + settings.batch_size])
             keep = torch.rand(x0.shape, generator=generator) >= settings.mask_rate
             masked = torch.where((x0 != settings.r_0) & ~keep, settings.r_0, x0)
             t = torch.randint(0, schedule.steps, (x0.shape[0],), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
-            predicted = model(schedule.noised(masked, t, noise), t)
-            loss = ((predicted - x0) ** 2).sum(-1).mean()  # target: the unmasked x_q
+            x_t = schedule.noised(masked, t, noise).to(device)
+            predicted = model(x_t, t.to(device))
+            loss = ((predicted - x0.to(device)) ** 2).sum(-1).mean()  # target: the unmasked x_q
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * x0.shape[0]
-        losses.append(total / x.shape[0])
+        losses.append(total / len(vectors))
     return model.eval(), losses
 
 
 @torch.no_grad()
-def generate(model: Denoiser, x: torch.Tensor, settings: DiffusionSettings, seed: int):
+def generate(model: Denoiser, x: torch.Tensor, settings: DiffusionSettings,
+             generator: torch.Generator) -> torch.Tensor:  # fmt: skip
     """x-tilde_q: x_q noised to step T, then the reverse chain of posterior means (Eq. 9-10)."""
     schedule = Schedule(settings)
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     last = torch.full((x.shape[0],), schedule.steps - 1, dtype=torch.long)
-    x_t = schedule.noised(x, last, torch.randn(x.shape, generator=generator))
+    x_t = schedule.noised(x, last, torch.randn(x.shape, generator=generator)).to(device)
     for step in reversed(range(schedule.steps)):
         t = torch.full((x.shape[0],), step, dtype=torch.long)
-        x0 = model(x_t, t)
+        x0 = model(x_t, t.to(device))
         x_t = schedule.posterior_mean(x_t, x0, t) if step > 0 else x0
-    return x_t
+    return x_t.cpu()
 
 
 def augment(view, settings: DiffusionSettings, seed: int) -> tuple[dict, dict]:
     """({"offsets", "items"}: each query's I_q+ plus its top-K generated items, as CSR
     over query ids; meta with the training curve and sizes)."""
     started = time.perf_counter()
-    queries, candidates, x = query_vectors(view, settings)
-    model, losses = train_denoiser(x, settings, seed)
-    generated = generate(model, x, settings, seed + 1)
-    generated[x == settings.r_p] = -math.inf  # new items only: I_q+ is kept as it is
-    k = min(settings.top_k, candidates.size)
-    top = candidates[generated.topk(k, dim=1).indices.numpy()]
+    vectors = query_vectors(view, settings)
+    model, losses = train_denoiser(vectors, settings, seed)
+    k = min(settings.top_k, vectors.candidates.size)
+    generator = torch.Generator().manual_seed(seed + 1)
+    top = np.zeros((len(vectors), k), np.int64)
+    for start in range(0, len(vectors), settings.batch_size):  # a batch of rows at a time
+        rows = np.arange(start, min(start + settings.batch_size, len(vectors)))
+        x = vectors.dense(rows)
+        generated = generate(model, x, settings, generator)
+        generated[x == settings.r_p] = -math.inf  # new items only: I_q+ is kept as it is
+        top[rows] = vectors.candidates[generated.topk(k, dim=1).indices.numpy()]
+    queries = vectors.queries
     cl_off, cl_items = view["query_clicked_offsets"], view["query_clicked_items"]
     n_rows = cl_off.size - 1
+    clicked = np.diff(cl_off)
     added = np.zeros(n_rows, np.int64)
     added[queries] = k
-    per_query = np.diff(cl_off) + added
-    offsets = np.concatenate([[0], np.cumsum(per_query)]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(clicked + added)]).astype(np.int64)
     items = np.zeros(offsets[-1], np.int32)
-    clicked = np.diff(cl_off)
     row, item = _csr_rows(cl_off, cl_items, np.arange(n_rows))
     within = np.arange(row.size) - np.repeat(cl_off[:-1], clicked)
     items[offsets[row] + within] = item
     first_added = offsets[queries] + clicked[queries]
     items[first_added[:, None] + np.arange(k)] = top
-    empty = (clicked[queries] == 0).mean() if queries.size else 0.0
     meta = {
-        "queries": int(queries.size),
-        "candidates": int(candidates.size),
-        "share_of_queries_without_clicks": float(empty),
+        "queries": len(vectors),
+        "candidates": int(vectors.candidates.size),
+        "entries_beyond_max_items": vectors.dropped,
+        "share_of_queries_without_clicks": float((clicked[queries] == 0).mean())
+        if len(vectors)
+        else 0.0,
         "epoch_losses": [round(v, 6) for v in losses],
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -138,12 +138,16 @@ def test_ctr_query_item_lists_come_from_searches_before_the_heldout_requests(tab
         .join(tables.sessions.select("session", "user", "query", "time"), on="session")
     )
     before = search.filter(search["time"].to_numpy() < first[search["user"].to_numpy()])
+    clicked_before = before.filter(pl.col("clicked") == 1)
+    clicked_pairs = set(zip(clicked_before["query"].to_list(), clicked_before["item"].to_list()))
     for kind, clicked in (("clicked", 1), ("unclicked", 0)):
         offsets, items = view[f"query_{kind}_offsets"], view[f"query_{kind}_items"]
         query = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
         listed = set(zip(query.tolist(), items.tolist()))
         allowed = before.filter(pl.col("clicked") == clicked)
-        assert listed == set(zip(allowed["query"].to_list(), allowed["item"].to_list()))
+        pairs = set(zip(allowed["query"].to_list(), allowed["item"].to_list()))
+        # I_q- is shown under q and clicked under q by no one (before the cut-offs)
+        assert listed == (pairs if clicked else pairs - clicked_pairs)
         every = search.filter(pl.col("clicked") == clicked)
         assert listed < set(zip(every["query"].to_list(), every["item"].to_list()))
 
@@ -328,3 +332,24 @@ def test_queryrec_future_lists_stop_at_the_training_cutoff(tables, protocol):
             assert later and min(later) < first[user[r]], (kind, r)
             checked += 1
     assert checked > 1000
+
+
+def test_ctr_query_item_lists_under_the_time_split_end_before_the_held_out_days(tables):
+    """Held out by day, no one's searches from the held-out days count, not even those
+    of a user without a held-out request (their cut-off would otherwise be never)."""
+    view = build_view(tables, "ctr", PROTOCOLS["time_split"])
+    _, first = _heldout(view, "rec")
+    assert (first == NEVER).any()  # users without a held-out request exist here
+    search = tables.search.filter(pl.col("clicked") == 1).join(
+        tables.sessions.select("session", "query", "time"), on="session"
+    )
+    late = search.filter(pl.col("time") >= first.min())
+    late_pairs = set(zip(late["query"].to_list(), late["item"].to_list()))
+    early = search.filter(pl.col("time") < first.min())
+    late_only = late_pairs - set(zip(early["query"].to_list(), early["item"].to_list()))
+    assert late_only  # pairs that only the held-out days have
+    offsets, items = view["query_clicked_offsets"], view["query_clicked_items"]
+    listed = set(
+        zip(np.repeat(np.arange(offsets.size - 1), np.diff(offsets)).tolist(), items.tolist())
+    )
+    assert not listed & late_only

@@ -168,15 +168,18 @@ def _toy_view():
 def test_query_vectors_hold_r_p_r_n_and_r_0():
     from sar_exp.methods.queryrec_diffusion import DiffusionSettings, query_vectors
 
-    queries, candidates, x = query_vectors(_toy_view(), DiffusionSettings())
-    assert queries.tolist() == [1, 2, 3] and candidates.tolist() == [1, 2, 3, 4, 5, 6]
-    assert x.tolist() == [
+    vectors = query_vectors(_toy_view(), DiffusionSettings())
+    assert vectors.queries.tolist() == [1, 2, 3]
+    assert vectors.candidates.tolist() == [1, 2, 3, 4, 5, 6]
+    assert vectors.dense(np.arange(3)).tolist() == [
         [0.5, -0.5, -0.5, 0.0, 0.0, 0.0],
         [0.0, 0.0, 0.0, -0.5, 0.0, 0.0],
         [0.0, 0.0, 0.0, 0.0, 0.5, 0.5],
     ]
-    _, few, small = query_vectors(_toy_view(), DiffusionSettings(max_items=2))
-    assert few.size == 2 and small.shape == (3, 2)
+    assert vectors.dense(np.array([2, 0])).tolist()[0] == [0.0, 0.0, 0.0, 0.0, 0.5, 0.5]
+    capped = query_vectors(_toy_view(), DiffusionSettings(max_items=2))
+    assert capped.candidates.size == 2 and capped.dense(np.arange(3)).shape == (3, 2)
+    assert capped.dropped == 6 - 2  # entries of the items beyond the cap
 
 
 def test_augmentation_keeps_i_plus_and_adds_k_new_items_to_every_query():
@@ -209,3 +212,49 @@ def test_bad_diffusion_settings_are_named():
 
     with pytest.raises(ConfigError, match=r"r_n in \[-1, 0\)"):
         DiffusionSettings(r_n=0.2)
+
+
+def test_without_diffusion_the_positive_sets_are_the_clicked_lists(tiny_folder, tmp_path):
+    """use_diffusion=false (DIN+con): I_q+ is what was clicked, nothing generated."""
+    from sar_exp.data.datamodule import SARDataModule
+
+    queryrec = {"next_positives": 1, "next_negatives": 1, "query_positives": 1,
+                "contrast_negatives": 8, "use_diffusion": False,
+                "diffusion": {"epochs": 1, "hidden_dim": 8}}  # fmt: skip
+    dm = SARDataModule(
+        "kuaisar", str(tiny_folder), str(tmp_path), "ctr",
+        ["search_active_level", "rec_active_level"], ["first_level_category_id", "author_id"],
+        protocol={"views": ["ctr"]}, queryrec=queryrec,
+    )  # fmt: skip
+    view = dm.load()
+    offsets, items = dm.query_positives
+    assert np.array_equal(offsets.numpy(), view["query_clicked_offsets"])
+    assert np.array_equal(items.numpy(), view["query_clicked_items"])
+    assert not list(tmp_path.glob("queryrec-diffusion-*"))
+
+
+def test_the_contrast_denominator_leaves_out_every_member_of_i_plus(ctr_data):
+    dm, batch = ctr_data
+    offsets, items = dm.query_positives
+    masked = ~batch["contrast_negative_mask"]
+    for row in range(batch["user"].numel()):
+        q = batch["last_query"][row]
+        members = set(items[offsets[q] : offsets[q + 1]].tolist())
+        for n, item in enumerate(batch["contrast_negatives"].tolist()):
+            assert bool(masked[row, n]) == (item in members)
+    assert masked.any()  # some draws do hit a positive set
+
+
+@pytest.mark.parametrize("backbone", ["dcn", "ple"])
+def test_table4_baselines_train_one_epoch(make_cfg, tmp_path, backbone):
+    """DCN and PLE (QueryRec's Table 4) as method=base backbones under task=ctr; PLE's
+    loss holds every feedback task the rec log carries."""
+    from sar_exp.train import train
+
+    metrics = train(make_cfg("method=base", f"backbone={backbone}", "task=ctr",
+                             "protocol=queryrec", output_dir=tmp_path))  # fmt: skip
+    assert 0.0 <= metrics["test/auc"] <= 1.0
+    if backbone == "ple":
+        header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+        for task in ("click", "like", "follow", "forward"):
+            assert f"train/{task}" in header
