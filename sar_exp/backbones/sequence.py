@@ -15,3 +15,8 @@ def left_aligned(steps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
     steps = torch.gather(steps, 1, order.unsqueeze(-1).expand_as(steps))
     return steps, torch.gather(mask, 1, order)
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] over the [B, L] valid slots -> [B, d] (zeros for a row with none)."""
+    return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)

@@ -245,6 +245,9 @@ def read_amazon(folder: str | Path, category: str, queries: str = "generated",
         "timestamp",
         click=pl.lit(1, pl.Int8),
         search=pl.lit(0, pl.Int8),
+        like=pl.lit(0, pl.Int8),  # Amazon has no feedback beside the purchase
+        follow=pl.lit(0, pl.Int8),
+        forward=pl.lit(0, pl.Int8),
     )
     # one search session per purchase (purchases without a released query have none)
     search = (

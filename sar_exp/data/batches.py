@@ -120,8 +120,9 @@ class BatchAssembler:
         s, c = self.samples, self.context
         batch = {name: s[name][index] for name in ("user", "item", "query")}
         batch["sample_index"] = index
-        if "label" in s:
-            batch["label"] = s["label"][index]
+        for name in s:
+            if name == "label" or name.startswith("label_"):
+                batch[name] = s[name][index]
         if "negatives" in s:
             batch["candidates"] = torch.cat([batch["item"][:, None], s["negatives"][index]], dim=1)
         elif self.num_train_negatives:

@@ -18,7 +18,7 @@ import polars as pl
 
 from sar_exp.data import amazon, kuaisar
 from sar_exp.data.cache import cache_key, cached_folder, code_fingerprint, file_fingerprint
-from sar_exp.data.kuaisar import KuaiSARRaw, read_kuaisar, source_files
+from sar_exp.data.kuaisar import FEEDBACK_COLUMNS, KuaiSARRaw, read_kuaisar, source_files
 from sar_exp.data.progress import stage
 from sar_exp.errors import ConfigError
 
@@ -116,7 +116,14 @@ def build_canonical(
     rec = (
         raw.rec.join(users_map, on="user_id", how="left")
         .join(items_map, on="item_id", how="left")
-        .select("user", "item", time=pl.col("timestamp") - t0, click="click", order="row")
+        .select(
+            "user",
+            "item",
+            *FEEDBACK_COLUMNS,
+            time=pl.col("timestamp") - t0,
+            click="click",
+            order="row",
+        )  # fmt: skip
         .sort("user", "time", "order")
     )
 

@@ -20,6 +20,9 @@ ITEM_FILE = "item_features.csv"
 SOCIAL_FILE = "social_network.csv"
 
 REC_COLUMNS = ["user_id", "item_id", "timestamp", "click", "search"]
+# Feedback labels beside the click (PLE's other tasks, QueryRec Table 4); read when the
+# file has them, 0 otherwise
+FEEDBACK_COLUMNS = ["like", "follow", "forward"]
 SEARCH_COLUMNS = [
     "keyword",
     "item_id",
@@ -131,8 +134,10 @@ def parse_id_lists(
 
 def read_rec(folder: Path) -> pl.DataFrame:
     path = folder / REC_FILE
-    _require(path, _header(path), REC_COLUMNS)
-    frame = _read(path, REC_COLUMNS)
+    header = _header(path)
+    _require(path, header, REC_COLUMNS)
+    feedback = [c for c in FEEDBACK_COLUMNS if c in header]
+    frame = _read(path, REC_COLUMNS + feedback)
     return frame.select(
         "row",
         _to_number(frame, path, "user_id", pl.Int64).alias("user_id"),
@@ -141,7 +146,9 @@ def read_rec(folder: Path) -> pl.DataFrame:
         _to_number(frame, path, "timestamp", pl.Int64).alias("timestamp"),
         _to_number(frame, path, "click", pl.Int8).alias("click"),
         _to_number(frame, path, "search", pl.Int8).alias("search"),
-    )
+        *(_to_number(frame, path, c, pl.Int8).clip(0, 1).alias(c) if c in feedback
+          else pl.lit(0, pl.Int8).alias(c) for c in FEEDBACK_COLUMNS),
+    )  # fmt: skip
 
 
 def read_search(folder: Path) -> pl.DataFrame:

@@ -19,6 +19,9 @@ each with a knob (README, "The embedded dataset"):
   (`search_appeal_weight`, an item's appeal times it on the search click's logit), so a
   query's shown-but-unclicked results point at its topic's appealing items (what
   QueryRec's diffusion step can find; on under `task=ctr` only, like skipped exposures).
+* feedback beside the click: about 10% of clicks are liked, and a clicked item is
+  followed more often when its style matches and forwarded more often when it is of
+  the user's topics (the other tasks of PLE, a CTR baseline).
 * shown-but-not-clicked search results, sessions without a click (`search_click_bias`),
   search-only items of types the recommender never shows (`search_only_share`), and
   rec items sent together sharing one timestamp (`max_exposure_size`).
@@ -236,6 +239,15 @@ def generate(cfg: SyntheticConfig) -> dict[str, pl.DataFrame]:
     skipped = _skipped_exposures(
         cfg, q_user, q_time, r_item, item_topic, item_style, user_rec_topics, user_style
     )
+    # Feedback beside the click (PLE's other tasks): a clicked item is followed more
+    # often when its style matches, forwarded more often when it is of the user's topics.
+    # Own stream; no ranking view reads these columns.
+    feedback_rng = np.random.default_rng([cfg.seed, 3])
+    style_match = item_style[r_item] == user_style[r_user]
+    r_feedback = {
+        "follow": r_click * (feedback_rng.random(r_user.size) < 0.03 + 0.12 * style_match),
+        "forward": r_click * (feedback_rng.random(r_user.size) < 0.02 + 0.08 * in_interest),
+    }
 
     # Transition rec -> search: a triggered session searches the last clicked rec topic.
     clicked = np.flatnonzero(r_click == 1)
@@ -274,7 +286,7 @@ def generate(cfg: SyntheticConfig) -> dict[str, pl.DataFrame]:
         cfg, rng, n_all, item_topic, item_author, topic_words,
         r_user, r_item, r_time, r_click,
         s_user, s_time, s_source, words, n_words,
-        sh_session, sh_item, sh_click, skipped,
+        sh_session, sh_item, sh_click, skipped, r_feedback,
     )  # fmt: skip
 
 
@@ -320,7 +332,7 @@ def _as_kuaisar_tables(
     cfg, rng, n_all, item_topic, item_author, topic_words,
     r_user, r_item, r_time, r_click,
     s_user, s_time, s_source, words, n_words,
-    sh_session, sh_item, sh_click, skipped,
+    sh_session, sh_item, sh_click, skipped, r_feedback,
 ):  # fmt: skip
     raw_user = 10_000_000 + 13 * rng.permutation(cfg.n_users)
     raw_item = 103_656_000_000 + 1_009 * rng.permutation(n_all)
@@ -333,9 +345,9 @@ def _as_kuaisar_tables(
             "duration_ms": rng.integers(5_000, 60_000, r_user.size),
             "playing_time": rng.integers(0, 60_000, r_user.size),
             "timestamp": (START_MS + r_time).astype(np.float64),  # float ms, like the release
-            "forward": np.zeros(r_user.size, np.int8),
+            "forward": r_feedback["forward"].astype(np.int8),
             "like": (r_click * (rng.random(r_user.size) < 0.1)).astype(np.int8),
-            "follow": np.zeros(r_user.size, np.int8),
+            "follow": r_feedback["follow"].astype(np.int8),
             "search_item_related": np.zeros(r_user.size, np.int8),
             "search": (rng.random(r_user.size) < 0.02).astype(np.int8),
             "click": r_click,

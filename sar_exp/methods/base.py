@@ -254,11 +254,26 @@ class PlainBackbone(RecommenderModule):
         return (user.unsqueeze(1) * self.item_encoder(self.items(candidates))).sum(-1)  # Eq. 3
 
     def training_loss(self, batch):
+        if self.task == "ctr" and hasattr(self.encoder, "task_logits"):
+            return self._multi_task_loss(batch)
         if self.task == "ctr":
             loss = binary_ce(self.score(batch, batch["item"][:, None])[:, 0], batch["label"])
         else:
             loss = sampled_softmax_ce(self.score(batch, batch["candidates"]))
         return loss, {}
+
+    def _multi_task_loss(self, batch):
+        """PLE: the sum of each task's binary CE (its paper's joint loss, equal weights);
+        the click's label is `label`, the others `label_<task>`."""
+        logits = self.encoder.task_logits(
+            self.users(batch["user"]), self.items(batch["item"][:, None]),
+            self.items(batch["rec_history"]), batch["rec_history_mask"],
+        )[:, 0]  # fmt: skip
+        parts = {}
+        for t, name in enumerate(self.encoder.tasks):
+            label = batch["label"] if name == "click" else batch[f"label_{name}"]
+            parts[name] = binary_ce(logits[:, t], label)
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
 
 class TwoDomainRecommender(RecommenderModule):

@@ -26,11 +26,6 @@ class Lookup:
         return rows.view(*ids.shape, self.table.shape[-1])
 
 
-def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B, L, d] over the [B, L] valid slots -> [B, d] (zeros for a row with none)."""
-    return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
-
-
 def mean_clicks(items: Lookup, clicks: torch.Tensor) -> torch.Tensor:
     """[B, S, C] clicked item ids (0 = none) -> [B, S, d] their mean (zeros for a session
     without a click); only the real clicks are looked up (most slots are padding)."""

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from sar_exp.backbones.embeddings import xavier_init
+from sar_exp.backbones.sequence import masked_mean
 from sar_exp.errors import ConfigError
 from sar_exp.methods.base import RecommenderModule
 from sar_exp.methods.losses import binary_ce
@@ -34,7 +35,6 @@ from sar_exp.methods.optim import decayed_adam
 from sar_exp.methods.search_history import (
     Lookup,
     history_pairs,
-    masked_mean,
     mean_clicks,
     sampled_negatives,
 )

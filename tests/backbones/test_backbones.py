@@ -96,3 +96,46 @@ def test_a_mask_with_holes_reads_like_its_compacted_form(encoder_class):
     changed = steps.clone()
     changed[0, 4] += 1.0
     assert not torch.allclose(encoder(user, steps, holes)[0], encoder(user, changed, holes)[0])
+
+
+def test_dcn_cross_layer_adds_one_degree_of_interaction():
+    """DCN Eq. 3: x_{l+1} = x_0 (x_l . w_l) + b_l + x_l, checked against the formula."""
+    from sar_exp.backbones.dcn import CrossNetwork
+
+    cross = CrossNetwork(4, 2)
+    x0 = torch.randn(3, 4)
+    x1 = x0 * (x0 @ cross.weights[0]).unsqueeze(-1) + cross.biases[0] + x0
+    x2 = x0 * (x1 @ cross.weights[1]).unsqueeze(-1) + cross.biases[1] + x1
+    assert torch.allclose(cross(x0), x2)
+
+
+@pytest.mark.parametrize("name", ["dcn", "ple"])
+def test_ctr_baselines_score_each_candidate_and_ignore_padding(inputs, name):
+    from sar_exp.backbones.dcn import DCNScorer
+    from sar_exp.backbones.ple import PLEScorer
+
+    user, steps, mask = inputs
+    scorer = (DCNScorer if name == "dcn" else PLEScorer)(DU, DS).eval()
+    items = torch.randn(B, 5, DS)
+    scores = scorer(user, items, steps, mask)
+    assert scores.shape == (B, 5) and torch.isfinite(scores).all()
+    noisy = steps + torch.randn_like(steps) * (~mask)[..., None]
+    assert torch.allclose(scorer(user, items, noisy, mask), scores, atol=1e-5)
+
+
+def test_ple_task_gates_mix_own_and_shared_experts_only():
+    """PLE's CGC: task k's gate weighs its own experts and the shared ones (not other
+    tasks'); the shared gate of a middle layer weighs every expert."""
+    from sar_exp.backbones.ple import TASKS, ExtractionLayer, PLEScorer
+
+    layer = ExtractionLayer(8, (4,), tasks=2, task_experts=2, shared_experts=1, last=False)
+    assert [g.out_features for g in layer.task_gates] == [3, 3]
+    assert layer.shared_gate.out_features == 5
+    inputs = [torch.randn(3, 8) for _ in range(3)]
+    changed = [inputs[0], inputs[1] + 1.0, inputs[2]]  # only task 1's input moves
+    before, after = layer(inputs), layer(changed)
+    assert torch.equal(before[0], after[0])  # task 0 reads its experts and the shared ones
+    assert not torch.equal(before[1], after[1]) and not torch.equal(before[2], after[2])
+    logits = PLEScorer(DU, DS).task_logits(torch.randn(B, DU), torch.randn(B, 2, DS),
+                                           torch.randn(B, L, DS), torch.ones(B, L, dtype=torch.bool))  # fmt: skip
+    assert logits.shape == (B, 2, len(TASKS)) and TASKS[0] == "click"

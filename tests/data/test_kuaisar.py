@@ -161,3 +161,22 @@ def test_small_release_cuts_a_full_release_at_its_end(folder, tmp_path):
     assert cut.rec.height == small.rec.height
     with pytest.raises(ConfigError, match="dataset.reader.release must be one of"):
         read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS, release="medium")
+
+
+def test_feedback_labels_are_read_when_present(folder, tmp_path):
+    """like, follow and forward (PLE's other tasks) reach the ctr view; a file without
+    them reads as zeros."""
+    from sar_exp.data.views import Protocol, build_view
+
+    raw = read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS)
+    clicked = raw.rec.filter(pl.col("click") == 1)
+    assert clicked["follow"].sum() > 0 and clicked["forward"].sum() > 0
+    assert raw.rec.filter(pl.col("click") == 0)["follow"].sum() == 0
+    view = build_view(
+        load_canonical(folder, tmp_path / "a", USER_ATTRS, ITEM_ATTRS), "ctr", Protocol()
+    )
+    assert view["rec.train.label_follow"].sum() > 0
+    path = folder / "rec_inter.csv"
+    frame = pl.read_csv(path).drop("like", "follow", "forward")
+    frame.write_csv(path)
+    assert read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS).rec["follow"].sum() == 0
