@@ -278,11 +278,17 @@ class SESRec(RecommenderModule):
         if self.align_sim is not None:
             negatives = sampled_negatives(hp.align_negatives, self.schema, "sesrec-ali",
                                           self.global_rank, self.global_step, self.device)  # fmt: skip
-        items, queries = self._lookups(batch, batch["candidates"], negatives)
+        # task=ctr (QueryRec 5.3.3's adaptation): each impression with its click label
+        ctr = self.task == "ctr"
+        candidates = batch["item"][:, None] if ctr else batch["candidates"]
+        items, queries = self._lookups(batch, candidates, negatives)
         h = self.encode(batch, items, queries)
-        logits = self._predict(batch, batch["candidates"], items, h)
-        labels = torch.zeros_like(logits)
-        labels[:, 0] = 1.0
+        logits = self._predict(batch, candidates, items, h)
+        if ctr:
+            labels = batch["label"][:, None].float()
+        else:
+            labels = torch.zeros_like(logits)
+            labels[:, 0] = 1.0
         parts = {"rec": binary_ce(logits, labels)}  # Eq. 22: 1 positive + N-1 negatives
         loss = parts["rec"]
         if self.align_sim is not None:

@@ -7,9 +7,9 @@ seeds, beside the published numbers.
 
 Every run uses QueryRec's protocol (protocol=queryrec: leave-one-out by request, records
 whose user has both histories) with task=ctr, and is selected on validation AUC. Rows
-whose model the framework has are run (DIN and QueryRec, and Table 5's variants); the
-others (DCN, PLE, SESRec adapted to CTR, IV4Rec+) show the published numbers only until
-they exist. The published numbers are KuaiSAR-small's by default (`--release large`
+whose model the framework has are run (DIN, DCN, PLE, SESRec adapted to CTR as its 5.3.3
+says, QueryRec and Table 5's variants); IV4Rec+ shows the published number only until it
+exists (issue 15). The published numbers are KuaiSAR-small's by default (`--release large`
 shows KuaiSAR-large's); the embedded data are beside KuaiSAR-small's."""
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ MONITOR = "val/auc"
 FLAGS = "method.module."
 RUNNABLE = {
     "DIN": ["method=base", "backbone=din"],
+    "DCN": ["method=base", "backbone=dcn"],
+    "PLE": ["method=base", "backbone=ple"],
+    "SESRec": ["method=sesrec", "backbone=sasrec"],  # 5.3.3: trained on impressions with BCE
     "QueryRec": ["method=queryrec", "backbone=din"],
 }
 # Table 5: variant -> (label, overrides); QueryRec is its last row

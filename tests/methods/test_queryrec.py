@@ -245,13 +245,15 @@ def test_the_contrast_denominator_leaves_out_every_member_of_i_plus(ctr_data):
     assert masked.any()  # some draws do hit a positive set
 
 
-@pytest.mark.parametrize("backbone", ["dcn", "ple"])
-def test_table4_baselines_train_one_epoch(make_cfg, tmp_path, backbone):
-    """DCN and PLE (QueryRec's Table 4) as method=base backbones under task=ctr; PLE's
-    loss holds every feedback task the rec log carries."""
+@pytest.mark.parametrize(
+    "method, backbone", [("base", "dcn"), ("base", "ple"), ("sesrec", "sasrec")]
+)
+def test_table4_baselines_train_one_epoch(make_cfg, tmp_path, method, backbone):
+    """DCN and PLE (QueryRec's Table 4) as method=base backbones under task=ctr, and
+    SESRec adapted to CTR (5.3.3); PLE's loss holds every feedback task of the rec log."""
     from sar_exp.train import train
 
-    metrics = train(make_cfg("method=base", f"backbone={backbone}", "task=ctr",
+    metrics = train(make_cfg(f"method={method}", f"backbone={backbone}", "task=ctr",
                              "protocol=queryrec", output_dir=tmp_path))  # fmt: skip
     assert 0.0 <= metrics["test/auc"] <= 1.0
     if backbone == "ple":
