@@ -106,14 +106,17 @@ class SARDataModule(pl.LightningDataModule):
         folder = dataset_folder(self.cache_dir, preset, config)
         return write_kuaisar_folder(config, folder)
 
+    def canonical_tables(self):
+        """The dataset's canonical tables (cached), before any protocol filter."""
+        return load_canonical(
+            self.dataset_folder(), self.cache_dir, self.user_attributes, self.item_attributes,
+            source="amazon" if self.source == "amazon" else "kuaisar",
+            reader_options=self.reader_options,
+        )  # fmt: skip
+
     def load(self) -> View:
         if self.view is None:
-            folder = self.dataset_folder()
-            tables = load_canonical(
-                folder, self.cache_dir, self.user_attributes, self.item_attributes,
-                source="amazon" if self.source == "amazon" else "kuaisar",
-                reader_options=self.reader_options,
-            )  # fmt: skip
+            tables = self.canonical_tables()
             self.view = load_view(tables, self.view_name, self.protocol, self.cache_dir)
             if self.main_task not in self.view.task_names():
                 raise ConfigError(

@@ -3,6 +3,11 @@ papers' dataset tables print (users, items, queries, rec and search actions) aft
 protocol's filters, and the samples of each task and split, so a user can compare with,
 for example, UniSAR's Table 2 before training anything.
 
+`--interest-shift [--png FILE]` prints QueryRec's Sec. 5.2 analysis instead: the users'
+search-vs-rec interest shift (JS divergence, Eq. 17-19) and the cross-domain
+correlation ratios R1, R2 (Eq. 20-24), and saves Fig. 2's histogram (default
+outputs/interest_shift_<dataset>.png).
+
 Same overrides as `python -m sar_exp`; the view is the one a run would use (`backbone`
 picks cf or sequential, `task=ctr` the ctr view)."""
 
@@ -47,6 +52,16 @@ def main(argv: list[str] | None = None) -> None:
     from sar_exp.train import CONFIG_DIR
 
     overrides = list(sys.argv[1:] if argv is None else argv)
+    shift = "--interest-shift" in overrides
+    png = None
+    if "--png" in overrides:
+        at = overrides.index("--png")
+        if at + 1 >= len(overrides):
+            print("sar_exp.data.stats: error: --png needs a file name", file=sys.stderr)
+            sys.exit(2)
+        png = Path(overrides[at + 1])
+        del overrides[at : at + 2]
+    overrides = [o for o in overrides if o != "--interest-shift"]
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(
@@ -56,8 +71,18 @@ def main(argv: list[str] | None = None) -> None:
         check_required_values(cfg)
         check_synthetic(cfg)
         datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        if shift:
+            from sar_exp.data.interest_shift import report
+
+            tables = datamodule.canonical_tables()
+            search = tables.search.join(
+                tables.sessions.select("session", "user", "time"), on="session"
+            )
+            png = png or Path("outputs") / f"interest_shift_{cfg.dataset.source}.png"
+            print(report(tables, tables.rec, search, png))
+            return
         view = datamodule.load()
-    except (SarExpError, HydraException, OmegaConfBaseException) as err:
+    except (SarExpError, HydraException, OmegaConfBaseException, ValueError) as err:
         print(f"sar_exp.data.stats: error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     protocol = OmegaConf.select(cfg, "dataset.protocol.name")
