@@ -180,3 +180,9 @@ def test_feedback_labels_are_read_when_present(folder, tmp_path):
     frame = pl.read_csv(path).drop("like", "follow", "forward")
     frame.write_csv(path)
     assert read_kuaisar(folder, USER_ATTRS, ITEM_ATTRS).rec["follow"].sum() == 0
+
+
+def test_dataset_release_reaches_the_reader(make_cfg):
+    cfg = make_cfg("dataset=kuaisar", "dataset.path=/data/kuaisar", "dataset.release=small")
+    assert cfg.data.reader_options.release == "small"
+    assert make_cfg("dataset=kuaisar", "dataset.path=/x").data.reader_options.release == "full"
