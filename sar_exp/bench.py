@@ -213,6 +213,10 @@ def main(argv=None) -> None:
         help="SESRec against SASRec under SESRec's protocol and caps (0: leave it out)",
     )  # fmt: skip
     parser.add_argument(
+        "--queryrec-epochs", type=int, default=1,
+        help="QueryRec's diffusion stage on the preset's task=ctr data: epochs timed (0: leave it out)",
+    )  # fmt: skip
+    parser.add_argument(
         "--override", nargs="*", default=[],
         help="extra overrides for the training runs, e.g. protocol=unisar_kuaisar",
     )  # fmt: skip
@@ -237,6 +241,8 @@ def main(argv=None) -> None:
             results["unisar"] = _run_unisar(args, scratch)
         if args.sesrec_steps > 0:
             results["sesrec"] = _run_sesrec(args, folder, scratch)
+        if args.queryrec_epochs > 0:
+            results["queryrec_diffusion"] = _run_queryrec_diffusion(args, scratch)
         if args.json:
             from sar_exp.train import write_json_atomic
 
@@ -333,6 +339,82 @@ def _run_sesrec(args, folder: Path, scratch: str) -> dict:
               f"data wait {100 * f['data wait share']:.1f}%")  # fmt: skip
     print(f"  SESRec / SASRec: {ratio:.2f} (target at least {SESREC_TARGET_RATIO:.2f})")
     return {**figures, "ratio": ratio}
+
+
+def _diffusion_cost(folder: str, cache: str, user_attrs, item_attrs, protocol: dict,
+                    settings: dict, epochs: int) -> dict:  # fmt: skip
+    """In a child process: the ctr view, then QueryRec's diffusion stage timed by part."""
+    import dataclasses
+
+    from sar_exp.data.canonical import load_canonical
+    from sar_exp.data.views import load_view, protocol_from_config
+    from sar_exp.methods import queryrec_diffusion as qd
+
+    start = time.perf_counter()
+    tables = load_canonical(folder, cache, user_attrs, item_attrs)
+    view = load_view(tables, "ctr", protocol_from_config(protocol), Path(cache))
+    figures = {"ctr data seconds": time.perf_counter() - start}
+    full = qd.DiffusionSettings(**settings)
+    t = time.perf_counter()
+    vectors = qd.query_vectors(view, full)
+    figures["x_q seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model, _ = qd.train_denoiser(vectors, dataclasses.replace(full, epochs=epochs), 0)
+    figures["seconds per epoch"] = (time.perf_counter() - t) / epochs
+    t = time.perf_counter()
+    qd.top_k_generated(model, vectors, full, 1)
+    figures["generation seconds"] = time.perf_counter() - t
+    figures.update(queries=len(vectors), candidates=int(vectors.candidates.size),
+                   dropped=vectors.dropped, epochs=full.epochs,
+                   device=str(next(model.parameters()).device))  # fmt: skip
+    figures["peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return figures
+
+
+def _run_queryrec_diffusion(args, scratch: str) -> dict:
+    """QueryRec's diffusion stage on the preset's task=ctr data (skipped exposures and
+    search appeal as `task=ctr` composes them): building x_q, the time of an epoch, the
+    generation of every query's top-K and the peak memory; the configured epochs' total
+    is projected from the timed ones."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from sar_exp.data.synthetic import dataset_folder, make_config, write_kuaisar_folder
+    from sar_exp.train import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(
+        config_dir=CONFIG_DIR, version_base="1.3"
+    ):  # the embedded data's task=ctr knobs
+        embedded = compose(
+            "config", overrides=["task=ctr", "paths.root_dir=.", "paths.output_dir=."]
+        )
+    knobs = OmegaConf.to_container(embedded.dataset.synthetic, resolve=True)
+    knobs = {k: v for k, v in knobs.items() if k not in ("preset", "seed")}
+    config = make_config(args.preset, **knobs)
+    cfg = _compose("unused", scratch, "queryrec", "din", args.batch_size,
+                   ["task=ctr", "protocol=queryrec"])  # fmt: skip
+    folder = dataset_folder(args.cache, args.preset, config)
+    write_kuaisar_folder(config, folder)
+    settings = OmegaConf.to_container(cfg.method.queryrec_data.diffusion, resolve=True)
+    f = run_in_child(
+        _diffusion_cost,
+        (str(folder), scratch, list(cfg.dataset.user_attributes), list(cfg.dataset.item_attributes),
+         OmegaConf.to_container(cfg.dataset.protocol, resolve=True), settings, args.queryrec_epochs),
+        "the QueryRec diffusion process",
+    )  # fmt: skip
+    total = f["x_q seconds"] + f["epochs"] * f["seconds per epoch"] + f["generation seconds"]
+    print(
+        f"\nQueryRec diffusion, {args.preset} preset with task=ctr's knobs ({f['device']}): "
+        f"{f['queries']:,} queries x {f['candidates']:,} candidate items "
+        f"({f['dropped']:,} list entries beyond max_items)\n"
+        f"  ctr data {f['ctr data seconds']:.0f} s, x_q {f['x_q seconds']:.1f} s, "
+        f"{f['seconds per epoch']:.0f} s an epoch ({args.queryrec_epochs} timed), "
+        f"generation {f['generation seconds']:.0f} s; {f['epochs']} epochs: about "
+        f"{total / 60:.0f} min; peak memory {f['peak_gb']:.2f} GB"
+    )
+    return {**f, "projected seconds": total}
 
 
 if __name__ == "__main__":

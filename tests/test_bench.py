@@ -13,7 +13,7 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--steps", "6", "--backbones", "mlp", "din",
           "--methods", "base", "clardrec", "--cache", str(tmp_path), "--json", str(figures),
-          "--unisar-steps", "0", "--sesrec-steps", "0"])  # fmt: skip
+          "--unisar-steps", "0", "--sesrec-steps", "0", "--queryrec-epochs", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert "clardrec  din              n/a" in out  # ClardRec has no DIN variant
     results = json.loads(figures.read_text())
@@ -28,7 +28,8 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
 def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--methods", "--unisar-preset", "small", "--unisar-steps", "6",
-          "--sesrec-steps", "0", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+          "--sesrec-steps", "0", "--queryrec-epochs", "0", "--cache", str(tmp_path),
+          "--json", str(figures)])  # fmt: skip
     line = capsys.readouterr().out.strip().splitlines()[-1]
     unisar = json.loads(figures.read_text())["unisar"]
     assert line.startswith("UniSAR, small preset, batch 1024 (+ 1024 search rows), 6 steps: ")
@@ -40,13 +41,27 @@ def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
 def test_bench_reports_sesrec_against_sasrec_under_its_protocol(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--methods", "--unisar-steps", "0", "--sesrec-steps", "6",
-          "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+          "--queryrec-epochs", "0", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     sesrec = json.loads(figures.read_text())["sesrec"]
     assert lines[-4].startswith("SESRec against SASRec, protocol=sesrec (caps 150/25), batch 256")
     assert f"{sesrec['sesrec']['samples/s']:>8.0f} rows/s" in lines[-2]
     ratio = sesrec["sesrec"]["samples/s"] / sesrec["base"]["samples/s"]
     assert lines[-1] == f"  SESRec / SASRec: {ratio:.2f} (target at least 0.33)"
+
+
+def test_bench_reports_the_cost_of_queryrec_s_diffusion(tmp_path, capsys):
+    figures = tmp_path / "bench.json"
+    main(["--preset", "small", "--methods", "--unisar-steps", "0", "--sesrec-steps", "0",
+          "--queryrec-epochs", "1", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    cost = json.loads(figures.read_text())["queryrec_diffusion"]
+    assert lines[-2].startswith("QueryRec diffusion, small preset with task=ctr's knobs (cpu): ")
+    assert f"{cost['queries']:,} queries x {cost['candidates']:,} candidate items" in lines[-2]
+    assert cost["epochs"] == 60 and cost["peak_gb"] > 0
+    expected = cost["x_q seconds"] + 60 * cost["seconds per epoch"] + cost["generation seconds"]
+    assert abs(cost["projected seconds"] - expected) < 1e-9
+    assert f"60 epochs: about {expected / 60:.0f} min" in lines[-1]
 
 
 def test_bench_times_the_views_that_training_uses(make_cfg, tiny_folder, tmp_path):

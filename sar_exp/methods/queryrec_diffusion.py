@@ -231,21 +231,30 @@ def generate(model: Denoiser, x: torch.Tensor, settings: DiffusionSettings,
     return x_t.cpu()
 
 
+def top_k_generated(model: Denoiser, vectors: QueryVectors, settings: DiffusionSettings,
+                    seed: int) -> np.ndarray:  # fmt: skip
+    """[queries, K] item ids: each query's K highest generated items outside its I_q+,
+    generated a batch of rows at a time."""
+    k = min(settings.top_k, vectors.candidates.size)
+    generator = torch.Generator().manual_seed(seed)
+    top = np.zeros((len(vectors), k), np.int64)
+    for start in range(0, len(vectors), settings.batch_size):
+        rows = np.arange(start, min(start + settings.batch_size, len(vectors)))
+        x = vectors.dense(rows)
+        generated = generate(model, x, settings, generator)
+        generated[x == settings.r_p] = -math.inf  # new items only: I_q+ is kept as it is
+        top[rows] = vectors.candidates[generated.topk(k, dim=1).indices.numpy()]
+    return top
+
+
 def augment(view, settings: DiffusionSettings, seed: int) -> tuple[dict, dict]:
     """({"offsets", "items"}: each query's I_q+ plus its top-K generated items, as CSR
     over query ids; meta with the training curve and sizes)."""
     started = time.perf_counter()
     vectors = query_vectors(view, settings)
     model, losses = train_denoiser(vectors, settings, seed)
-    k = min(settings.top_k, vectors.candidates.size)
-    generator = torch.Generator().manual_seed(seed + 1)
-    top = np.zeros((len(vectors), k), np.int64)
-    for start in range(0, len(vectors), settings.batch_size):  # a batch of rows at a time
-        rows = np.arange(start, min(start + settings.batch_size, len(vectors)))
-        x = vectors.dense(rows)
-        generated = generate(model, x, settings, generator)
-        generated[x == settings.r_p] = -math.inf  # new items only: I_q+ is kept as it is
-        top[rows] = vectors.candidates[generated.topk(k, dim=1).indices.numpy()]
+    top = top_k_generated(model, vectors, settings, seed + 1)
+    k = top.shape[1]
     queries = vectors.queries
     cl_off, cl_items = view["query_clicked_offsets"], view["query_clicked_items"]
     n_rows = cl_off.size - 1
