@@ -213,8 +213,9 @@ def main(argv=None) -> None:
         help="SESRec against SASRec under SESRec's protocol and caps (0: leave it out)",
     )  # fmt: skip
     parser.add_argument(
-        "--queryrec-epochs", type=int, default=1,
-        help="QueryRec's diffusion stage on the preset's task=ctr data: epochs timed (0: leave it out)",
+        "--queryrec-steps", type=int, default=20,
+        help="QueryRec's diffusion stage on the preset's task=ctr data: batches of queries "
+        "timed, projected to all (0: leave it out)",
     )  # fmt: skip
     parser.add_argument(
         "--override", nargs="*", default=[],
@@ -241,7 +242,7 @@ def main(argv=None) -> None:
             results["unisar"] = _run_unisar(args, scratch)
         if args.sesrec_steps > 0:
             results["sesrec"] = _run_sesrec(args, folder, scratch)
-        if args.queryrec_epochs > 0:
+        if args.queryrec_steps > 0:
             results["queryrec_diffusion"] = _run_queryrec_diffusion(args, scratch)
         if args.json:
             from sar_exp.train import write_json_atomic
@@ -342,9 +343,11 @@ def _run_sesrec(args, folder: Path, scratch: str) -> dict:
 
 
 def _diffusion_cost(folder: str, cache: str, user_attrs, item_attrs, protocol: dict,
-                    settings: dict, epochs: int) -> dict:  # fmt: skip
+                    settings: dict, steps: int) -> dict:  # fmt: skip
     """In a child process: the ctr view, then QueryRec's diffusion stage timed by part."""
     import dataclasses
+
+    import numpy as np
 
     from sar_exp.data.canonical import load_canonical
     from sar_exp.data.views import load_view, protocol_from_config
@@ -358,12 +361,16 @@ def _diffusion_cost(folder: str, cache: str, user_attrs, item_attrs, protocol: d
     t = time.perf_counter()
     vectors = qd.query_vectors(view, full)
     figures["x_q seconds"] = time.perf_counter() - t
+    # timed on `steps` batches of queries, projected to all of them
+    rows = np.random.default_rng(0).permutation(len(vectors))[: steps * full.batch_size]
+    sample = vectors.subset(np.sort(rows))
+    share = len(vectors) / len(sample)
     t = time.perf_counter()
-    model, _ = qd.train_denoiser(vectors, dataclasses.replace(full, epochs=epochs), 0)
-    figures["seconds per epoch"] = (time.perf_counter() - t) / epochs
+    model, _ = qd.train_denoiser(sample, dataclasses.replace(full, epochs=1), 0)
+    figures["seconds per epoch"] = (time.perf_counter() - t) * share
     t = time.perf_counter()
-    qd.top_k_generated(model, vectors, full, 1)
-    figures["generation seconds"] = time.perf_counter() - t
+    qd.top_k_generated(model, sample, full, 1)
+    figures["generation seconds"] = (time.perf_counter() - t) * share
     figures.update(queries=len(vectors), candidates=int(vectors.candidates.size),
                    dropped=vectors.dropped, epochs=full.epochs,
                    device=str(next(model.parameters()).device))  # fmt: skip
@@ -374,8 +381,8 @@ def _diffusion_cost(folder: str, cache: str, user_attrs, item_attrs, protocol: d
 def _run_queryrec_diffusion(args, scratch: str) -> dict:
     """QueryRec's diffusion stage on the preset's task=ctr data (skipped exposures and
     search appeal as `task=ctr` composes them): building x_q, the time of an epoch, the
-    generation of every query's top-K and the peak memory; the configured epochs' total
-    is projected from the timed ones."""
+    generation of every query's top-K (both timed on --queryrec-steps batches of queries
+    and projected to all) and the peak memory; the configured epochs' total projected."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -401,7 +408,7 @@ def _run_queryrec_diffusion(args, scratch: str) -> dict:
     f = run_in_child(
         _diffusion_cost,
         (str(folder), scratch, list(cfg.dataset.user_attributes), list(cfg.dataset.item_attributes),
-         OmegaConf.to_container(cfg.dataset.protocol, resolve=True), settings, args.queryrec_epochs),
+         OmegaConf.to_container(cfg.dataset.protocol, resolve=True), settings, args.queryrec_steps),
         "the QueryRec diffusion process",
     )  # fmt: skip
     total = f["x_q seconds"] + f["epochs"] * f["seconds per epoch"] + f["generation seconds"]
@@ -410,7 +417,7 @@ def _run_queryrec_diffusion(args, scratch: str) -> dict:
         f"{f['queries']:,} queries x {f['candidates']:,} candidate items "
         f"({f['dropped']:,} list entries beyond max_items)\n"
         f"  ctr data {f['ctr data seconds']:.0f} s, x_q {f['x_q seconds']:.1f} s, "
-        f"{f['seconds per epoch']:.0f} s an epoch ({args.queryrec_epochs} timed), "
+        f"{f['seconds per epoch']:.0f} s an epoch (from {args.queryrec_steps} batches), "
         f"generation {f['generation seconds']:.0f} s; {f['epochs']} epochs: about "
         f"{total / 60:.0f} min; peak memory {f['peak_gb']:.2f} GB"
     )

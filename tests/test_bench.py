@@ -13,7 +13,7 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--steps", "6", "--backbones", "mlp", "din",
           "--methods", "base", "clardrec", "--cache", str(tmp_path), "--json", str(figures),
-          "--unisar-steps", "0", "--sesrec-steps", "0", "--queryrec-epochs", "0"])  # fmt: skip
+          "--unisar-steps", "0", "--sesrec-steps", "0", "--queryrec-steps", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert "clardrec  din              n/a" in out  # ClardRec has no DIN variant
     results = json.loads(figures.read_text())
@@ -28,7 +28,7 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
 def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--methods", "--unisar-preset", "small", "--unisar-steps", "6",
-          "--sesrec-steps", "0", "--queryrec-epochs", "0", "--cache", str(tmp_path),
+          "--sesrec-steps", "0", "--queryrec-steps", "0", "--cache", str(tmp_path),
           "--json", str(figures)])  # fmt: skip
     line = capsys.readouterr().out.strip().splitlines()[-1]
     unisar = json.loads(figures.read_text())["unisar"]
@@ -41,7 +41,7 @@ def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
 def test_bench_reports_sesrec_against_sasrec_under_its_protocol(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--methods", "--unisar-steps", "0", "--sesrec-steps", "6",
-          "--queryrec-epochs", "0", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+          "--queryrec-steps", "0", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     sesrec = json.loads(figures.read_text())["sesrec"]
     assert lines[-4].startswith("SESRec against SASRec, protocol=sesrec (caps 150/25), batch 256")
@@ -53,7 +53,7 @@ def test_bench_reports_sesrec_against_sasrec_under_its_protocol(tmp_path, capsys
 def test_bench_reports_the_cost_of_queryrec_s_diffusion(tmp_path, capsys):
     figures = tmp_path / "bench.json"
     main(["--preset", "small", "--methods", "--unisar-steps", "0", "--sesrec-steps", "0",
-          "--queryrec-epochs", "1", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+          "--queryrec-steps", "3", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     cost = json.loads(figures.read_text())["queryrec_diffusion"]
     assert lines[-2].startswith("QueryRec diffusion, small preset with task=ctr's knobs (cpu): ")
