@@ -154,6 +154,23 @@ def collect(grid: list[Run], seeds: list[int], jobs: int = 1, report_only: bool 
     return {key: [found[s] for s in seeds if s in found] for key, found in by_seed.items()}
 
 
+def collect_rows(args, cell_overrides, monitor: str, headline: str) -> dict:
+    """The cells of a table whose rows are single runs named by --variants (SESRec,
+    QueryRec): one per row and seed, under <out>/<dataset>/<row>/seed<N>."""
+    cells = [
+        Run((name,), seed, [*cell_overrides(name, args), *common_overrides(args), *args.override],
+            Path(args.out) / args.dataset / name / f"seed{seed}", args.threads, monitor)
+        for name in args.variants for seed in args.seeds
+    ]  # fmt: skip
+    return collect(cells, args.seeds, args.jobs, args.report_only, headline=headline)
+
+
+def row_cells(results, name: str, metrics) -> list[Cell]:
+    """One Cell per metric: the row's test values over the seeds that finished."""
+    found = results.get((name,), [])
+    return [Cell([r[f"test/{m}"] for r in found if f"test/{m}" in r]) for m in metrics]
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, out: str, datasets: list[str]) -> None:
     """The options every table takes."""
     parser.add_argument("--dataset", choices=datasets, default="synthetic")

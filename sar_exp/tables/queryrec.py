@@ -17,7 +17,6 @@ release that ends on 2023-05-31, cutting a full one there; `--release full` all 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from sar_exp.tables import grid
 from sar_exp.tables.report import Cell, relative_improvement, render
@@ -73,18 +72,11 @@ def cell_overrides(name: str, args) -> list[str]:
 
 
 def collect(args) -> dict:
-    cells = [
-        grid.Run((name,), seed, [*cell_overrides(name, args), *grid.common_overrides(args),
-                              *args.override],
-                 Path(args.out) / args.dataset / name / f"seed{seed}", args.threads, MONITOR)
-        for name in args.variants for seed in args.seeds
-    ]  # fmt: skip
-    return grid.collect(cells, args.seeds, args.jobs, args.report_only, headline="test/auc")
+    return grid.collect_rows(args, cell_overrides, MONITOR, headline="test/auc")
 
 
 def cells_of(results, name: str) -> list[Cell]:
-    found = results.get((name,), [])
-    return [Cell([r[f"test/{m}"] for r in found if f"test/{m}" in r]) for m in METRICS]
+    return grid.row_cells(results, name, METRICS)
 
 
 def _published(auc: float | None) -> tuple | None:

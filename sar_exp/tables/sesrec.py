@@ -18,7 +18,6 @@ Kuaishou data, and are shown as such."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from sar_exp.tables import grid
 from sar_exp.tables.report import Cell, render
@@ -128,18 +127,11 @@ def cell_overrides(name: str, args) -> list[str]:
 
 
 def collect(args) -> dict:
-    cells = [
-        grid.Run((name,), seed, [*cell_overrides(name, args), *grid.common_overrides(args),
-                              *args.override],
-                 Path(args.out) / args.dataset / name / f"seed{seed}", args.threads, MONITOR)
-        for name in args.variants for seed in args.seeds
-    ]  # fmt: skip
-    return grid.collect(cells, args.seeds, args.jobs, args.report_only, headline="test/mrr")
+    return grid.collect_rows(args, cell_overrides, MONITOR, headline="test/mrr")
 
 
 def cells_of(results, name: str) -> list[Cell]:
-    found = results.get((name,), [])
-    return [Cell([r[f"test/{m}"] for r in found if f"test/{m}" in r]) for m in METRICS]
+    return grid.row_cells(results, name, METRICS)
 
 
 def tables(results, args) -> str:
