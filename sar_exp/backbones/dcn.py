@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sar_exp.backbones.sequence import masked_mean
+from sar_exp.errors import ConfigError
 
 
 def candidate_features(user_emb, items, rec_history, rec_mask) -> torch.Tensor:
@@ -57,6 +58,8 @@ class DCNScorer(nn.Module):
     def __init__(self, user_dim: int, item_dim: int, cross_layers: int = 2,
                  deep_dims: tuple[int, ...] = (200, 80), dropout: float = 0.0, **_):  # fmt: skip
         super().__init__()
+        if not deep_dims:
+            raise ConfigError("backbone.encoder.deep_dims needs at least one layer width")
         width = user_dim + 2 * item_dim
         self.cross = CrossNetwork(width, cross_layers)
         self.deep = deep_network(width, deep_dims, dropout)

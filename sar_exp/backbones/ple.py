@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sar_exp.backbones.dcn import candidate_features, deep_network
+from sar_exp.errors import ConfigError
 
 TASKS = ("click", "like", "follow", "forward")
 
@@ -63,6 +64,10 @@ class PLEScorer(nn.Module):
                  shared_experts: int = 1,
                  tower_dims: tuple[int, ...] = (32,), dropout: float = 0.0, **_):  # fmt: skip
         super().__init__()
+        if not expert_dims or not tower_dims or levels < 1:
+            raise ConfigError(
+                "backbone.encoder: PLE needs levels >= 1 and non-empty expert_dims and tower_dims"
+            )
         width, t = user_dim + 2 * item_dim, len(TASKS)
         self.levels = nn.ModuleList(
             ExtractionLayer(width if i == 0 else expert_dims[-1], tuple(expert_dims), t,

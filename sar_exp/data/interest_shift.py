@@ -8,7 +8,9 @@ rec interests, and whether searches foretell rec clicks.
   item shown to u under u's queries before t; with categories in place of items, as the
   paper's implementation does, R1 = mean I(c(i) in c(s_t)) / mean Pr and R2 = mean of
   I / Pr, Pr = 1 - (1 - p_src(c(i)))^|s_t| with p_src a category's share of the search
-  impressions. Clicks without any earlier shown search item have Pr = 0 and are left out.
+  impressions. The n clicks are drawn among those with an earlier shown search item: a
+  click before any search has Pr = 0 (and I = 0), so R2 has no term for it. Items
+  without a category (code 0) are left out.
 
 All from the canonical tables, before any protocol filter, as the paper describes its
 datasets: every click and impression counts (a description of the data, not an input
@@ -30,6 +32,12 @@ def category_column(tables) -> str:
     if not attributes:
         raise ValueError("the interest-shift analysis needs an item category attribute")
     return attributes[0]
+
+
+def _categories(tables) -> pl.DataFrame:
+    """(item, category) of the items with a category (code 0, "no value", left out)."""
+    column = category_column(tables)
+    return tables.items.select("item", category=pl.col(column)).filter(pl.col("category") > 0)
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -55,8 +63,7 @@ def _distributions(clicks: pl.DataFrame, users: np.ndarray, n_categories: int) -
 
 def user_shift(tables, rec: pl.DataFrame, search: pl.DataFrame) -> np.ndarray:
     """JS divergence of every user with clicks in both domains."""
-    column = category_column(tables)
-    category = tables.items.select("item", category=pl.col(column))
+    category = _categories(tables)
     rec_clicks = rec.filter(pl.col("click") == 1).join(category, on="item")
     search_clicks = search.filter(pl.col("clicked") == 1).join(category, on="item")
     users = np.intersect1d(rec_clicks["user"].unique().to_numpy(),
@@ -72,13 +79,14 @@ def user_shift(tables, rec: pl.DataFrame, search: pl.DataFrame) -> np.ndarray:
 def correlation_ratios(tables, rec: pl.DataFrame, search: pl.DataFrame, n: int = 10_000,
                        seed: int = 0) -> tuple[float, float, int]:  # fmt: skip
     """(R1, R2, clicks used) of Eq. 22 and 24 over n sampled rec clicks."""
-    column = category_column(tables)
-    category = tables.items.select("item", category=pl.col(column))
+    category = _categories(tables)
     shown = search.join(category, on="item").select("user", "time", "category").sort("user", "time")
     p_src = shown.group_by("category").len().with_columns(p=pl.col("len") / pl.col("len").sum())
     clicks = rec.filter(pl.col("click") == 1).join(category, on="item")
-    if clicks.height > n:
-        clicks = clicks.sample(n, seed=seed)
+    # n clicks with an earlier search impression (Pr > 0): 3n are drawn, the first n of
+    # them that have one are kept (a click before any search has Pr = 0 and no ratio)
+    if clicks.height > 3 * n:
+        clicks = clicks.sample(3 * n, seed=seed)
     # per click: how many search impressions came before it, and whether one was of its category
     before = (
         clicks.select("user", "time", "category")
@@ -95,6 +103,8 @@ def correlation_ratios(tables, rec: pl.DataFrame, search: pl.DataFrame, n: int =
         .with_columns(pl.col("p").fill_null(0.0))
         .with_columns(pr=1 - (1 - pl.col("p")) ** pl.col("size"))
         .filter(pl.col("pr") > 0)
+        .sort("k")
+        .head(n)
     )  # fmt: skip
     hit, pr = scored["hit"].cast(pl.Float64).to_numpy(), scored["pr"].to_numpy()
     return float(hit.mean() / pr.mean()), float((hit / pr).mean()), int(scored.height)

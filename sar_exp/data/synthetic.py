@@ -74,7 +74,7 @@ class SyntheticConfig:
     search_click_bias: float = -2.9
     rec_click_bias: float = -1.4
     # Poisson mean of the extra items a rec request shows that the user skips; drawn
-    # from their own random stream, so every other table is the same at any value.
+    # from their own random stream, so every click and every other table is the same.
     # conf/dataset/synthetic.yaml sets 2.0 under task=ctr and keeps 0 for ranking: the
     # skipped items would join the rec item pools of the k-core protocols (sesrec,
     # unisar_kuaisar) and so move their stored negatives
@@ -237,8 +237,9 @@ def generate(cfg: SyntheticConfig) -> dict[str, pl.DataFrame]:
     )
     r_click = (rng.random(r_user.size) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     skipped = _skipped_exposures(
-        cfg, q_user, q_time, r_item, item_topic, item_style, user_rec_topics, user_style
-    )
+        cfg, rec_items, q_size, q_user, q_time, r_item, item_topic, item_style,
+        user_rec_topics, user_style,
+    )  # fmt: skip
     # Feedback beside the click (PLE's other tasks): a clicked item is followed more
     # often when its style matches, forwarded more often when it is of the user's topics.
     # Own stream; no ranking view reads these columns.
@@ -290,19 +291,21 @@ def generate(cfg: SyntheticConfig) -> dict[str, pl.DataFrame]:
     )  # fmt: skip
 
 
-def _skipped_exposures(cfg, q_user, q_time, r_item, item_topic, item_style, user_rec_topics,
-                       user_style) -> dict[str, np.ndarray]:  # fmt: skip
-    """Items a request also showed and the user skipped: uniform over the items the
-    recommender shows (so the rec item pool stays as it is), each kept when the rec
-    click model (interest and style, no transition) draws no click. Clicks depend on
-    the user's preferences among everything shown, which a CTR model can learn; the
-    ones it would have clicked are not written, so the click data every ranking view
-    reads stays the same. Its own random stream keeps every other draw unchanged."""
+def _skipped_exposures(cfg, rec_items, q_size, q_user, q_time, r_item, item_topic, item_style,
+                       user_rec_topics, user_style) -> dict[str, np.ndarray]:  # fmt: skip
+    """Items a request also showed and the user skipped: of a uniformly drawn topic (the
+    recommender exploring), by popularity within it as every exposure is (so an item's
+    popularity tells a skipped one from a shown one no more than its topic does), not
+    already in the request, each kept when the rec click model (interest and style, no
+    transition) draws no click. A click then depends on the user's preferences among
+    everything shown, which a CTR model can learn; the ones the model would have clicked
+    are not written, so every click stays as the ranking views know it. Its own random
+    stream keeps every other draw unchanged."""
     rng = np.random.default_rng([cfg.seed, 1])
     count = rng.poisson(cfg.skipped_per_request, q_user.size)
-    user, time = np.repeat(q_user, count), np.repeat(q_time, count)
-    shown = np.unique(r_item)
-    item = shown[rng.integers(0, shown.size, user.size)]
+    request = np.repeat(np.arange(q_user.size), count)
+    user, time = q_user[request], q_time[request]
+    item = rec_items.sample(rng, rng.integers(0, cfg.n_topics, user.size))
     in_interest = (user_rec_topics[user] == item_topic[item][:, None]).any(axis=1)
     logit = (
         cfg.rec_click_bias
@@ -311,6 +314,13 @@ def _skipped_exposures(cfg, q_user, q_time, r_item, item_topic, item_style, user
         + rng.normal(0, 0.5, user.size)
     )
     skip = rng.random(user.size) >= 1 / (1 + np.exp(-logit))
+    # an item the request already holds is not shown twice
+    shown_keys = np.repeat(np.arange(q_user.size), q_size).astype(np.int64) << 32 | r_item
+    skip &= ~np.isin(request.astype(np.int64) << 32 | item, shown_keys)
+    first = np.unique(request.astype(np.int64) << 32 | item, return_index=True)[1]
+    once = np.zeros(user.size, bool)
+    once[first] = True
+    skip &= once
     return {
         "user": user[skip],
         "item": item[skip],

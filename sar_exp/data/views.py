@@ -519,8 +519,9 @@ def _sample_arrays(frame: pl.DataFrame, with_query: bool = False, with_label: bo
         arrays["query"] = frame["query"].to_numpy().astype(np.int32)
     if with_label:
         arrays["label"] = frame["click"].to_numpy().astype(np.float32)
-        for name in FEEDBACK_COLUMNS:  # the other feedback labels (PLE's tasks)
-            arrays[f"label_{name}"] = frame[name].to_numpy().astype(np.float32)
+        for name in FEEDBACK_COLUMNS:  # the other feedback labels (PLE's tasks), 0 if absent
+            values = frame[name].to_numpy() if name in frame.columns else np.zeros(frame.height)
+            arrays[f"label_{name}"] = values.astype(np.float32)
     return arrays
 
 

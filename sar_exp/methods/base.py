@@ -263,16 +263,20 @@ class PlainBackbone(RecommenderModule):
         return loss, {}
 
     def _multi_task_loss(self, batch):
-        """PLE: the sum of each task's binary CE (its paper's joint loss, equal weights);
-        the click's label is `label`, the others `label_<task>`."""
+        """PLE Sec. 4.3: the sum of each task's binary CE over its own sample space (equal
+        weights): the click over every impression, like, follow and forward (labels
+        `label_<task>`) over the clicked ones, where they can happen."""
         logits = self.encoder.task_logits(
             self.users(batch["user"]), self.items(batch["item"][:, None]),
             self.items(batch["rec_history"]), batch["rec_history_mask"],
         )[:, 0]  # fmt: skip
-        parts = {}
-        for t, name in enumerate(self.encoder.tasks):
-            label = batch["label"] if name == "click" else batch[f"label_{name}"]
-            parts[name] = binary_ce(logits[:, t], label)
+        clicked = batch["label"] > 0.5
+        parts = {"click": binary_ce(logits[:, 0], batch["label"])}
+        for t, name in enumerate(self.encoder.tasks[1:], start=1):
+            if clicked.any():
+                parts[name] = binary_ce(logits[clicked, t], batch[f"label_{name}"][clicked])
+            else:  # no clicked row: nothing to learn, but every parameter stays in the graph
+                parts[name] = 0.0 * logits[:, t].sum()
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
 

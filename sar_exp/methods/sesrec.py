@@ -128,6 +128,11 @@ class SESRec(RecommenderModule):
             )
         if init not in ("official", "framework"):
             raise ConfigError(f"method.module.init must be official or framework, got {init!r}")
+        if lr_scheduler and self.task == "ctr" and monitor not in ("val/auc", "val/gauc"):
+            raise ConfigError(
+                f"method.module.monitor={monitor} is not logged under task=ctr; the learning-rate "
+                "schedule needs method.module.monitor=val/auc"
+            )
         kind = backbone.get("name")
         if kind not in ENCODERS:
             raise ConfigError(f"SESRec's encoders are sasrec or gru4rec, got backbone={kind}")

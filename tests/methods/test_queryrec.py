@@ -260,3 +260,35 @@ def test_table4_baselines_train_one_epoch(make_cfg, tmp_path, method, backbone):
         header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
         for task in ("click", "like", "follow", "forward"):
             assert f"train/{task}" in header
+
+
+def test_ple_post_click_tasks_learn_on_clicked_impressions_only(ctr_data):
+    """PLE Sec. 4.3: each task's loss over its own sample space; like, follow and forward
+    happen after a click, so an unclicked row's labels for them count nothing."""
+    from sar_exp.methods.base import PlainBackbone
+
+    dm, batch = ctr_data
+    torch.manual_seed(0)
+    backbone = {"name": "ple", "encoder": {"_target_": "sar_exp.backbones.ple.PLEScorer"}}
+    model = PlainBackbone(dm.schema, backbone, task="ctr", embedding_dim=8,
+                          lookup_tables=dm.lookup_tables())  # fmt: skip
+    loss, parts = model.training_loss(batch)
+    assert set(parts) == {"click", "like", "follow", "forward"}
+    changed = dict(batch)
+    unclicked = batch["label"] < 0.5
+    assert unclicked.any() and (~unclicked).any()
+    changed["label_follow"] = torch.where(unclicked, 1.0, batch["label_follow"])
+    assert torch.equal(model.training_loss(changed)[0], loss)
+    changed["label_follow"] = torch.where(
+        unclicked, batch["label_follow"], 1 - batch["label_follow"]
+    )
+    assert not torch.equal(model.training_loss(changed)[0], loss)
+
+
+def test_sesrec_under_ctr_refuses_a_schedule_on_a_ranking_metric(ctr_data):
+    from sar_exp.methods.sesrec import SESRec
+
+    dm, _ = ctr_data
+    with pytest.raises(ConfigError, match="monitor=val/mrr is not logged under task=ctr"):
+        SESRec(dm.schema, {"name": "sasrec"}, task="ctr", lr_scheduler=True,
+               lookup_tables=dm.lookup_tables())  # fmt: skip
