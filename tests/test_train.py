@@ -101,24 +101,25 @@ def test_incompatible_pair_is_refused_before_loading_data(make_cfg):
     [
         (["protocol=clardrec_seq", "backbone=mlp"],
          "protocol=clardrec_seq is defined for the sequential view, but backbone=mlp task=ranking "
-         "reads the cf view. Valid with protocol=clardrec_seq method=base: backbone=din, "
-         "backbone=gru4rec, backbone=sasrec"),
+         "reads the cf view. Valid with protocol=clardrec_seq method=base: backbone=dcn, "
+         "backbone=din, backbone=gru4rec, backbone=ple, backbone=sasrec"),
         (["protocol=clardrec_cf", "backbone=sasrec", "method=clardrec"],
          "protocol=clardrec_cf is defined for the cf view, but backbone=sasrec task=ranking reads "
          "the sequential view. Valid with protocol=clardrec_cf method=clardrec: backbone=mlp, "
          "backbone=mmoe"),
         (["protocol=queryrec", "backbone=din"],
          "protocol=queryrec is defined for the ctr view, but backbone=din task=ranking reads the "
-         "sequential view. Valid with protocol=queryrec method=base: task=ctr backbone=din, "
-         "task=ctr backbone=gru4rec, task=ctr backbone=mlp, task=ctr backbone=mmoe, "
-         "task=ctr backbone=sasrec"),
+         "sequential view. Valid with protocol=queryrec method=base: task=ctr backbone=dcn, "
+         "task=ctr backbone=din, task=ctr backbone=gru4rec, task=ctr backbone=mlp, "
+         "task=ctr backbone=mmoe, task=ctr backbone=ple, task=ctr backbone=sasrec"),
         (["protocol=queryrec", "method=clardrec"],
          "protocol=queryrec is defined for the ctr view, but backbone=sasrec task=ranking reads "
          "the sequential view. Valid with protocol=queryrec method=clardrec: none"),
         (["protocol=clardrec_seq", "task=ctr", "backbone=din"],
          "protocol=clardrec_seq is defined for the sequential view, but backbone=din task=ctr "
          "reads the ctr view. Valid with protocol=clardrec_seq method=base: task=ranking "
-         "backbone=din, task=ranking backbone=gru4rec, task=ranking backbone=sasrec"),
+         "backbone=dcn, task=ranking backbone=din, task=ranking backbone=gru4rec, "
+         "task=ranking backbone=ple, task=ranking backbone=sasrec"),
     ],
 )  # fmt: skip
 def test_a_protocol_for_another_view_is_refused_with_the_valid_pairs(make_cfg, overrides, message):

@@ -234,6 +234,8 @@ def load_canonical(
     """Canonical tables for a dataset folder, from the cache when its sources are unchanged."""
     folder = Path(folder)
     options = dict(reader_options or {})
+    if options.get("release") == "full":  # the default: the same tables, so the same key
+        del options["release"]
     read, files, module = _reader(source, options)
     key = cache_key(
         code_fingerprint(module, sys.modules[__name__]),
