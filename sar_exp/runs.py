@@ -23,11 +23,12 @@ IDENTITY = ("task", "method", "backbone", "dataset")
 CHECKPOINT_KEY = "sar_exp"
 FINISHED, FAILED, LOCK = "metrics.json", "FAILED", ".lock"
 # Config keys that differ between runs of one configuration without changing what is
-# computed: where a run writes, how it reports, whether it resumed.
+# computed: where a run writes, how it reports, whether it resumed, and which other
+# backbones and tasks the method accepts (a release that adds one changes no run).
 INCIDENTAL = re.compile(
     r"^(seed|run_name|data\.seed|data\.cache_dir|ckpt_path|paths\..*|logger\..*|hydra\..*"
     r"|callbacks\.progress_bar\..*|callbacks\.(model|last)_checkpoint\.dirpath"
-    r"|trainer\.(enable_progress_bar|default_root_dir))$"
+    r"|trainer\.(enable_progress_bar|default_root_dir)|method\.(backbones|tasks))$"
 )
 
 

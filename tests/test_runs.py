@@ -224,6 +224,34 @@ def test_a_setting_added_later_counts_only_where_a_preset_moves_it_off_its_defau
     assert config_changes(tmp_path, uniform) == []
 
 
+def test_a_release_that_adds_backbones_tasks_or_generator_knobs_keeps_old_runs(make_cfg, tmp_path):
+    """A run recorded when the method accepted fewer backbones or tasks, before the
+    generator had its CTR knobs, and before data.queryrec existed, computed the same
+    thing: it is not stale (before, every base and SESRec cell of the tables was)."""
+    from omegaconf import OmegaConf
+
+    from sar_exp.runs import config_changes
+
+    for method, backbone in (("base", "din"), ("sesrec", "sasrec")):
+        cfg = make_cfg(f"method={method}", f"backbone={backbone}")
+        old = OmegaConf.to_container(cfg, resolve=True)
+        old["method"]["backbones"] = old["method"]["backbones"][:2]
+        old["method"]["tasks"] = ["ranking"]
+        for knob in ("skipped_per_request", "search_appeal_weight"):
+            del old["dataset"]["synthetic"][knob], old["data"]["synthetic"][knob]
+        del old["data"]["queryrec"]
+        (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+        assert config_changes(tmp_path, cfg) == [], method
+    # under task=ctr the knobs are on: an old CTR run without them is stale
+    ctr = make_cfg("backbone=din", "task=ctr")
+    old = OmegaConf.to_container(ctr, resolve=True)
+    del old["dataset"]["synthetic"]["skipped_per_request"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    assert [key for key, _, _ in config_changes(tmp_path, ctr)] == [
+        "dataset.synthetic.skipped_per_request"
+    ]
+
+
 def test_a_preprocessing_kill_leaves_no_cache_a_later_run_trusts(tmp_path):
     from sar_exp.data.cache import cached_folder
 

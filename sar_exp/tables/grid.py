@@ -227,6 +227,15 @@ def improvement(ours: Cell, baselines: dict[str, Cell], metric: str) -> str:
     return f"{metric} {change:+.2f}%{star} vs {best} ({p_text})"
 
 
+def improvements(cells_of, ours: str, baselines, metrics) -> str:
+    """`improvement` of row `ours` over the best of the other rows, metric by metric;
+    cells_of(name) gives a row's cells in `metrics` order."""
+    mine = cells_of(ours)
+    others = {b: cells_of(b) for b in baselines if b != ours}
+    return "; ".join(improvement(mine[i], {b: c[i] for b, c in others.items()}, m)
+                     for i, m in enumerate(metrics))  # fmt: skip
+
+
 def check_table_args(parser, args, all_variants: list[str]) -> None:
     """The checks every table's command line gets after parsing, each a one-line error:
     unknown variants, a real dataset without --data; --quick keeps one seed and writes

@@ -147,11 +147,10 @@ def tables(results, args) -> str:
 
 
 def significance_line(results) -> str:
-    ours = cells_of(results, "QueryRec")
-    baselines = {b: cells_of(results, b) for b in RUNNABLE if b != "QueryRec"}
-    parts = [grid.improvement(ours[i], {b: c[i] for b, c in baselines.items()}, m)
-             for i, m in enumerate(METRICS[:2])]  # fmt: skip
-    return "QueryRec over the best baseline run (Welch t-test, * p <= 0.05): " + "; ".join(parts)
+    parts = grid.improvements(
+        lambda name: cells_of(results, name), "QueryRec", RUNNABLE, METRICS[:2]
+    )
+    return "QueryRec over the best baseline run (Welch t-test, * p <= 0.05): " + parts
 
 
 def main(argv=None) -> None:

@@ -178,13 +178,8 @@ def tables(results, args) -> str:
 
 
 def improvement_line(results) -> str:
-    ours = cells_of(results, "SESRec")
-    baselines = {b: cells_of(results, b) for b in RUNNABLE if b != "SESRec"}
-    parts = [grid.improvement(ours[i], {b: c[i] for b, c in baselines.items()}, m)
-             for i, m in enumerate(METRICS)]  # fmt: skip
-    return "Improv. of SESRec over the best baseline run (Welch t-test, * p <= 0.05): " + "; ".join(
-        parts
-    )
+    parts = grid.improvements(lambda name: cells_of(results, name), "SESRec", RUNNABLE, METRICS)
+    return "Improv. of SESRec over the best baseline run (Welch t-test, * p <= 0.05): " + parts
 
 
 def main(argv=None) -> None:
