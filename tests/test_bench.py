@@ -25,13 +25,19 @@ def test_bench_prints_throughput_and_epoch_time_per_method(tmp_path, capsys):
     assert results["rows"]["users"] > 0 and results["preprocessing"]["total"] > 0
 
 
-def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
+def _one_section(tmp_path, capsys, unisar=0, sesrec=0, queryrec=0):
+    """`make bench` on the small preset with no training table and only the given
+    method section: (printed lines, the figures it wrote)."""
     figures = tmp_path / "bench.json"
-    main(["--preset", "small", "--methods", "--unisar-preset", "small", "--unisar-steps", "6",
-          "--sesrec-steps", "0", "--queryrec-steps", "0", "--cache", str(tmp_path),
-          "--json", str(figures)])  # fmt: skip
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    unisar = json.loads(figures.read_text())["unisar"]
+    main(["--preset", "small", "--methods", "--unisar-preset", "small",
+          "--unisar-steps", str(unisar), "--sesrec-steps", str(sesrec),
+          "--queryrec-steps", str(queryrec), "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
+    return capsys.readouterr().out.strip().splitlines(), json.loads(figures.read_text())
+
+
+def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
+    lines, results = _one_section(tmp_path, capsys, unisar=6)
+    line, unisar = lines[-1], results["unisar"]
     assert line.startswith("UniSAR, small preset, batch 1024 (+ 1024 search rows), 6 steps: ")
     assert f"{unisar['samples/s']:.0f} rec rows/s" in line
     assert f"({unisar['samples/s'] / 140:.1f}x the official code's 140 rows/s; target 5x)" in line
@@ -39,11 +45,8 @@ def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
 
 
 def test_bench_reports_sesrec_against_sasrec_under_its_protocol(tmp_path, capsys):
-    figures = tmp_path / "bench.json"
-    main(["--preset", "small", "--methods", "--unisar-steps", "0", "--sesrec-steps", "6",
-          "--queryrec-steps", "0", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
-    lines = capsys.readouterr().out.strip().splitlines()
-    sesrec = json.loads(figures.read_text())["sesrec"]
+    lines, results = _one_section(tmp_path, capsys, sesrec=6)
+    sesrec = results["sesrec"]
     assert lines[-4].startswith("SESRec against SASRec, protocol=sesrec (caps 150/25), batch 256")
     assert f"{sesrec['sesrec']['samples/s']:>8.0f} rows/s" in lines[-2]
     ratio = sesrec["sesrec"]["samples/s"] / sesrec["base"]["samples/s"]
@@ -51,11 +54,8 @@ def test_bench_reports_sesrec_against_sasrec_under_its_protocol(tmp_path, capsys
 
 
 def test_bench_reports_the_cost_of_queryrec_s_diffusion(tmp_path, capsys):
-    figures = tmp_path / "bench.json"
-    main(["--preset", "small", "--methods", "--unisar-steps", "0", "--sesrec-steps", "0",
-          "--queryrec-steps", "3", "--cache", str(tmp_path), "--json", str(figures)])  # fmt: skip
-    lines = capsys.readouterr().out.strip().splitlines()
-    cost = json.loads(figures.read_text())["queryrec_diffusion"]
+    lines, results = _one_section(tmp_path, capsys, queryrec=3)
+    cost = results["queryrec_diffusion"]
     assert lines[-2].startswith("QueryRec diffusion, small preset with task=ctr's knobs (cpu): ")
     assert f"{cost['queries']:,} queries x {cost['candidates']:,} candidate items" in lines[-2]
     assert cost["epochs"] == 60 and cost["peak_gb"] > 0
