@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,16 +27,26 @@ def _positive(cfg: DictConfig, key: str, kind=float) -> None:
 
 
 def method_supports(method: DictConfig, backbone: str, task: str) -> bool:
-    """The method config lists the backbones and tasks it works with."""
-    return backbone in method.backbones and task in method.tasks
+    """The method config lists the backbones and tasks it works with; a backbone config
+    may restrict the tasks further (`tasks`: BERT4Rec trains for ranking only)."""
+    tasks = backbone_configs()[backbone].get("tasks") if backbone in backbone_configs() else None
+    return (
+        backbone in method.backbones and task in method.tasks and (tasks is None or task in tasks)
+    )
+
+
+@functools.cache
+def backbone_configs() -> dict[str, DictConfig]:
+    """Backbone name -> its conf/backbone file."""
+    from sar_exp.train import CONFIG_DIR
+
+    files = sorted((Path(CONFIG_DIR) / "backbone").glob("*.yaml"))
+    return {p.stem: OmegaConf.load(p) for p in files}
 
 
 def backbone_scenarios() -> dict[str, str]:
     """Backbone name -> the view its scenario uses (cf or sequential), from conf/backbone."""
-    from sar_exp.train import CONFIG_DIR
-
-    files = sorted((Path(CONFIG_DIR) / "backbone").glob("*.yaml"))
-    return {p.stem: OmegaConf.load(p).scenario for p in files}
+    return {name: node.scenario for name, node in backbone_configs().items()}
 
 
 def check_protocol(cfg: DictConfig) -> None:
@@ -109,6 +120,10 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.eval.mode not in EVAL_MODES:
         raise ConfigError(f"eval.mode must be one of {list(EVAL_MODES)}, got {cfg.eval.mode!r}")
     method, backbone = cfg.method, cfg.backbone
+    if backbone.get("tasks") is not None and cfg.task not in backbone.tasks:
+        raise ConfigError(
+            f"backbone={backbone.name} works with task={'/'.join(backbone.tasks)} only, got task={cfg.task}"
+        )
     if not method_supports(method, backbone.name, cfg.task):
         pairs = ", ".join(f"method={method.name} backbone={b}" for b in method.backbones)
         raise ConfigError(

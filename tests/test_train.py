@@ -101,8 +101,9 @@ def test_incompatible_pair_is_refused_before_loading_data(make_cfg):
     [
         (["protocol=clardrec_seq", "backbone=mlp"],
          "protocol=clardrec_seq is defined for the sequential view, but backbone=mlp task=ranking "
-         "reads the cf view. Valid with protocol=clardrec_seq method=base: backbone=dcn, "
-         "backbone=din, backbone=gru4rec, backbone=ple, backbone=sasrec"),
+         "reads the cf view. Valid with protocol=clardrec_seq method=base: backbone=bert4rec, "
+         "backbone=dcn, backbone=dien, backbone=din, backbone=fmlprec, backbone=gru4rec, "
+         "backbone=ple, backbone=sasrec, backbone=stamp"),
         (["protocol=clardrec_cf", "backbone=sasrec", "method=clardrec"],
          "protocol=clardrec_cf is defined for the cf view, but backbone=sasrec task=ranking reads "
          "the sequential view. Valid with protocol=clardrec_cf method=clardrec: backbone=mlp, "
@@ -110,16 +111,19 @@ def test_incompatible_pair_is_refused_before_loading_data(make_cfg):
         (["protocol=queryrec", "backbone=din"],
          "protocol=queryrec is defined for the ctr view, but backbone=din task=ranking reads the "
          "sequential view. Valid with protocol=queryrec method=base: task=ctr backbone=dcn, "
-         "task=ctr backbone=din, task=ctr backbone=gru4rec, task=ctr backbone=mlp, "
-         "task=ctr backbone=mmoe, task=ctr backbone=ple, task=ctr backbone=sasrec"),
+         "task=ctr backbone=dien, task=ctr backbone=din, task=ctr backbone=fmlprec, "
+         "task=ctr backbone=gru4rec, task=ctr backbone=mlp, task=ctr backbone=mmoe, "
+         "task=ctr backbone=ple, task=ctr backbone=sasrec, task=ctr backbone=stamp"),
         (["protocol=queryrec", "method=clardrec"],
          "protocol=queryrec is defined for the ctr view, but backbone=sasrec task=ranking reads "
          "the sequential view. Valid with protocol=queryrec method=clardrec: none"),
         (["protocol=clardrec_seq", "task=ctr", "backbone=din"],
          "protocol=clardrec_seq is defined for the sequential view, but backbone=din task=ctr "
          "reads the ctr view. Valid with protocol=clardrec_seq method=base: task=ranking "
-         "backbone=dcn, task=ranking backbone=din, task=ranking backbone=gru4rec, "
-         "task=ranking backbone=ple, task=ranking backbone=sasrec"),
+         "backbone=bert4rec, task=ranking backbone=dcn, task=ranking backbone=dien, "
+         "task=ranking backbone=din, task=ranking backbone=fmlprec, task=ranking "
+         "backbone=gru4rec, task=ranking backbone=ple, task=ranking backbone=sasrec, "
+         "task=ranking backbone=stamp"),
     ],
 )  # fmt: skip
 def test_a_protocol_for_another_view_is_refused_with_the_valid_pairs(make_cfg, overrides, message):

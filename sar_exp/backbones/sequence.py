@@ -20,3 +20,19 @@ def left_aligned(steps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, L, d] over the [B, L] valid slots -> [B, d] (zeros for a row with none)."""
     return (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+
+
+def right_aligned(
+    steps: torch.Tensor, mask: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L, d] -> [B, length, d] with each row's newest `length` valid steps at the end
+    and zero padding before them (FMLP-Rec's sequences are left-padded: its filters act
+    on a fixed-length signal whose last position is the newest event)."""
+    steps, mask = left_aligned(steps, mask)
+    count = mask.sum(1)
+    slots = torch.arange(length, device=steps.device)
+    source = slots[None, :] + (count - length)[:, None]  # the slot's step in the row
+    valid = source >= 0
+    index = source.clamp(min=0, max=steps.shape[1] - 1)
+    out = torch.gather(steps, 1, index.unsqueeze(-1).expand(-1, -1, steps.shape[-1]))
+    return out * valid.unsqueeze(-1).to(out.dtype), valid

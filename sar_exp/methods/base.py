@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sar_exp.backbones.bert4rec import cloze_sequences
 from sar_exp.backbones.embeddings import FeatureEmbedding, QueryEncoder, mlp
 from sar_exp.errors import ConfigError
 from sar_exp.methods.losses import binary_ce, sampled_softmax_ce
@@ -231,11 +232,25 @@ class PlainBackbone(RecommenderModule):
             hp.backbone["encoder"], **self.backbone_dims(self.items.out_dim)
         )
         self.target_aware = getattr(self.encoder, "scores_items", False)
-        if not self.target_aware:
+        # STAMP, FMLP-Rec and BERT4Rec score candidates with the embeddings their history
+        # reads; the other two-tower backbones pass them through the item MLP (Eq. 3)
+        self.item_encoder = None
+        if not self.target_aware and not getattr(self.encoder, "shares_item_embedding", False):
             self.item_encoder = mlp(self.items.out_dim, hp.hidden_dim, hp.item_layers)
+        self.item_bias = None
+        if getattr(self.encoder, "item_bias", False):  # BERT4Rec's output bias b_O
+            self.item_bias = torch.nn.Embedding(schema["num_items"] + 1, 1)
+            torch.nn.init.zeros_(self.item_bias.weight)
+        if not getattr(self.encoder, "reads_user", True):
+            self.users = None  # STAMP, FMLP-Rec, BERT4Rec: no user embedding in the model
+        self.cloze = getattr(self.encoder, "objective", None) == "cloze"
+        if self.cloze and self.task != "ranking":
+            raise ConfigError(
+                f"backbone={backbone['name']} trains with its Cloze objective: task=ranking only"
+            )
 
     def user_representation(self, batch) -> torch.Tensor:
-        user = self.users(batch["user"])
+        user = self.users(batch["user"]) if self.users is not None else None
         if not self.encoder.needs_history:
             return self.encoder(user)
         return self.encoder(user, self.items(batch["rec_history"]), batch["rec_history_mask"])
@@ -250,17 +265,64 @@ class PlainBackbone(RecommenderModule):
                 self.queries(batch["search_history_query"]) if self.queries is not None else None,
                 batch["search_history_mask"],
             )
-        user = self.user_representation(batch)
-        return (user.unsqueeze(1) * self.item_encoder(self.items(candidates))).sum(-1)  # Eq. 3
+        return self.dot_scores(self.user_representation(batch), candidates)
+
+    def dot_scores(self, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """[N, d] users against their [N, K] candidate items (Eq. 3)."""
+        items = self.items(candidates)
+        if self.item_encoder is not None:
+            items = self.item_encoder(items)
+        scores = (user.unsqueeze(1) * items).sum(-1)
+        if self.item_bias is not None:
+            scores = scores + self.item_bias(candidates).squeeze(-1)
+        return scores
 
     def training_loss(self, batch):
         if self.task == "ctr" and hasattr(self.encoder, "task_logits"):
             return self._multi_task_loss(batch)
+        if self.cloze:
+            return self._cloze_loss(batch), {}
         if self.task == "ctr":
             loss = binary_ce(self.score(batch, batch["item"][:, None])[:, 0], batch["label"])
         else:
             loss = sampled_softmax_ce(self.score(batch, batch["candidates"]))
-        return loss, {}
+        if not hasattr(self.encoder, "auxiliary_loss"):
+            return loss, {}
+        aux = self._auxiliary_loss(batch)  # DIEN: L = L_target + alpha L_aux
+        return loss + self.encoder.aux_weight * aux, {"target": loss.detach(), "aux": aux.detach()}
+
+    def _cloze_loss(self, batch) -> torch.Tensor:
+        """BERT4Rec's Cloze objective: every masked event of [history..., clicked item]
+        against the row's sampled negatives, with the framework's sampled-softmax CE
+        (Eq. 4); a negative that is the masked event's own item is left out."""
+        ids, valid, masked = cloze_sequences(
+            batch["rec_history"], batch["rec_history_mask"], batch["item"], self.encoder.mask_prob
+        )
+        outputs = self.encoder.encode(self.items(ids), valid, masked)[masked]  # [P, d]
+        rows = masked.nonzero()[:, 0]
+        positives = ids[masked]
+        candidates = torch.cat([positives[:, None], batch["candidates"][rows, 1:]], dim=1)
+        scores = self.dot_scores(outputs, candidates)
+        scores[:, 1:] = scores[:, 1:].masked_fill(
+            candidates[:, 1:] == positives[:, None], float("-inf")
+        )
+        return sampled_softmax_ce(scores)
+
+    def _auxiliary_loss(self, batch) -> torch.Tensor:
+        """DIEN's L_aux, with one random item of the rec pool per history slot, redrawn
+        where it is the item clicked there."""
+        history = batch["rec_history"]
+        pool = self.rec_item_pool.nonzero().squeeze(-1)
+        if pool.numel() == 0:  # no pool given: every item
+            pool = torch.arange(1, self.schema["num_items"] + 1, device=history.device)
+        negatives = pool[torch.randint(0, pool.numel(), history.shape, device=history.device)]
+        hit = negatives == history
+        negatives[hit] = pool[
+            torch.randint(0, pool.numel(), (int(hit.sum()),), device=history.device)
+        ]
+        return self.encoder.auxiliary_loss(
+            self.items(history), batch["rec_history_mask"], self.items(negatives)
+        )
 
     def _multi_task_loss(self, batch):
         """PLE Sec. 4.3: the sum of each task's binary CE over its own sample space (equal

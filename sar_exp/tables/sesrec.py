@@ -6,8 +6,8 @@ over several seeds, beside the published numbers.
 
 Every run uses SESRec's protocol (protocol=sesrec, caps 150/25; sesrec_amazon, 15/15, on
 Amazon) and is selected on validation MRR (SESRec's code). Rows whose model the
-framework has are run: DIN, GRU4Rec and SASRec (method=base), JSR (two towers over
-SASRec) and SESRec; the others show the published numbers only.
+framework has are run: STAMP, DIN, GRU4Rec, SASRec, DIEN and FMLP-Rec (method=base),
+JSR (two towers over SASRec) and SESRec; the others show the published numbers only.
 
 Which published numbers: the paper's own are on a private Kuaishou log and on Amazon
 Kindle. Beside an Amazon run, Table 2 shows its Amazon column; beside a KuaiSAR (or the
@@ -26,9 +26,12 @@ METRICS = ("ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "mrr")  # Table 2's ord
 MONITOR = "val/mrr"
 # the rows we run: name -> overrides
 RUNNABLE = {
+    "STAMP": ["method=base", "backbone=stamp"],
     "DIN": ["method=base", "backbone=din"],
     "GRU4Rec": ["method=base", "backbone=gru4rec"],
     "SASRec": ["method=base", "backbone=sasrec"],
+    "DIEN": ["method=base", "backbone=dien"],
+    "FMLP-Rec": ["method=base", "backbone=fmlprec"],
     "JSR": ["method=jsr", "backbone=sasrec"],
     "SESRec": ["method=sesrec", "backbone=sasrec"],
 }
