@@ -3,12 +3,12 @@ scoring with the history read as an evolving interest.
 
 Interest extractor: a GRU over the rec history, h_t per event, supervised by the auxiliary
 loss L_aux = -[log sigma(h_t . e_{t+1}) + log(1 - sigma(h_t . e^_{t+1}))] with e^ a random
-other item (the paper sums over t and averages over users; here it is averaged over the
-history's event pairs, as the authors' code does, so that alpha weighs it against the
-target loss at any history length). Interest evolving: attention
+other item of the rec pool (the paper sums over t and averages over users; here it is
+averaged over the history's event pairs, so that alpha weighs it against the target loss
+whatever the history length). Interest evolving: attention
 a_t = softmax_t(h_t W e_target) and an AUGRU whose update gate is scaled by a_t,
 u'_t = a_t * u_t, h'_t = (1 - u'_t) * h'_{t-1} + u'_t * h~'_t, run per candidate.
-Prediction: MLP([user | target | h'_T]) (200-80-1, PReLU, DIN's) -> logit.
+Prediction: MLP([user | target | h'_T]) (200-80-1 with PReLU, as DIN's) -> logit.
 L = L_target + alpha * L_aux (alpha 1.0; `aux_weight`)."""
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class AUGRUCell(nn.Module):
 class DIENScorer(nn.Module):
     needs_history = True
     scores_items = True
+    full_ranking = False  # an AUGRU pass per candidate: sampled evaluation only
 
-    def __init__(self, user_dim: int, item_dim: int, hidden_dim: int = 200,
+    def __init__(self, user_dim: int, item_dim: int, mlp_dim: int = 200,
                  aux_weight: float = 1.0, **_):  # fmt: skip
         super().__init__()
         self.extractor = nn.GRU(item_dim, item_dim, batch_first=True)
@@ -49,8 +50,8 @@ class DIENScorer(nn.Module):
         self.evolver = AUGRUCell(item_dim)
         self.aux_weight = aux_weight
         self.predict = nn.Sequential(
-            nn.Linear(user_dim + 2 * item_dim, hidden_dim), nn.PReLU(),
-            nn.Linear(hidden_dim, 80), nn.PReLU(), nn.Linear(80, 1),
+            nn.Linear(user_dim + 2 * item_dim, mlp_dim), nn.PReLU(),
+            nn.Linear(mlp_dim, 80), nn.PReLU(), nn.Linear(80, 1),
         )  # fmt: skip
 
     def interests(self, history, mask):

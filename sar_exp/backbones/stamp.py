@@ -39,9 +39,10 @@ class STAMPEncoder(nn.Module):
         steps, mask = left_aligned(steps, mask)
         lengths = mask.sum(1)
         general = masked_mean(steps, mask)  # m_s
-        newest = steps[
-            torch.arange(steps.shape[0], device=steps.device), (lengths - 1).clamp(min=0)
-        ]
+        rows = torch.arange(steps.shape[0], device=steps.device)
+        newest = steps[rows, (lengths - 1).clamp(min=0)] * (lengths > 0).unsqueeze(-1).to(
+            steps.dtype
+        )
         hidden = self.w1(steps) + self.w2(newest)[:, None] + self.w3(general)[:, None] + self.b_a
         alpha = self.w0(torch.sigmoid(hidden)).squeeze(-1) * mask.to(steps.dtype)
         return alpha, steps, newest

@@ -8,8 +8,10 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sar_exp.backbones.bert4rec import cloze_sequences
+from sar_exp.backbones.bert4rec import cloze_loss, cloze_sequences
 from sar_exp.backbones.embeddings import FeatureEmbedding, QueryEncoder, mlp
+from sar_exp.backbones.sequence import left_aligned
+from sar_exp.data.batches import stable_seed
 from sar_exp.errors import ConfigError
 from sar_exp.methods.losses import binary_ce, sampled_softmax_ce
 from sar_exp.metrics.ctr import CTRMetrics
@@ -116,6 +118,13 @@ class RecommenderModule(pl.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------ training
+    def step_generator(self) -> torch.Generator:
+        """A CPU generator for a model's own random draws in training (BERT4Rec's masks,
+        DIEN's negatives), seeded by (run seed, process rank, step): a resumed run draws
+        what the uninterrupted one would, other seeds and DDP ranks draw their own."""
+        seed = stable_seed(torch.initial_seed(), self.global_rank, self.global_step)
+        return torch.Generator().manual_seed(seed)
+
     def training_step(self, batch, batch_idx):
         loss, parts = self.training_loss(batch)
         size = batch["user"].numel()
@@ -241,6 +250,11 @@ class PlainBackbone(RecommenderModule):
         if getattr(self.encoder, "item_bias", False):  # BERT4Rec's output bias b_O
             self.item_bias = torch.nn.Embedding(schema["num_items"] + 1, 1)
             torch.nn.init.zeros_(self.item_bias.weight)
+        if self.eval_mode == "full" and not getattr(self.encoder, "full_ranking", True):
+            raise ConfigError(
+                f"backbone={backbone['name']} scores each candidate with its own pass over the "
+                "history: eval.mode=full would run it for every item; use eval.mode=sampled"
+            )
         if not getattr(self.encoder, "reads_user", True):
             self.users = None  # STAMP, FMLP-Rec, BERT4Rec: no user embedding in the model
         self.cloze = getattr(self.encoder, "objective", None) == "cloze"
@@ -275,6 +289,8 @@ class PlainBackbone(RecommenderModule):
         scores = (user.unsqueeze(1) * items).sum(-1)
         if self.item_bias is not None:
             scores = scores + self.item_bias(candidates).squeeze(-1)
+        if getattr(self.encoder, "sigmoid_logits", False):  # STAMP's printed sigma(<h_s, h_t, x>)
+            scores = torch.sigmoid(scores)
         return scores
 
     def training_loss(self, batch):
@@ -296,33 +312,30 @@ class PlainBackbone(RecommenderModule):
         against the row's sampled negatives, with the framework's sampled-softmax CE
         (Eq. 4); a negative that is the masked event's own item is left out."""
         ids, valid, masked = cloze_sequences(
-            batch["rec_history"], batch["rec_history_mask"], batch["item"], self.encoder.mask_prob
-        )
+            batch["rec_history"], batch["rec_history_mask"], batch["item"],
+            self.encoder.mask_prob, self.step_generator(), self.encoder.last_item_samples,
+        )  # fmt: skip
+        rows = masked.nonzero()[:, 0] % batch["item"].numel()  # each masked event's batch row
         outputs = self.encoder.encode(self.items(ids), valid, masked)[masked]  # [P, d]
-        rows = masked.nonzero()[:, 0]
-        positives = ids[masked]
-        candidates = torch.cat([positives[:, None], batch["candidates"][rows, 1:]], dim=1)
-        scores = self.dot_scores(outputs, candidates)
-        scores[:, 1:] = scores[:, 1:].masked_fill(
-            candidates[:, 1:] == positives[:, None], float("-inf")
-        )
-        return sampled_softmax_ce(scores)
+        return cloze_loss(self.dot_scores, outputs, ids[masked], batch["candidates"][rows, 1:])
 
     def _auxiliary_loss(self, batch) -> torch.Tensor:
         """DIEN's L_aux, with one random item of the rec pool per history slot, redrawn
         where it is the item clicked there."""
-        history = batch["rec_history"]
+        history, mask = left_aligned(batch["rec_history"].unsqueeze(-1), batch["rec_history_mask"])
+        history = history.squeeze(-1)
         pool = self.rec_item_pool.nonzero().squeeze(-1)
         if pool.numel() == 0:  # no pool given: every item
             pool = torch.arange(1, self.schema["num_items"] + 1, device=history.device)
-        negatives = pool[torch.randint(0, pool.numel(), history.shape, device=history.device)]
+        generator = self.step_generator()
+
+        def draw(size):
+            return pool[torch.randint(0, pool.numel(), size, generator=generator).to(pool.device)]
+
+        negatives = draw(history.shape)
         hit = negatives == history
-        negatives[hit] = pool[
-            torch.randint(0, pool.numel(), (int(hit.sum()),), device=history.device)
-        ]
-        return self.encoder.auxiliary_loss(
-            self.items(history), batch["rec_history_mask"], self.items(negatives)
-        )
+        negatives[hit] = draw((int(hit.sum()),))
+        return self.encoder.auxiliary_loss(self.items(history), mask, self.items(negatives))
 
     def _multi_task_loss(self, batch):
         """PLE Sec. 4.3: the sum of each task's binary CE over its own sample space (equal

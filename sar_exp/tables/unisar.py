@@ -7,9 +7,11 @@ several seeds, beside the paper's numbers.
 Every run uses UniSAR's protocol (protocol=unisar_kuaisar; unisar_amazon on Amazon)
 with both tasks held out, so all rows train on the same data. Rows whose model the
 framework has are run: DIN, GRU4Rec, SASRec, BERT4Rec and FMLP-Rec (method=base),
-SESRec, JSR (two towers over SASRec; the paper's JSR uses DIN for recommendation) and
-UniSAR; the other rows show the published numbers only. UniSAR and JSR are selected on the mean of rec and search
-validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5.
+SESRec, the personalized search models QEM, HEM, AEM, ZAM, TEM and CoPPS (search only),
+JSR (two towers over SASRec; the paper's JSR uses DIN for recommendation) and UniSAR;
+the other rows show the published numbers only. UniSAR and JSR are selected on the mean of rec and search
+validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5, the search-only
+ones on search NDCG@5.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ from sar_exp.tables import grid
 from sar_exp.tables.report import Cell, render
 
 REC_METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10")
-# the rows we run: name -> (overrides, scores search)
+# the rows we run: name -> (overrides, the tasks it scores)
 RUNNABLE = {
-    "DIN": (["method=base", "backbone=din"], False),
-    "GRU4Rec": (["method=base", "backbone=gru4rec"], False),
-    "SASRec": (["method=base", "backbone=sasrec"], False),
-    "BERT4Rec": (["method=base", "backbone=bert4rec"], False),
-    "FMLP-Rec": (["method=base", "backbone=fmlprec"], False),
-    "SESRec": (["method=sesrec", "backbone=sasrec"], False),
-    "JSR": (["method=jsr", "backbone=sasrec"], True),
-    "UniSAR": (["method=unisar", "backbone=sasrec"], True),
-}
+    "DIN": (["method=base", "backbone=din"], ("rec",)),
+    "GRU4Rec": (["method=base", "backbone=gru4rec"], ("rec",)),
+    "SASRec": (["method=base", "backbone=sasrec"], ("rec",)),
+    "BERT4Rec": (["method=base", "backbone=bert4rec"], ("rec",)),
+    "FMLP-Rec": (["method=base", "backbone=fmlprec"], ("rec",)),
+    "SESRec": (["method=sesrec", "backbone=sasrec"], ("rec",)),
+    **{name: ([f"method={name.lower()}"], ("search",))
+       for name in ("QEM", "HEM", "AEM", "ZAM", "TEM", "CoPPS")},
+    "JSR": (["method=jsr", "backbone=sasrec"], ("rec", "search")),
+    "UniSAR": (["method=unisar", "backbone=sasrec"], ("rec", "search")),
+}  # fmt: skip
+MONITORS = {("rec",): "val/ndcg@5", ("search",): "val/search/ndcg@5",
+            ("rec", "search"): "val/mean_ndcg@5"}  # fmt: skip
 # Table 5: variant (as typed on the command line) -> (the paper's label, UniSAR overrides)
 ABLATIONS = {
     "wo_r2r": ("w/o r2r", ["method.module.use_r2r=false"]),
@@ -124,8 +130,8 @@ def base_overrides(args, unisar: bool) -> list[str]:
 def cell_runs(name: str, args) -> list[tuple[str, list[str], str]]:
     """(part, overrides, monitor) of each run a row needs."""
     if name in RUNNABLE:
-        overrides, both = RUNNABLE[name]
-        monitor = "val/mean_ndcg@5" if both else "val/ndcg@5"
+        overrides, tasks = RUNNABLE[name]
+        monitor = MONITORS[tasks]
         common = base_overrides(args, unisar=name == "UniSAR")
         return [("", [*overrides, *common, f"optimized_metric={monitor}"], monitor)]
     unisar = [*RUNNABLE["UniSAR"][0], *base_overrides(args, unisar=True)]
@@ -166,14 +172,14 @@ def tables(results, args) -> str:
         family = (
             "SeqRec" if name in ("DIN", "GRU4Rec", "SASRec", "BERT4Rec", "FMLP-Rec") else "Joint"
         )
-        runnable = name in RUNNABLE and name in args.variants
+        runnable = name in args.variants and "rec" in RUNNABLE.get(name, ((), ()))[1]
         cells = metric_cells(results, name, "rec", REC_METRICS) if runnable else [Cell([])] * 5
         rec_rows.append(
             (family, "" if runnable else "paper", name, cells, published if show else None)
         )
     for name, published in PUBLISHED_SEARCH[dataset].items():
         family = "Joint" if name in ("JSR", "USER", "UnifiedSSR", "UniSAR") else "PerSearch"
-        runnable = name in ("JSR", "UniSAR") and name in args.variants
+        runnable = name in args.variants and "search" in RUNNABLE.get(name, ((), ()))[1]
         cells = metric_cells(results, name, "search", REC_METRICS) if runnable else [Cell([])] * 5
         search_rows.append(
             (family, "" if runnable else "paper", name, cells, published if show else None)
@@ -193,17 +199,21 @@ def tables(results, args) -> str:
     lines = [
         render(rec_rows, list(REC_METRICS), f"Table 3 (UniSAR): recommendation on {args.dataset}, {seeds}",
                ("", "run"), footnote),
-        improvement_line(results, "rec", [name for name in RUNNABLE if name != "UniSAR"]),
+        improvement_line(results, "rec", baselines_of("rec")),
         "",
         render(search_rows, list(REC_METRICS), f"Table 4 (UniSAR): search on {args.dataset}, {seeds}",
                ("", "run"), footnote),
-        improvement_line(results, "search", ["JSR"]),
+        improvement_line(results, "search", baselines_of("search")),
         "",
         render(ablation_rows, ["rec ndcg@5", "rec ndcg@10", "src ndcg@5", "src ndcg@10"],
                f"Table 5 (UniSAR): ablations on {args.dataset} (published: KuaiSAR)", ("", ""),
                footnote),
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def baselines_of(task: str) -> list[str]:
+    return [name for name, (_, tasks) in RUNNABLE.items() if task in tasks and name != "UniSAR"]
 
 
 def improvement_line(results, task: str, baselines: list[str]) -> str:

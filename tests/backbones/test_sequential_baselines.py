@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sar_exp.backbones.bert4rec import BERT4RecEncoder, cloze_sequences
+from sar_exp.backbones.bert4rec import BERT4RecEncoder, cloze_loss, cloze_sequences
 from sar_exp.backbones.dien import AUGRUCell, DIENScorer
 from sar_exp.backbones.fmlp import FilterLayer, FMLPRecEncoder
 from sar_exp.backbones.sequence import right_aligned
@@ -30,17 +30,18 @@ def test_stamp_scores_by_the_trilinear_product_of_h_s_h_t_and_the_item(history):
     steps, mask = history
     stamp = STAMPEncoder(D)
     user = stamp(None, steps, mask)
-    alpha, _, newest = stamp.attention(steps, mask)
-    row = 3  # a full history: m_a over all six events, m_t the sixth
-    memory = (alpha[row, :, None] * steps[row]).sum(0)
-    h_s, h_t = torch.tanh(stamp.cell_a(memory)), torch.tanh(stamp.cell_b(steps[row, 5]))
+    row, x = 4, steps[4, :4]  # four events: m_s their mean, m_t the fourth
+    m_s, m_t = x.mean(0), x[3]
+    alpha = stamp.w0(torch.sigmoid(stamp.w1(x) + stamp.w2(m_t) + stamp.w3(m_s) + stamp.b_a))
+    m_a = (alpha * x).sum(0)
+    h_s, h_t = torch.tanh(stamp.cell_a(m_a)), torch.tanh(stamp.cell_b(m_t))
     item = torch.randn(D)
-    assert torch.allclose(newest[row], steps[row, 5])
     assert torch.allclose(user[row] @ item, (h_s * h_t * item).sum(), atol=1e-6)
-    # the newest item enters through h_t: changing it changes the user
-    changed = steps.clone()
-    changed[row, 5] += 1.0
-    assert not torch.allclose(stamp(None, changed, mask)[row], user[row])
+    # no history: m_s = m_t = m_a = 0, whatever the padding slots hold
+    noisy = steps + torch.randn_like(steps) * (~mask)[..., None]
+    assert torch.allclose(
+        stamp(None, noisy, mask)[0], torch.tanh(stamp.cell_a.bias) * torch.tanh(stamp.cell_b.bias)
+    )
 
 
 def test_right_aligned_puts_the_newest_events_last_and_keeps_at_most_length(history):
@@ -53,16 +54,15 @@ def test_right_aligned_puts_the_newest_events_last_and_keeps_at_most_length(hist
 
 def test_fmlp_filter_multiplies_the_spectrum_along_the_sequence():
     torch.manual_seed(0)
-    layer = FilterLayer(6, D, dropout=0.0)
-    x = torch.randn(2, 6, D)
-    weight = torch.view_as_complex(layer.weight)
-    # the filter alone, computed as a circular convolution in the time domain
-    kernel = torch.fft.irfft(weight, n=6, dim=0)  # [6, D]
-    conv = torch.stack([sum(x[:, (t - s) % 6] * kernel[s] for s in range(6)) for t in range(6)], 1)
-    expected = layer.norm(x + conv / 6**0.5 * 6**0.5)  # ortho FFT, ortho inverse: same scale
-    assert torch.allclose(layer(x), expected, atol=1e-5)
-    # with an identity filter (W = 1) the layer is LayerNorm(2x)
-    with torch.no_grad():
+    n = 7  # odd: a filter built for another length, or without the ortho scaling, differs
+    layer = FilterLayer(n, D, dropout=0.0)
+    x = torch.randn(2, n, D)
+    # ortho FFT, W, ortho inverse FFT = a circular convolution with irfft(W, n) along the
+    # sequence, each channel with its own kernel
+    kernel = torch.fft.irfft(torch.view_as_complex(layer.weight), n=n, dim=0)  # [n, D]
+    conv = torch.stack([sum(x[:, (t - k) % n] * kernel[k] for k in range(n)) for t in range(n)], 1)
+    assert torch.allclose(layer(x), layer.norm(x + conv), atol=1e-5)
+    with torch.no_grad():  # W = 1 passes the signal through: LayerNorm(x + x)
         layer.weight.zero_()
         layer.weight[..., 0] = 1.0
     assert torch.allclose(layer(x), layer.norm(2 * x), atol=1e-5)
@@ -75,6 +75,15 @@ def test_fmlp_reads_the_newest_event_at_the_last_position(history):
     assert user.shape == (B, D) and torch.isfinite(user).all()
     padded = steps + torch.randn_like(steps) * (~mask)[..., None]
     assert torch.allclose(fmlp(None, padded, mask), user, atol=1e-5)
+    # a batch padded to a narrower width gives the same users (the filter's signal is
+    # always the last max_length slots, the newest event last)
+    narrow = fmlp(None, steps[[1, 2], :3], mask[[1, 2], :3])
+    assert torch.allclose(narrow, user[[1, 2]], atol=1e-5)
+    changed = steps.clone()
+    changed[2, 2] += torch.randn(
+        D
+    )  # the newest of row 2's three events (not a constant: LayerNorm)
+    assert not torch.allclose(fmlp(None, changed, mask)[2], user[2])
 
 
 def test_cloze_masks_only_events_and_at_least_one_per_row():
@@ -85,10 +94,29 @@ def test_cloze_masks_only_events_and_at_least_one_per_row():
     assert ids.tolist() == [[3, 4, 7, 0], [5, 8, 0, 0], [9, 0, 0, 0]]
     assert valid.sum(1).tolist() == [3, 2, 1]
     assert (masked <= valid).all() and masked.any(1).all()
+    # last-item samples: the same sequences again, the clicked item alone masked
+    ids2, _, masked2 = cloze_sequences(history, mask, torch.tensor([7, 8, 9]), 0.5,
+                                       torch.Generator().manual_seed(0), last_item_samples=True)  # fmt: skip
+    assert torch.equal(ids2[:3], ids) and torch.equal(ids2[3:], ids)
+    assert ids2[3:][masked2[3:]].tolist() == [7, 8, 9]
     # rate: over many rows about mask_prob of the events are masked
     many = torch.randint(1, 50, (4000, 10))
     _, valid, masked = cloze_sequences(many, many > 0, torch.ones(4000, dtype=torch.long), 0.3)
     assert abs(masked.sum() / valid.sum() - 0.3) < 0.02
+
+
+def test_cloze_loss_leaves_out_a_negative_that_is_the_masked_item():
+    def dot(users, candidates):
+        return users.expand(-1, candidates.shape[1]) * 0 + candidates.float()  # score = item id
+
+    positives = torch.tensor([5, 2])
+    clean = cloze_loss(dot, torch.zeros(2, 1), positives, torch.tensor([[1, 3], [1, 3]]))
+    # the second row's negative 2 is its own item: left out, not a competitor
+    hit = cloze_loss(dot, torch.zeros(2, 1), positives, torch.tensor([[1, 3], [2, 3]]))
+    expected_second = -torch.log_softmax(torch.tensor([2.0, 3.0]), 0)[0] / 3
+    expected_first = -torch.log_softmax(torch.tensor([5.0, 1.0, 3.0]), 0)[0] / 3
+    assert torch.allclose(hit, (expected_first + expected_second) / 2)
+    assert hit < clean
 
 
 def test_bert4rec_reads_both_directions_but_predicts_at_an_appended_mask(history):
@@ -100,14 +128,14 @@ def test_bert4rec_reads_both_directions_but_predicts_at_an_appended_mask(history
     valid = mask.clone()
     first = bert.encode(steps, valid, torch.zeros_like(mask))[3, 0]
     changed = steps.clone()
-    changed[3, 5] += 1.0
+    changed[3, 5] += torch.randn(D)
     assert not torch.allclose(bert.encode(changed, valid, torch.zeros_like(mask))[3, 0], first)
     # a masked event is not read: changing it leaves every output unchanged
     masked = torch.zeros_like(mask)
     masked[3, 2] = True
     out = bert.encode(steps, valid, masked)
     other = steps.clone()
-    other[3, 2] += 5.0
+    other[3, 2] += torch.randn(D) * 5  # not a constant shift, which LayerNorm would hide
     assert torch.allclose(bert.encode(other, valid, masked), out, atol=1e-6)
 
 
@@ -131,15 +159,24 @@ def test_augru_attention_scales_the_update_gate():
 def test_dien_scores_each_candidate_with_its_own_evolved_interest(history):
     steps, mask = history
     dien = DIENScorer(4, D)
-    items = torch.randn(B, 3, D)
-    scores = dien(torch.randn(B, 4), items, steps, mask)
+    user, items = torch.randn(B, 4), torch.randn(B, 3, D)
+    scores = dien(user, items, steps, mask)
     assert scores.shape == (B, 3) and torch.isfinite(scores).all()
-    # the auxiliary loss: a history whose next events match h_t costs less than random ones
-    states, _, valid = dien.interests(steps, mask)
-    aligned = torch.cat([states[:, :1], states[:, :-1]], dim=1) * 3  # e_{t+1} = 3 h_t
-    good = dien.auxiliary_loss(aligned, mask, -aligned)
-    bad = dien.auxiliary_loss(aligned, mask, aligned)
-    assert good < bad
+    one_by_one = torch.cat([dien(user, items[:, k : k + 1], steps, mask) for k in range(3)], 1)
+    assert torch.allclose(scores, one_by_one, atol=1e-6)
+
+
+def test_dien_auxiliary_loss_pairs_h_t_with_the_next_event(history):
+    steps, mask = history
+    dien = DIENScorer(4, D)
+    negatives = torch.randn(B, L, D)
+    states, _, _ = dien.interests(steps, mask)
+    terms = []
+    for b, n in enumerate(mask.sum(1).tolist()):
+        for t in range(n - 1):  # h_t against e_{t+1} and the negative drawn for t + 1
+            terms.append(torch.nn.functional.softplus(-states[b, t] @ steps[b, t + 1])
+                         + torch.nn.functional.softplus(states[b, t] @ negatives[b, t + 1]))  # fmt: skip
+    assert torch.allclose(dien.auxiliary_loss(steps, mask, negatives), torch.stack(terms).mean())
 
 
 @pytest.mark.parametrize("backbone", ["stamp", "dien", "fmlprec", "bert4rec"])
@@ -166,3 +203,27 @@ def test_bert4rec_refuses_the_ctr_task(make_cfg):
         ConfigError, match="backbone=bert4rec works with task=ranking only, got task=ctr"
     ):
         train(make_cfg("backbone=bert4rec", "task=ctr"))
+
+
+@pytest.mark.parametrize("backbone", ["stamp", "fmlprec", "bert4rec"])
+def test_candidates_are_scored_with_the_embeddings_the_history_reads(make_cfg, backbone):
+    cfg = make_cfg(f"backbone={backbone}")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    build = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
+    model = build(schema=datamodule.schema, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+                  task=cfg.task, lookup_tables=datamodule.lookup_tables()).eval()  # fmt: skip
+    assert model.item_encoder is None and model.users is None
+    batch = next(iter(datamodule.val_dataloader()[0] if isinstance(datamodule.val_dataloader(), list)
+                      else datamodule.val_dataloader()))  # fmt: skip
+    with torch.no_grad():
+        user = model.user_representation(batch)
+        expected = (user.unsqueeze(1) * model.items(batch["candidates"])).sum(-1)
+        if backbone == "bert4rec":
+            expected = expected + model.item_bias(batch["candidates"]).squeeze(-1)
+        assert torch.allclose(model.score(batch, batch["candidates"]), expected, atol=1e-5)
+
+
+def test_dien_refuses_full_ranking(make_cfg):
+    with pytest.raises(ConfigError, match="backbone=dien scores each candidate with its own pass"):
+        train(make_cfg("backbone=dien", "eval.mode=full"))

@@ -1,0 +1,115 @@
+"""The personalized product search baselines (UniSAR's Table 4): what sets each model
+apart, and a training epoch of each on the embedded data's search task."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sar_exp.errors import ConfigError
+from sar_exp.train import train
+
+SEARCH_ONLY = ("protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
+               "optimized_metric=val/search/ndcg@5")  # fmt: skip
+
+
+def build(make_cfg, model: str, *overrides):
+    cfg = make_cfg(f"method={model}", *SEARCH_ONLY, *overrides)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    module = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")(
+        schema=datamodule.schema, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        task=cfg.task, lookup_tables=datamodule.lookup_tables(),
+        evaluated_tasks=datamodule.evaluation_tasks,
+    )  # fmt: skip
+    return module, next(iter(datamodule.train_dataloader()))
+
+
+def test_qem_ignores_the_user_and_hem_mixes_a_latent_user_in(make_cfg):
+    qem, batch = build(make_cfg, "qem")
+    other_user = {**batch, "user": batch["user"].flip(0),
+                  "search_click_history_item": batch["search_click_history_item"].flip(0)}  # fmt: skip
+    candidates = batch["candidates"]
+    assert torch.equal(
+        qem.search_scores(batch, candidates), qem.search_scores(other_user, candidates)
+    )
+    hem, _ = build(make_cfg, "hem")
+    expected = 0.5 * hem.query(batch) + 0.5 * hem.user_map(hem.users(batch["user"]))
+    assert torch.allclose(hem.personalised_query(batch), expected)
+
+
+def test_zam_is_aem_with_a_zero_vector_among_the_attended_items(make_cfg):
+    aem, batch = build(make_cfg, "aem")
+    zam, _ = build(make_cfg, "zam")
+    zam.load_state_dict(aem.state_dict())
+    query = aem.query(batch)
+    items, mask = aem.history(batch)
+    scores = aem.attention_heads(
+        torch.einsum("bld,bhd->blh", items,
+                     torch.tanh(aem.attention_query(query)).view(len(query), -1, items.shape[-1]))
+    ).squeeze(-1)  # fmt: skip
+    exp = scores.exp() * mask
+    aem_user = torch.einsum("bl,bld->bd", exp / exp.sum(1, keepdim=True).clamp(min=1e-30), items)
+    zam_user = torch.einsum("bl,bld->bd", exp / (1 + exp.sum(1, keepdim=True)), items)  # + exp(0)
+    assert torch.allclose(aem.attended_user(query, items, mask), aem_user, atol=1e-6)
+    assert torch.allclose(zam.attended_user(query, items, mask), zam_user, atol=1e-6)
+    # no history: AEM's user is 0, as ZAM's
+    empty = torch.zeros_like(mask)
+    assert not zam.attended_user(query, items, empty).any()
+
+
+def test_tem_reads_the_query_with_the_history(make_cfg):
+    tem, batch = build(make_cfg, "tem")
+    tem.eval()
+    query = tem.query(batch)
+    items, mask = tem.history(batch)
+    row = int(mask.sum(1).argmax())
+    user = tem.transformer_user(query, items, mask)
+    changed = items.clone()
+    changed[row, 0] += torch.randn(items.shape[-1])
+    assert not torch.allclose(tem.transformer_user(query, changed, mask)[row], user[row])
+    padded = items + torch.randn_like(items) * (~mask)[..., None]
+    assert torch.allclose(tem.transformer_user(query, padded, mask), user, atol=1e-5)
+
+
+def test_copps_augmentations_mask_crop_and_reorder_the_history(make_cfg):
+    copps, _ = build(make_cfg, "copps", "method.module.augment_ratio=0.5")
+    torch.manual_seed(0)
+    items = torch.arange(1, 9).float().view(1, 8, 1).expand(300, 8, 1).clone()
+    mask = torch.ones(300, 8, dtype=torch.bool)
+    out, out_mask = copps.augment(items, mask)
+    kept = out_mask.sum(1)
+    values = [sorted(out[r, : kept[r], 0].tolist()) for r in range(300)]
+    cropped = [r for r in range(300) if kept[r] == 4]  # crop keeps ceil(8 * 0.5)
+    masked = [r for r in range(300) if kept[r] == 8 and 0.0 in values[r]]
+    reordered = [r for r in range(300) if kept[r] == 8 and values[r] == list(range(1, 9))
+                 and out[r, :, 0].tolist() != list(range(1, 9))]  # fmt: skip
+    assert cropped and masked and reordered
+    for r in cropped:  # a contiguous part, in order
+        part = out[r, :4, 0].tolist()
+        assert part == list(range(int(part[0]), int(part[0]) + 4))
+    for r in reordered:  # a window of ceil(8 * 0.5) = 4 shuffled, the rest in place
+        moved = [i for i in range(8) if out[r, i, 0] != i + 1]
+        assert max(moved) - min(moved) < 4
+
+
+@pytest.mark.parametrize("model", ["qem", "hem", "aem", "zam", "tem", "copps"])
+def test_one_step_reaches_every_parameter(make_cfg, model):
+    module, batch = build(make_cfg, model)
+    loss, _ = module.training_loss(batch)
+    loss.backward()
+    assert [name for name, p in module.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("model", ["qem", "zam", "copps"])
+def test_one_epoch_reports_search_metrics_only(make_cfg, model, tmp_path):
+    metrics = train(make_cfg(f"method={model}", *SEARCH_ONLY, output_dir=tmp_path))
+    assert 0.0 < metrics["test/search/ndcg@5"] <= 1.0
+    assert "test/ndcg@5" not in metrics  # no rec model
+
+
+def test_a_search_model_refuses_to_score_rec(make_cfg):
+    with pytest.raises(ConfigError, match="method=qem is a search model: it cannot score rec"):
+        build(make_cfg, "qem", "method.scores=[rec,search]")
