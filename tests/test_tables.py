@@ -367,3 +367,24 @@ def test_no_published_only_row_for_a_model_the_framework_has(table):
     published_only = [row for row in rows if row not in module.RUNNABLE]
     assert [(row, _model_config(row)) for row in published_only if _model_config(row)] == []
     assert {"sesrec": "FMLP-Rec", "unisar": "ZAM", "queryrec": "DCN"}[table] in module.RUNNABLE
+
+
+def test_clardrec_table_runs_sesrec_in_the_sequential_block_on_the_same_protocol(tmp_path, capsys):
+    """Table 1's SESRec row: run once, in SASRec's block, under ClardRec's sequential
+    protocol; the report lists it beside the paper's number and counts it as a baseline."""
+    from sar_exp.tables import clardrec, grid
+
+    captured = []
+    real = grid.collect
+    grid.collect = lambda cells, *a, **k: captured.extend(cells) or {}
+    try:
+        clardrec.main(["--report-only", "--seeds", "0", "--out", str(tmp_path)])
+    finally:
+        grid.collect = real
+    sesrec = [c for c in captured if c.key[1] == "sesrec"]
+    assert [c.key[0] for c in sesrec] == ["sasrec"]
+    cfg = grid._compose(sesrec[0])
+    assert cfg.method.name == "sesrec" and cfg.dataset.protocol.name == "clardrec_seq"
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "SESRec" in line)
+    assert "(0.3978)" in row  # the paper's NDCG@5 for SESRec on KuaiSAR

@@ -24,9 +24,13 @@ from sar_exp.train import CONFIG_DIR
 
 BACKBONES = {"mlp": "cf", "mmoe": "cf", "gru4rec": "seq", "sasrec": "seq"}
 METHODS = ("base", "aug", "jsr", "clardrec")
-LABELS = {"base": "-", "aug": "+AUG", "jsr": "+JSR", "clardrec": "+ClardRec"}
+# integrated methods (their own encoders): the backbone blocks they are run in. Table 1's
+# SESRec row is one row of the sequential block; ours encodes with SESRec's transformers
+# (backbone=sasrec), so it sits in SASRec's block.
+INTEGRATED = {"sesrec": ("sasrec",)}
+LABELS = {"base": "-", "aug": "+AUG", "jsr": "+JSR", "clardrec": "+ClardRec", "sesrec": "SESRec"}
 ABLATIONS = {"-CD": "use_cd", "-FA": "use_fa", "-DA": "use_da", "-CS": "use_cs"}
-ALL_VARIANTS = [*METHODS, *ABLATIONS]  # the whole grid, and what --variants defaults to
+ALL_VARIANTS = [*METHODS, *INTEGRATED, *ABLATIONS]  # the whole grid, and --variants' default
 METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")  # the paper's columns
 CONF = Path(CONFIG_DIR)
 
@@ -48,6 +52,7 @@ PUBLISHED = {
     ("sasrec", "aug"): (0.2770, 0.4549, 0.3718, 0.3703),
     ("sasrec", "jsr"): (0.3226, 0.5123, 0.4238, 0.4170),
     ("sasrec", "clardrec"): (0.3331, 0.5140, 0.4294, 0.4238),
+    ("sasrec", "sesrec"): (0.3222, 0.4611, 0.3978, 0.3980),
     ("mlp", "-CD"): (0.1144, 0.2266, 0.1734, 0.1762),
     ("mlp", "-FA"): (0.1133, 0.2269, 0.1730, 0.1758),
     ("mlp", "-DA"): (0.1143, 0.2266, 0.1733, 0.1769),
@@ -97,13 +102,14 @@ def run_overrides(backbone: str, method: str, ablation: str | None, args) -> lis
 
 def collect(args) -> dict:
     """Run (or reuse) every cell of the grid (tables.grid.collect)."""
-    variants = [(m, None) for m in METHODS] + [("clardrec", a) for a in ABLATIONS]
+    variants = [(m, None) for m in (*METHODS, *INTEGRATED)] + [("clardrec", a) for a in ABLATIONS]
     variants = [(m, a) for m, a in variants if (a or m) in args.variants]
     cells = [
         grid.Run((backbone, ablation or method), seed, run_overrides(backbone, method, ablation, args),
                  Path(args.out) / args.dataset / backbone / (ablation or method) / f"seed{seed}",
                  args.threads)
-        for backbone in args.backbones for method, ablation in variants for seed in args.seeds
+        for backbone in args.backbones for method, ablation in variants
+        if backbone in INTEGRATED.get(method, (backbone,)) for seed in args.seeds
     ]  # fmt: skip
     return grid.collect(cells, args.seeds, args.jobs, args.report_only)
 
@@ -118,13 +124,15 @@ def tables(results, args) -> str:
     main_rows, improvement_lines = [], []
     for backbone in args.backbones:
         group = "CF" if BACKBONES[backbone] == "cf" else "Sequential"
-        for method in METHODS:
+        methods = [*METHODS, *(m for m, blocks in INTEGRATED.items() if backbone in blocks)]
+        for method in methods:
             main_rows.append((group, backbone, LABELS[method], cells(results, backbone, method),
                               published.get((backbone, method))))  # fmt: skip
         # improvement of ClardRec over the best baseline on each metric, with a t-test
+        baselines = [m for m in methods if m != "clardrec"]
         parts = [
             grid.improvement(cells(results, backbone, "clardrec")[i],
-                             {m: cells(results, backbone, m)[i] for m in ("base", "aug", "jsr")}, metric)
+                             {m: cells(results, backbone, m)[i] for m in baselines}, metric)
             for i, metric in enumerate(METRICS)
         ]  # fmt: skip
         improvement_lines.append(f"  {backbone:<8} " + "; ".join(parts))
@@ -167,7 +175,7 @@ def training_lengths(results, backbones, n_seeds: int) -> list[str]:
     lines = ["Training length (epochs to the best validation score / epochs run, mean over seeds):"]
     for backbone in backbones:
         parts = []
-        for name in (*METHODS, *ABLATIONS):
+        for name in (*METHODS, *INTEGRATED, *ABLATIONS):
             lengths = [r["length"] for r in results.get((backbone, name), []) if r.get("length")]
             if lengths:
                 best, run = (sum(x) / len(lengths) for x in zip(*lengths))
