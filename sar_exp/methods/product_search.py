@@ -2,29 +2,33 @@
 model search only: trained on search clicks, evaluated on the search task.
 
 Every model scores an item i under query q for user u as M_uq . i (Ai et al., SIGIR'17 and
-CIKM'19; Bi et al., TOIS'20), with the query f(q) = tanh(W mean(words) + b) in the item
-space and a softmax over items approximated by the framework's sampled-softmax CE over
-the search candidates (the papers use negative sampling too). They differ in M_uq:
+CIKM'19; Bi et al., SIGIR'20), with the query f(q) = tanh(W mean(words) + b) in the item
+space. They differ in M_uq:
 
 - QEM: M = f(q), no personalisation.
 - HEM: M = lambda f(q) + (1 - lambda) u, u a latent user vector. (HEM also generates the
   users' and items' review words; the S&R datasets have no reviews, so that part is absent.)
 - AEM: u = sum_i softmax_i(s(q, i)) i over the user's history, with the attention
-  s(q, i) = (i . tanh(W_f f(q) + b_f)) W_h over `heads` hidden units; M as HEM's.
+  s(q, i) = (i . tanh(W_f f(q) + b_f)) W_h over `heads` hidden units; M as HEM's (the
+  authors' code mixes 0.5 q + 0.5 u: `mix` 0.5; another value departs from AEM and ZAM).
 - ZAM: AEM with a zero vector added to the attended items: s(q, 0) = 0, so the softmax's
   denominator gains exp(0) = 1 and a user whose history does not match the query keeps
   u near 0 (M near lambda f(q)).
-- TEM: a Transformer encoder over [f(q), i_1, ..., i_n]; M is the output at f(q).
-- CoPPS: TEM with a contrastive loss between two augmentations of the user's history
-  (item mask, crop, reorder), InfoNCE over the batch, weighted by `contrast_weight`.
+- TEM: a Transformer encoder over [f(q), i_1, ..., i_n] (learned positions, no user-id
+  token, as the authors' code); M is the output at f(q).
+
+Training: the framework's sampled-softmax CE over the search candidates (1 + M sampled
+items, ClardRec's Eq. 4), where the papers train a log-sigmoid negative-sampling loss
+(with review-word generation beside it); every search model of the framework is trained
+the same way. CoPPS (contrastive tasks built on a knowledge graph and on other users'
+sequences) is not implemented: its row shows the published number only.
 
 The history is the user's past search clicks (UniSAR: these baselines "only consider
-search history"), up to the protocol's cap, newest last."""
+search history"), up to the protocol's cap, oldest first."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sar_exp.backbones.sequence import left_aligned
@@ -32,7 +36,7 @@ from sar_exp.errors import ConfigError
 from sar_exp.methods.base import RecommenderModule
 from sar_exp.methods.losses import sampled_softmax_ce
 
-MODELS = ("qem", "hem", "aem", "zam", "tem", "copps")
+MODELS = ("qem", "hem", "aem", "zam", "tem")
 
 
 class ProductSearch(RecommenderModule):
@@ -41,9 +45,7 @@ class ProductSearch(RecommenderModule):
         return True
 
     def __init__(self, schema: dict, backbone: dict, model: str = "hem", mix: float = 0.5,
-                 heads: int = 5, layers: int = 1, dropout: float = 0.1,
-                 contrast_weight: float = 0.1, contrast_temperature: float = 0.1,
-                 augment_ratio: float = 0.2, **kwargs):  # fmt: skip
+                 heads: int = 5, layers: int = 1, dropout: float = 0.1, **kwargs):  # fmt: skip
         if model not in MODELS:
             raise ConfigError(f"method.module.model must be one of {list(MODELS)}, got {model!r}")
         super().__init__(schema, backbone, **kwargs)
@@ -61,13 +63,14 @@ class ProductSearch(RecommenderModule):
         if model in ("aem", "zam"):
             self.attention_query = nn.Linear(d, d * heads)  # W_f, b_f
             self.attention_heads = nn.Linear(heads, 1, bias=False)  # W_h
-        if model in ("tem", "copps"):
+        if model == "tem":
             if d % 2:
                 raise ConfigError(f"TEM's two attention heads need an even item width, got {d}")
             layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=4 * d, dropout=dropout,
                                                batch_first=True)  # fmt: skip
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.positions = nn.Embedding(schema["max_search_history"] + 1, d)
+            nn.init.normal_(self.positions.weight, std=0.05)  # the scale of the item tables
 
     # ------------------------------------------------------------ M_uq
     def query(self, batch) -> torch.Tensor:
@@ -98,15 +101,15 @@ class ProductSearch(RecommenderModule):
         valid = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         return self.encoder(x, src_key_padding_mask=~valid)[:, 0]
 
-    def personalised_query(self, batch, history=None) -> torch.Tensor:
+    def personalised_query(self, batch) -> torch.Tensor:
         query = self.query(batch)
         if self.model == "qem":
             return query
         if self.model == "hem":
             user = self.user_map(self.users(batch["user"]))
             return self.hparams.mix * query + (1 - self.hparams.mix) * user
-        items, mask = history if history is not None else self.history(batch)
-        if self.model in ("tem", "copps"):
+        items, mask = self.history(batch)
+        if self.model == "tem":
             return self.transformer_user(query, items, mask)
         user = self.attended_user(query, items, mask)
         return self.hparams.mix * query + (1 - self.hparams.mix) * user
@@ -116,46 +119,4 @@ class ProductSearch(RecommenderModule):
 
     # ------------------------------------------------------------ training
     def training_loss(self, batch):
-        history = self.history(batch) if self.model not in ("qem", "hem") else None
-        scores = (self.personalised_query(batch, history).unsqueeze(1)
-                  * self.items(batch["candidates"])).sum(-1)  # fmt: skip
-        loss = sampled_softmax_ce(scores)
-        if self.model != "copps":
-            return loss, {}
-        contrast = self.sequence_contrast(batch, *history)
-        return loss + self.hparams.contrast_weight * contrast, {
-            "search": loss.detach(), "contrast": contrast.detach()
-        }  # fmt: skip
-
-    def augment(self, items, mask):
-        """One random augmentation per row: mask (items replaced by zeros), crop (a
-        contiguous part kept) or reorder (a contiguous part shuffled)."""
-        b, length, _ = items.shape
-        ratio = self.hparams.augment_ratio
-        kind = torch.randint(0, 3, (b,), device=items.device)
-        count = mask.sum(1)
-        positions = torch.arange(length, device=items.device).expand(b, -1)
-        span = (count.float() * (1 - ratio)).ceil().long().clamp(min=1)  # crop keeps this many
-        start = (torch.rand(b, device=items.device) * (count - span + 1).clamp(min=1)).long()
-        inside = (positions >= start[:, None]) & (positions < (start + span)[:, None]) & mask
-        dropped = (torch.rand(b, length, device=items.device) < ratio) & mask
-        out_mask = torch.where((kind == 1)[:, None], inside, mask)
-        out = torch.where(((kind == 0)[:, None] & dropped).unsqueeze(-1), 0.0, items)
-        # reorder: shuffle the items of a span of ratio * count among themselves
-        short = (count.float() * ratio).ceil().long().clamp(min=1)
-        window = (positions >= start[:, None]) & (positions < (start + short)[:, None]) & mask
-        draws = start[:, None] + torch.rand(b, length, device=items.device) * short[:, None]
-        keys = torch.where(window, draws, positions.float())  # the window's items stay in it
-        order = torch.argsort(keys, dim=1)
-        shuffled = torch.gather(out, 1, order.unsqueeze(-1).expand_as(out))
-        out = torch.where((kind == 2)[:, None, None], shuffled, out)
-        return left_aligned(out, out_mask)
-
-    def sequence_contrast(self, batch, items, mask) -> torch.Tensor:
-        """InfoNCE between two augmentations of each user's history (the same query):
-        the other rows of the batch are the negatives."""
-        query = self.query(batch)
-        first = F.normalize(self.transformer_user(query, *self.augment(items, mask)), dim=-1)
-        second = F.normalize(self.transformer_user(query, *self.augment(items, mask)), dim=-1)
-        logits = first @ second.T / self.hparams.contrast_temperature
-        return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+        return sampled_softmax_ce(self.search_scores(batch, batch["candidates"])), {}
