@@ -188,7 +188,7 @@ def test_unknown_variant_is_one_line_naming_the_choices(capsys, given):
     err = capsys.readouterr().err
     assert err.splitlines() == [
         f"python -m sar_exp.tables.clardrec: error: --variants: unknown {given[-1]}; "
-        "choose from base aug jsr clardrec -CD -FA -DA -CS"
+        "choose from base aug jsr clardrec sesrec -CD -FA -DA -CS"
     ]
 
 
@@ -369,18 +369,22 @@ def test_no_published_only_row_for_a_model_the_framework_has(table):
     assert {"sesrec": "FMLP-Rec", "unisar": "ZAM", "queryrec": "DCN"}[table] in module.RUNNABLE
 
 
-def test_clardrec_table_runs_sesrec_in_the_sequential_block_on_the_same_protocol(tmp_path, capsys):
+def test_clardrec_table_runs_sesrec_in_the_sequential_block_on_the_same_protocol(
+    tmp_path, capsys, monkeypatch
+):
     """Table 1's SESRec row: run once, in SASRec's block, under ClardRec's sequential
     protocol; the report lists it beside the paper's number and counts it as a baseline."""
     from sar_exp.tables import clardrec, grid
 
     captured = []
-    real = grid.collect
-    grid.collect = lambda cells, *a, **k: captured.extend(cells) or {}
-    try:
-        clardrec.main(["--report-only", "--seeds", "0", "--out", str(tmp_path)])
-    finally:
-        grid.collect = real
+
+    def record(cells, *args, **kwargs):  # what collect() would run; no cell ran or failed
+        grid.FAILED.clear()
+        captured.extend(cells)
+        return {}
+
+    monkeypatch.setattr(grid, "collect", record)
+    clardrec.main(["--report-only", "--seeds", "0", "--out", str(tmp_path)])
     sesrec = [c for c in captured if c.key[1] == "sesrec"]
     assert [c.key[0] for c in sesrec] == ["sasrec"]
     cfg = grid._compose(sesrec[0])

@@ -36,3 +36,19 @@ def right_aligned(
     index = source.clamp(min=0, max=steps.shape[1] - 1)
     out = torch.gather(steps, 1, index.unsqueeze(-1).expand(-1, -1, steps.shape[-1]))
     return out * valid.unsqueeze(-1).to(out.dtype), valid
+
+
+class AdditiveAttention(torch.nn.Module):
+    """Attention pooling with a learned query vector: a_i = softmax_i(q . tanh(V h_i + v))
+    over the valid slots, sum_i a_i h_i (NRHUB's view and record attention). A row with no
+    valid slot pools to zeros."""
+
+    def __init__(self, dim: int, attention_dim: int = 200):
+        super().__init__()
+        self.project = torch.nn.Linear(dim, attention_dim)  # V, v
+        self.query = torch.nn.Linear(attention_dim, 1, bias=False)  # q
+
+    def forward(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        scores = self.query(torch.tanh(self.project(h))).squeeze(-1)
+        weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+        return torch.einsum("bl,bld->bd", torch.nan_to_num(weights, nan=0.0), h)

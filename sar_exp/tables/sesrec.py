@@ -7,7 +7,8 @@ over several seeds, beside the published numbers.
 Every run uses SESRec's protocol (protocol=sesrec, caps 150/25; sesrec_amazon, 15/15, on
 Amazon) and is selected on validation MRR (SESRec's code). Rows whose model the
 framework has are run: STAMP, DIN, GRU4Rec, SASRec, DIEN and FMLP-Rec (method=base),
-JSR (two towers over SASRec) and SESRec; the others show the published numbers only.
+NRHUB, Query-SeqRec, JSR (two towers over SASRec) and SESRec; the others show the published
+numbers only.
 
 Which published numbers: the paper's own are on a private Kuaishou log and on Amazon
 Kindle. Beside an Amazon run, Table 2 shows its Amazon column; beside a KuaiSAR (or the
@@ -18,9 +19,13 @@ Kuaishou data, and are shown as such."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from sar_exp.tables import grid
 from sar_exp.tables.report import Cell, render
+from sar_exp.train import CONFIG_DIR
 
 METRICS = ("ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "mrr")  # Table 2's order
 MONITOR = "val/mrr"
@@ -32,6 +37,8 @@ RUNNABLE = {
     "SASRec": ["method=base", "backbone=sasrec"],
     "DIEN": ["method=base", "backbone=dien"],
     "FMLP-Rec": ["method=base", "backbone=fmlprec"],
+    "NRHUB": ["method=nrhub", "backbone=sasrec"],
+    "Query-SeqRec": ["method=queryseqrec", "backbone=sasrec"],
     "JSR": ["method=jsr", "backbone=sasrec"],
     "SESRec": ["method=sesrec", "backbone=sasrec"],
 }
@@ -98,12 +105,15 @@ PUBLISHED_THRESHOLD = {
 }
 
 
+def _protocol(args) -> str:
+    return "sesrec_amazon" if args.dataset == "amazon" else "sesrec"
+
+
 def base_overrides(args, sesrec: bool) -> list[str]:
     """What every row gets: SESRec's protocol and selection on validation MRR; on the real
     data SESRec's rows take the official settings (its experiment file), the baselines
     the dataset, path, the paper's batch size and the preset's item embeddings."""
-    protocol = "sesrec_amazon" if args.dataset == "amazon" else "sesrec"
-    out = [f"protocol={protocol}", "logger=csv", "trainer.enable_progress_bar=false",
+    out = [f"protocol={_protocol(args)}", "logger=csv", "trainer.enable_progress_bar=false",
            "~callbacks.progress_bar", f"optimized_metric={MONITOR}"]  # fmt: skip
     if args.dataset == "synthetic":
         return [
@@ -123,6 +133,11 @@ def base_overrides(args, sesrec: bool) -> list[str]:
 
 
 def cell_overrides(name: str, args) -> list[str]:
+    if name == "Query-SeqRec":  # its merged sequence holds both histories, as the others read
+        protocol = OmegaConf.load(Path(CONFIG_DIR) / "protocol" / f"{_protocol(args)}.yaml")
+        merged = protocol.max_rec_history + protocol.max_search_history
+        return [*RUNNABLE[name], *base_overrides(args, sesrec=False),
+                f"dataset.protocol.max_interleaved_history={merged}"]  # fmt: skip
     if name in RUNNABLE:
         return [*RUNNABLE[name], *base_overrides(args, sesrec=name == "SESRec")]
     flags = {**ABLATIONS, **THRESHOLDS}[name][1]

@@ -7,7 +7,7 @@ several seeds, beside the paper's numbers.
 Every run uses UniSAR's protocol (protocol=unisar_kuaisar; unisar_amazon on Amazon)
 with both tasks held out, so all rows train on the same data. Rows whose model the
 framework has are run: DIN, GRU4Rec, SASRec, BERT4Rec and FMLP-Rec (method=base),
-SESRec, the personalized search models QEM, HEM, AEM, ZAM and TEM (search only),
+NRHUB, Query-SeqRec, SESRec, the personalized search models QEM, HEM, AEM, ZAM and TEM (search only),
 JSR (two towers over SASRec; the paper's JSR uses DIN for recommendation) and UniSAR;
 the other rows show the published numbers only. UniSAR and JSR are selected on the mean of rec and search
 validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5, the search-only
@@ -30,6 +30,8 @@ RUNNABLE = {
     "SASRec": (["method=base", "backbone=sasrec"], ("rec",)),
     "BERT4Rec": (["method=base", "backbone=bert4rec"], ("rec",)),
     "FMLP-Rec": (["method=base", "backbone=fmlprec"], ("rec",)),
+    "NRHUB": (["method=nrhub", "backbone=sasrec"], ("rec",)),
+    "Query-SeqRec": (["method=queryseqrec", "backbone=sasrec"], ("rec",)),
     "SESRec": (["method=sesrec", "backbone=sasrec"], ("rec",)),
     **{name: ([f"method={name.lower()}"], ("search",))
        for name in ("QEM", "HEM", "AEM", "ZAM", "TEM")},
