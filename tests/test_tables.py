@@ -392,3 +392,18 @@ def test_clardrec_table_runs_sesrec_in_the_sequential_block_on_the_same_protocol
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "SESRec" in line)
     assert "(0.3978)" in row  # the paper's NDCG@5 for SESRec on KuaiSAR
+
+
+@pytest.mark.parametrize("dataset, merged", [("synthetic", 175), ("amazon", 30)])
+def test_sesrec_table_gives_query_seqrec_both_histories(dataset, merged):
+    """SASRec reads 150 rec clicks under protocol=sesrec (15 on Amazon), and SESRec 25
+    searches: Query-SeqRec's merged sequence gets room for both."""
+    import argparse
+
+    from sar_exp.tables import grid, sesrec
+
+    args = argparse.Namespace(dataset=dataset, data="/nowhere", max_epochs=3, quick=False,
+                              threads=grid.DEFAULT_THREADS)  # fmt: skip
+    overrides = sesrec.cell_overrides("Query-SeqRec", args)
+    assert f"dataset.protocol.max_interleaved_history={merged}" in overrides
+    assert not any("max_interleaved" in o for o in sesrec.cell_overrides("SASRec", args))

@@ -35,7 +35,8 @@ RUNNABLE = {
     "SESRec": (["method=sesrec", "backbone=sasrec"], ("rec",)),
     **{name: ([f"method={name.lower()}"], ("search",))
        for name in ("QEM", "HEM", "AEM", "ZAM", "TEM")},
-    "JSR": (["method=jsr", "backbone=sasrec"], ("rec", "search")),
+    "JSR": (["method=jsr", "backbone=din"], ("rec", "search")),  # DIN as its rec model (5.1.3)
+    "JSR_SASRec": (["method=jsr", "backbone=sasrec"], ("rec", "search")),
     "UniSAR": (["method=unisar", "backbone=sasrec"], ("rec", "search")),
 }  # fmt: skip
 MONITORS = {("rec",): "val/ndcg@5", ("search",): "val/search/ndcg@5",
@@ -63,6 +64,8 @@ JOINT_HALVES = {
                "optimized_metric=val/search/ndcg@5"],
 }  # fmt: skip
 ALL_VARIANTS = [*RUNNABLE, *ABLATIONS, JOINT]
+# rows of ours that the paper does not have, shown after the paper's row they vary
+EXTRA_ROWS = {"JSR": ("JSR_SASRec", "JSR (SASRec towers, ours)")}
 LABELS = {**{k: label for k, (label, _) in ABLATIONS.items()}, JOINT: "w/o Joint Training"}
 NAN = math.nan
 
@@ -166,26 +169,35 @@ def metric_cells(results, name: str, task: str, metrics) -> list[Cell]:
     return [Cell([r[prefix + m] for r in runs if prefix + m in r]) for m in metrics]
 
 
+SEQREC = ("DIN", "GRU4Rec", "SASRec", "BERT4Rec", "FMLP-Rec")
+PERSEARCH = ("QEM", "HEM", "AEM", "ZAM", "TEM", "CoPPS")
+
+
+def main_rows(results, args, task: str, published: dict) -> list[tuple]:
+    """Table 3 (task rec) or 4 (search) in the paper's order, each row run where the
+    framework has its model (else the published number only), our extra rows after the
+    paper's row they vary."""
+    show = args.show_paper
+    rows = []
+    for name, paper in published.items():
+        family = "SeqRec" if name in SEQREC else "PerSearch" if name in PERSEARCH else "Joint"
+        entries = [(name, name, paper if show else None)]
+        if name in EXTRA_ROWS and EXTRA_ROWS[name][0] in args.variants:
+            entries.append((EXTRA_ROWS[name][0], EXTRA_ROWS[name][1], None))
+        for variant, label, number in entries:
+            runnable = variant in args.variants and task in RUNNABLE.get(variant, ((), ()))[1]
+            cells = (
+                metric_cells(results, variant, task, REC_METRICS) if runnable else [Cell([])] * 5
+            )
+            rows.append((family, "" if runnable else "paper", label, cells, number))
+    return rows
+
+
 def tables(results, args) -> str:
     dataset = "amazon" if args.dataset == "amazon" else "kuaisar"
     show = args.show_paper
-    rec_rows, search_rows = [], []
-    for name, published in PUBLISHED_REC[dataset].items():
-        family = (
-            "SeqRec" if name in ("DIN", "GRU4Rec", "SASRec", "BERT4Rec", "FMLP-Rec") else "Joint"
-        )
-        runnable = name in args.variants and "rec" in RUNNABLE.get(name, ((), ()))[1]
-        cells = metric_cells(results, name, "rec", REC_METRICS) if runnable else [Cell([])] * 5
-        rec_rows.append(
-            (family, "" if runnable else "paper", name, cells, published if show else None)
-        )
-    for name, published in PUBLISHED_SEARCH[dataset].items():
-        family = "Joint" if name in ("JSR", "USER", "UnifiedSSR", "UniSAR") else "PerSearch"
-        runnable = name in args.variants and "search" in RUNNABLE.get(name, ((), ()))[1]
-        cells = metric_cells(results, name, "search", REC_METRICS) if runnable else [Cell([])] * 5
-        search_rows.append(
-            (family, "" if runnable else "paper", name, cells, published if show else None)
-        )
+    rec_rows = main_rows(results, args, "rec", PUBLISHED_REC[dataset])
+    search_rows = main_rows(results, args, "search", PUBLISHED_SEARCH[dataset])
     ablation_rows = []
     for name in ("UniSAR", *ABLATIONS, JOINT):
         if name not in args.variants:
