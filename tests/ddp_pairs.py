@@ -22,12 +22,18 @@ PAIRS = [
     ("jsr", "mlp"), ("jsr", "mmoe"), ("jsr", "gru4rec"), ("jsr", "sasrec"),
     ("clardrec", "mlp"), ("clardrec", "mmoe"), ("clardrec", "gru4rec"), ("clardrec", "sasrec"),
     ("unisar", "sasrec"), ("sesrec", "sasrec"), ("sesrec", "gru4rec"),
+    # the papers' baseline rows (issue 15)
+    ("base", "stamp"), ("base", "dien"), ("base", "fmlprec"), ("base", "bert4rec"),
+    ("jsr", "din"), ("queryseqrec", "sasrec"), ("nrhub", "sasrec"), ("zam", "sasrec"),
+    ("tem", "sasrec"),
 ]  # fmt: skip
 # what a method needs beyond the defaults (UniSAR: its merged history, both tasks scored)
 EXTRA = {
     "unisar": ["protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
                "optimized_metric=val/mean_ndcg@5", "method.module.rel_negatives=16"],
     "sesrec": ["protocol=sesrec", "method.module.align_negatives=16"],
+    **{m: ["protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
+           "optimized_metric=val/search/ndcg@5"] for m in ("zam", "tem")},  # search only
 }  # fmt: skip
 
 
