@@ -188,7 +188,7 @@ def test_unknown_variant_is_one_line_naming_the_choices(capsys, given):
     err = capsys.readouterr().err
     assert err.splitlines() == [
         f"python -m sar_exp.tables.clardrec: error: --variants: unknown {given[-1]}; "
-        "choose from base aug jsr clardrec sesrec -CD -FA -DA -CS"
+        "choose from base aug iv4rec jsr clardrec sesrec -CD -FA -DA -CS"
     ]
 
 

@@ -86,3 +86,19 @@ def test_the_two_task_run_keeps_rec_out_of_search_evaluation_and_vice_versa(make
     ]
     assert not any(late)
     assert OmegaConf.select(cfg, "dataset.protocol.evaluated_tasks") == ["rec", "search"]
+
+
+@pytest.mark.parametrize(
+    "method, tasks, monitor",
+    [("unisar", ["rec", "search"], "val/mean_ndcg@5"), ("zam", ["rec", "search"], "val/search/ndcg@5"),
+     ("jsr", ["rec"], "val/ndcg@10")],
+)  # fmt: skip
+def test_a_method_that_needs_both_tasks_gets_them_by_default(make_cfg, method, tasks, monitor):
+    """`python -m sar_exp method=unisar` holds out and scores both tasks and selects on the
+    mean NDCG@5, with no other override; a method that asks nothing keeps the protocol's."""
+    cfg = make_cfg(f"method={method}")
+    assert list(cfg.dataset.protocol.evaluated_tasks) == tasks
+    assert cfg.optimized_metric == monitor
+    override = make_cfg(f"method={method}", "dataset.protocol.evaluated_tasks=[rec]",
+                        "optimized_metric=val/ndcg@5")  # fmt: skip
+    assert list(override.dataset.protocol.evaluated_tasks) == ["rec"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from sar_exp.data.batches import AssembledDataset, BatchAssembler, BatchSampler
@@ -50,6 +51,7 @@ class SARDataModule(pl.LightningDataModule):
         reader_options: dict | None = None,
         scores: list[str] | tuple[str, ...] = ("rec",),
         queryrec: dict | None = None,
+        iv_queries: int | None = None,
     ):
         super().__init__()
         if batch_size is None or int(batch_size) <= 0:
@@ -95,6 +97,7 @@ class SARDataModule(pl.LightningDataModule):
         if self.queryrec is not None and view != "ctr":
             raise ConfigError("method=queryrec needs task=ctr (QueryRec is a CTR model)")
         self.query_positives = None
+        self.iv_queries = int(iv_queries) if iv_queries else None
 
     # ------------------------------------------------------------ building
     def dataset_folder(self) -> Path:
@@ -164,13 +167,16 @@ class SARDataModule(pl.LightningDataModule):
     def lookup_tables(self) -> dict[str, torch.Tensor]:
         """Attribute and query-word tables that models keep as buffers."""
         view = self.load()
-        return {
+        tables = {
             "user_attributes": torch.from_numpy(view["user_attributes"]).long(),
             "item_attributes": torch.from_numpy(view["item_attributes"]).long(),
             "query_words": torch.from_numpy(view["query_words"]).long(),
             "item_caption_words": torch.from_numpy(view["item_caption_words"]).long(),
             "rec_item_pool": torch.from_numpy(view["rec_item_pool"]).long(),
         }
+        if self.iv_queries:
+            tables["item_queries"] = torch.from_numpy(item_queries(view, self.iv_queries)).long()
+        return tables
 
     # ------------------------------------------------------------ loaders
     def _rank(self) -> tuple[int, int]:
@@ -249,3 +255,29 @@ class SARDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self._evaluation_loaders("test")
+
+
+def item_queries(view: View, k: int) -> np.ndarray:
+    """[num_items + 1, k] per item, the queries most often clicked through to it (ties:
+    the lower query id), 0-padded: IV4Rec+'s instruments. Only training search clicks
+    count: the search task's training split, or in the CTR view (no search task) the
+    (query, clicked item) lists QueryRec's training uses, cut before held-out time."""
+    if "search" in view.task_names():
+        train = view.split("search", "train")
+        item, query = train["item"].astype(np.int64), train["query"].astype(np.int64)
+    else:
+        offsets = view["query_clicked_offsets"]
+        query = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        item = view["query_clicked_items"].astype(np.int64)
+    n_items = int(view["item_attributes"].shape[0])  # ids 0..num_items
+    out = np.zeros((n_items, k), dtype=np.int64)
+    if item.size == 0:
+        return out
+    pairs, counts = np.unique(np.stack([item, query], 1), axis=0, return_counts=True)
+    order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # by item, most clicks first
+    pairs = pairs[order]
+    starts = np.searchsorted(pairs[:, 0], pairs[:, 0], side="left")
+    rank = np.arange(len(pairs)) - starts
+    keep = rank < k
+    out[pairs[keep, 0], rank[keep]] = pairs[keep, 1]
+    return out
