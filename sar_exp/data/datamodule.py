@@ -261,19 +261,23 @@ def item_queries(view: View, k: int) -> np.ndarray:
     """[num_items + 1, k] per item, the queries most often clicked through to it (ties:
     the lower query id), 0-padded: IV4Rec+'s instruments. Only training search clicks
     count: the search task's training split, or in the CTR view (no search task) the
-    (query, clicked item) lists QueryRec's training uses, cut before held-out time."""
+    (query, clicked item) lists and click counts QueryRec's training uses, cut before
+    held-out time."""
     if "search" in view.task_names():
         train = view.split("search", "train")
         item, query = train["item"].astype(np.int64), train["query"].astype(np.int64)
+        clicks = np.ones_like(item)
     else:
         offsets = view["query_clicked_offsets"]
         query = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         item = view["query_clicked_items"].astype(np.int64)
+        clicks = view["query_clicked_counts"].astype(np.int64)
     n_items = int(view["item_attributes"].shape[0])  # ids 0..num_items
     out = np.zeros((n_items, k), dtype=np.int64)
     if item.size == 0:
         return out
-    pairs, counts = np.unique(np.stack([item, query], 1), axis=0, return_counts=True)
+    pairs, inverse = np.unique(np.stack([item, query], 1), axis=0, return_inverse=True)
+    counts = np.bincount(inverse.ravel(), weights=clicks, minlength=len(pairs))
     order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # by item, most clicks first
     pairs = pairs[order]
     starts = np.searchsorted(pairs[:, 0], pairs[:, 0], side="left")

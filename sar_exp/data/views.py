@@ -733,7 +733,10 @@ def _ctr(view, frames, protocol, rng):
         cutoff = np.minimum(cutoff, cutoff.min())  # users without a held-out request too
     search = _strictly_before(frames["search"], cutoff)
     n_queries = int(view["query_words"].shape[0])
-    pos = search.filter(pl.col("clicked") == 1).unique(["query", "item"], maintain_order=True)
+    # each (query, item) pair once, in first-click order, with its number of clicks
+    pos = (
+        search.filter(pl.col("clicked") == 1).group_by(["query", "item"], maintain_order=True).len()
+    )
     # I_q- (QueryRec 4.2): shown under q and clicked under q by no one, so disjoint from I_q+
     neg = (
         search.filter(pl.col("clicked") == 0)
@@ -742,6 +745,9 @@ def _ctr(view, frames, protocol, rng):
     )
     view["query_clicked_offsets"], view["query_clicked_items"] = _csr(
         pos["query"].to_numpy(), pos["item"].to_numpy(), n_queries
+    )
+    _, view["query_clicked_counts"] = _csr(
+        pos["query"].to_numpy(), pos["len"].to_numpy(), n_queries
     )
     view["query_unclicked_offsets"], view["query_unclicked_items"] = _csr(
         neg["query"].to_numpy(), neg["item"].to_numpy(), n_queries

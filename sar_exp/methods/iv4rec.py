@@ -14,9 +14,12 @@ IV4Rec+(I) implementation (the item-side variant, which fits every backbone here
 - Second stage: t' = w t^ + (1 - w) t, w = sigma(MLP([t^ | t])) (64-16-4-1, ReLU): the
   fitted (causal) part plus the share (1 - w) of the residual t - t^. Every item the
   backbone reads, history and candidates, is t'.
-An item no query leads to has a zero IV: its t^ is the MLP's constant, and the gate
-learns how much of it to take. IV4Rec+(UI) (also treating the user representation) is
-not implemented."""
+An item no query leads to has no instrument: it is read untreated (t' = t) and left out of
+the first-stage MSE (the authors' data gave every item one). Differences from the
+authors' code: the instruments are learned word-mean query embeddings (QueryRec 5.3.3's
+substitute for frozen BERT vectors), so the rec loss trains them too; with DIN the
+treated target also enters the attention (theirs keeps the untreated one there).
+IV4Rec+(UI), which also treats the user representation, is not implemented."""
 
 from __future__ import annotations
 
@@ -45,22 +48,30 @@ class InstrumentedItems(nn.Module):
         )  # fmt: skip
         self.out_dim = d
 
-    def stages(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t^, t) for item ids of any shape."""
-        queries = self.item_queries[ids]  # [..., K], 0 = none
+    def stages(self, ids: torch.Tensor):
+        """(t^, t, has_iv) for item ids of any shape; each distinct id is encoded once
+        (a full-ranking chunk holds thousands of candidates per row)."""
+        unique, inverse = ids.unique(return_inverse=True)
+        queries = self.item_queries[unique]  # [U, K], 0 = none
         valid = (queries > 0).unsqueeze(-1).to(torch.get_default_dtype())
         instrument = (self.queries(queries) * valid).sum(-2) / valid.sum(-2).clamp(min=1)
-        return self.first_stage(instrument), self.raw(ids)
+        fitted = self.first_stage(instrument)[inverse]
+        return fitted, self.raw(ids), (queries > 0).any(-1)[inverse]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        fitted, treatment = self.stages(ids)
+        """t' = w t^ + (1 - w) t; an item no query leads to has no instrument: t' = t."""
+        fitted, treatment, has_iv = self.stages(ids)
         w = torch.sigmoid(self.gate(torch.cat([fitted, treatment], dim=-1)))
-        return w * fitted + (1 - w) * treatment
+        treated = w * fitted + (1 - w) * treatment
+        return torch.where(has_iv.unsqueeze(-1), treated, treatment)
 
     def first_stage_loss(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        fitted, treatment = self.stages(ids)
+        """MSE(t^, stop_grad(t)) over the valid ids that have instruments."""
+        fitted, treatment, has_iv = self.stages(ids)
         errors = F.mse_loss(fitted, treatment.detach(), reduction="none").mean(-1)
-        return (errors * valid).sum() / valid.sum().clamp(min=1)
+        counted = valid & has_iv
+        # every parameter stays in the graph when no id in the batch has instruments
+        return (errors * counted).sum() / counted.sum().clamp(min=1)
 
 
 class IV4Rec(PlainBackbone):
@@ -77,12 +88,15 @@ class IV4Rec(PlainBackbone):
         self.items = InstrumentedItems(self.items, self.queries, tables["item_queries"], dropout)
 
     def training_loss(self, batch):
+        """The backbone's loss plus lambda times the first-stage MSEs, one mean over the
+        history items and one over the clicked items (the authors' two terms)."""
         loss, parts = super().training_loss(batch)
-        ids = batch["item"][:, None]
-        valid = torch.ones_like(ids, dtype=torch.bool)
-        if "rec_history" in batch:  # the history items and the clicked one (IV4Rec+(I))
-            ids = torch.cat([batch["rec_history"], ids], dim=1)
-            valid = torch.cat([batch["rec_history_mask"], valid], dim=1)
-        first = self.items.first_stage_loss(ids, valid.to(torch.get_default_dtype()))
+        items = self.items
+        target = items.first_stage_loss(
+            batch["item"], torch.ones_like(batch["item"], dtype=torch.bool)
+        )
+        first = target
+        if "rec_history" in batch:  # IV4Rec+(I): the history items too
+            first = first + items.first_stage_loss(batch["rec_history"], batch["rec_history_mask"])
         total = loss + self.hparams.first_stage_weight * first
         return total, {**parts, "recommend": loss.detach(), "first_stage": first.detach()}

@@ -56,19 +56,51 @@ def test_the_item_is_the_fitted_part_plus_a_gated_share_of_the_residual(make_cfg
     model, batch = build(make_cfg)
     model.eval()
     items = model.items
-    ids = batch["item"]
-    queries = items.item_queries[ids]
-    row = int((queries > 0).any(1).nonzero()[0])  # an item some query leads to
-    q = queries[row][queries[row] > 0]
-    fitted = items.first_stage(model.queries(q).mean(0))
+    ids = batch["rec_history"][batch["rec_history_mask"]]
+    has_iv = (items.item_queries[ids] > 0).any(1)
+    assert has_iv.any() and (~has_iv).any()  # the embedded data have both kinds
+    row = int(has_iv.nonzero()[0])
+    queries = items.item_queries[ids[row]]
+    fitted = items.first_stage(model.queries(queries[queries > 0]).mean(0))
     treatment = items.raw(ids[row])
     w = torch.sigmoid(items.gate(torch.cat([fitted, treatment])))
-    assert torch.allclose(items(ids)[row], fitted + (1 - w) * (treatment - fitted), atol=1e-6)
-    # the first stage regresses on the treatment without moving it
+    out = items(ids)
+    assert torch.allclose(out[row], w * fitted + (1 - w) * treatment, atol=1e-6)
+    assert not torch.allclose(out[row], treatment)
+    # an item no query leads to is read untreated and is not regressed
+    plain = int((~has_iv).nonzero()[0])
+    assert torch.equal(out[plain], items.raw(ids[plain]))
     model.train()
-    loss = items.first_stage_loss(ids[:, None], torch.ones(len(ids), 1))
+    none_loss = items.first_stage_loss(
+        ids[~has_iv], torch.ones(int((~has_iv).sum()), dtype=torch.bool)
+    )
+    assert none_loss.item() == 0.0
+    # the first stage regresses on the treatment without moving it
+    loss = items.first_stage_loss(ids, torch.ones(len(ids), dtype=torch.bool))
     loss.backward()
     assert items.raw.ids.weight.grad is None and items.first_stage[0].weight.grad is not None
+
+
+def test_ctr_instruments_rank_queries_by_their_clicks():
+    """The CTR view keeps each (query, clicked item) pair once with its click count: an
+    item's instruments are its most clicked-through queries, not its lowest query ids."""
+    view = View({
+        "item_attributes": np.zeros((3, 1)),
+        # query 1 -> item 2 (1 click); query 2 -> item 2 (1 click); query 3 -> item 2 (5 clicks)
+        "query_clicked_offsets": np.array([0, 0, 1, 2, 3, 3]),
+        "query_clicked_items": np.array([2, 2, 2]),
+        "query_clicked_counts": np.array([1, 1, 5]),
+    })  # fmt: skip
+    assert item_queries(view, 2)[2].tolist() == [3, 1]
+
+
+def test_ctr_view_counts_clicks_per_query_and_item(make_cfg):
+    cfg = make_cfg("method=iv4rec", "backbone=din", "task=ctr", "protocol=queryrec")
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    view = datamodule.load()
+    counts = view["query_clicked_counts"]
+    assert counts.shape == view["query_clicked_items"].shape and counts.min() >= 1
+    assert counts.max() > 1  # some pair is clicked more than once
 
 
 @pytest.mark.parametrize(
