@@ -64,3 +64,23 @@ def make_cfg(cache_dir, tmp_path):
 
     yield _make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def build_model(make_cfg):
+    """(model, datamodule, first training batch) for overrides, as train() builds them."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    def _build(*overrides: str):
+        cfg = make_cfg(*overrides)
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        datamodule.setup()
+        model = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")(
+            schema=datamodule.schema, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+            task=cfg.task, lookup_tables=datamodule.lookup_tables(),
+            evaluated_tasks=datamodule.evaluation_tasks,
+        )  # fmt: skip
+        return model, datamodule, next(iter(datamodule.train_dataloader()))
+
+    return _build

@@ -3,10 +3,8 @@ BERT4Rec): the piece that makes each that model, and a training epoch of each.""
 
 from __future__ import annotations
 
-import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from sar_exp.backbones.bert4rec import BERT4RecEncoder, cloze_loss, cloze_sequences
 from sar_exp.backbones.dien import AUGRUCell, DIENScorer
@@ -186,14 +184,9 @@ def test_one_epoch_on_the_embedded_data(make_cfg, backbone, tmp_path):
 
 
 @pytest.mark.parametrize("backbone", ["stamp", "dien", "fmlprec", "bert4rec"])
-def test_one_step_reaches_every_parameter(make_cfg, backbone):
-    cfg = make_cfg(f"backbone={backbone}")
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.setup()
-    build = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
-    model = build(schema=datamodule.schema, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-                  task=cfg.task, lookup_tables=datamodule.lookup_tables())  # fmt: skip
-    loss, _ = model.training_loss(next(iter(datamodule.train_dataloader())))
+def test_one_step_reaches_every_parameter(build_model, backbone):
+    model, _, batch = build_model(f"backbone={backbone}")
+    loss, _ = model.training_loss(batch)
     loss.backward()
     assert [name for name, p in model.named_parameters() if p.grad is None] == []
 
@@ -206,13 +199,9 @@ def test_bert4rec_refuses_the_ctr_task(make_cfg):
 
 
 @pytest.mark.parametrize("backbone", ["stamp", "fmlprec", "bert4rec"])
-def test_candidates_are_scored_with_the_embeddings_the_history_reads(make_cfg, backbone):
-    cfg = make_cfg(f"backbone={backbone}")
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.setup()
-    build = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")
-    model = build(schema=datamodule.schema, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-                  task=cfg.task, lookup_tables=datamodule.lookup_tables()).eval()  # fmt: skip
+def test_candidates_are_scored_with_the_embeddings_the_history_reads(build_model, backbone):
+    model, datamodule, _ = build_model(f"backbone={backbone}")
+    model.eval()
     assert model.item_encoder is None and model.users is None
     batch = next(iter(datamodule.val_dataloader()[0] if isinstance(datamodule.val_dataloader(), list)
                       else datamodule.val_dataloader()))  # fmt: skip

@@ -7,7 +7,6 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from sar_exp.data.datamodule import item_queries
 from sar_exp.data.views import View
@@ -41,19 +40,8 @@ def test_no_held_out_search_click_becomes_an_instrument(make_cfg):
     assert held_out and not held_out & used
 
 
-def build(make_cfg, *overrides):
-    cfg = make_cfg("method=iv4rec", *overrides)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.setup()
-    model = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")(
-        schema=datamodule.schema, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        task=cfg.task, lookup_tables=datamodule.lookup_tables(),
-    )  # fmt: skip
-    return model, next(iter(datamodule.train_dataloader()))
-
-
-def test_the_item_is_the_fitted_part_plus_a_gated_share_of_the_residual(make_cfg):
-    model, batch = build(make_cfg)
+def test_the_item_is_the_fitted_part_plus_a_gated_share_of_the_residual(build_model):
+    model, _, batch = build_model("method=iv4rec")
     model.eval()
     items = model.items
     ids = batch["rec_history"][batch["rec_history_mask"]]
@@ -107,8 +95,8 @@ def test_ctr_view_counts_clicks_per_query_and_item(make_cfg):
     "overrides", [("backbone=sasrec",), ("backbone=mlp",), ("backbone=din", "task=ctr", "protocol=queryrec")],
     ids=["sasrec", "mlp", "din-ctr"],
 )  # fmt: skip
-def test_one_epoch_and_every_parameter_trains(make_cfg, overrides, tmp_path):
-    model, batch = build(make_cfg, *overrides)
+def test_one_epoch_and_every_parameter_trains(make_cfg, build_model, overrides, tmp_path):
+    model, _, batch = build_model("method=iv4rec", *overrides)
     loss, parts = model.training_loss(batch)
     loss.backward()
     assert "first_stage" in parts

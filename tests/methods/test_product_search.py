@@ -3,10 +3,8 @@ apart, and a training epoch of each on the embedded data's search task."""
 
 from __future__ import annotations
 
-import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from sar_exp.errors import ConfigError
 from sar_exp.train import train
@@ -15,34 +13,31 @@ SEARCH_ONLY = ("protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]
                "optimized_metric=val/search/ndcg@5")  # fmt: skip
 
 
-def build(make_cfg, model: str, *overrides):
-    cfg = make_cfg(f"method={model}", *SEARCH_ONLY, *overrides)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.setup()
-    module = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")(
-        schema=datamodule.schema, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        task=cfg.task, lookup_tables=datamodule.lookup_tables(),
-        evaluated_tasks=datamodule.evaluation_tasks,
-    )  # fmt: skip
-    return module, next(iter(datamodule.train_dataloader()))
+@pytest.fixture
+def build(build_model):
+    def _build(model: str, *overrides):
+        module, _, batch = build_model(f"method={model}", *SEARCH_ONLY, *overrides)
+        return module, batch
+
+    return _build
 
 
-def test_qem_ignores_the_user_and_hem_mixes_a_latent_user_in(make_cfg):
-    qem, batch = build(make_cfg, "qem")
+def test_qem_ignores_the_user_and_hem_mixes_a_latent_user_in(build):
+    qem, batch = build("qem")
     other_user = {**batch, "user": batch["user"].flip(0),
                   "search_click_history_item": batch["search_click_history_item"].flip(0)}  # fmt: skip
     candidates = batch["candidates"]
     assert torch.equal(
         qem.search_scores(batch, candidates), qem.search_scores(other_user, candidates)
     )
-    hem, _ = build(make_cfg, "hem")
+    hem, _ = build("hem")
     expected = 0.5 * hem.query(batch) + 0.5 * hem.user_map(hem.users(batch["user"]))
     assert torch.allclose(hem.personalised_query(batch), expected)
 
 
-def test_zam_is_aem_with_a_zero_vector_among_the_attended_items(make_cfg):
-    aem, batch = build(make_cfg, "aem")
-    zam, _ = build(make_cfg, "zam")
+def test_zam_is_aem_with_a_zero_vector_among_the_attended_items(build):
+    aem, batch = build("aem")
+    zam, _ = build("zam")
     zam.load_state_dict(aem.state_dict())
     query = aem.query(batch)
     items, mask = aem.history(batch)
@@ -61,8 +56,8 @@ def test_zam_is_aem_with_a_zero_vector_among_the_attended_items(make_cfg):
     assert not aem.attended_user(query, items, empty).any()
 
 
-def test_tem_reads_the_query_with_the_history(make_cfg):
-    tem, batch = build(make_cfg, "tem")
+def test_tem_reads_the_query_with_the_history(build):
+    tem, batch = build("tem")
     tem.eval()
     query = tem.query(batch)
     items, mask = tem.history(batch)
@@ -80,8 +75,8 @@ def test_tem_reads_the_query_with_the_history(make_cfg):
 
 
 @pytest.mark.parametrize("model", ["qem", "hem", "aem", "zam", "tem"])
-def test_one_step_reaches_every_parameter(make_cfg, model):
-    module, batch = build(make_cfg, model)
+def test_one_step_reaches_every_parameter(build, model):
+    module, batch = build(model)
     loss, _ = module.training_loss(batch)
     loss.backward()
     assert [name for name, p in module.named_parameters() if p.grad is None] == []
@@ -94,6 +89,6 @@ def test_one_epoch_reports_search_metrics_only(make_cfg, model, tmp_path):
     assert "test/ndcg@5" not in metrics  # no rec model
 
 
-def test_a_search_model_refuses_to_score_rec(make_cfg):
+def test_a_search_model_refuses_to_score_rec(build):
     with pytest.raises(ConfigError, match="method=qem is a search model: it cannot score rec"):
-        build(make_cfg, "qem", "method.scores=[rec,search]")
+        build("qem", "method.scores=[rec,search]")

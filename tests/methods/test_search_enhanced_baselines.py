@@ -3,27 +3,23 @@ what makes each that model, and a training epoch of each."""
 
 from __future__ import annotations
 
-import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from sar_exp.train import train
 
 
-def build(make_cfg, method: str, *overrides):
-    cfg = make_cfg(f"method={method}", *overrides)
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.setup()
-    module = hydra.utils.instantiate(cfg.method.module, _partial_=True, _convert_="all")(
-        schema=datamodule.schema, backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
-        task=cfg.task, lookup_tables=datamodule.lookup_tables(),
-    )  # fmt: skip
-    return module.eval(), next(iter(datamodule.train_dataloader()))
+@pytest.fixture
+def build(build_model):
+    def _build(method: str, *overrides):
+        model, _, batch = build_model(f"method={method}", *overrides)
+        return model.eval(), batch
+
+    return _build
 
 
-def test_query_seqrec_reads_the_queries_among_the_items_in_time_order(make_cfg):
-    model, batch = build(make_cfg, "queryseqrec")
+def test_query_seqrec_reads_the_queries_among_the_items_in_time_order(build):
+    model, batch = build("queryseqrec")
     kind, mask = batch["interleaved_type"], batch["interleaved_mask"]
     row = int(((kind == 0) & mask).sum(1).argmax())  # a user with searches in the window
     slot = int(((kind[row] == 0) & mask[row]).nonzero()[-1])  # their newest search
@@ -43,8 +39,8 @@ def test_query_seqrec_reads_the_queries_among_the_items_in_time_order(make_cfg):
     assert torch.allclose(model.user_representation(noise), user, atol=1e-6)
 
 
-def test_query_seqrec_positions_span_the_merged_history(make_cfg):
-    model, _ = build(make_cfg, "queryseqrec", "protocol=unisar")
+def test_query_seqrec_positions_span_the_merged_history(build):
+    model, _ = build("queryseqrec", "protocol=unisar")
     assert model.encoder.positions.num_embeddings == model.schema["max_interleaved_history"] == 60
 
 
@@ -73,8 +69,8 @@ def test_query_seqrec_tokens_are_items_then_each_query_and_its_clicks():
     assert steps[0, mask[0], 0].tolist() == [97.0, 21.0, 22.0, 12.0]  # the query: -3 + 100
 
 
-def test_nrhub_encodes_queries_by_a_word_cnn_and_pools_each_view_by_attention(make_cfg):
-    model, batch = build(make_cfg, "nrhub")
+def test_nrhub_encodes_queries_by_a_word_cnn_and_pools_each_view_by_attention(build):
+    model, batch = build("nrhub")
     views = model.views(batch)
     # a query's record: the CNN over its words then word attention
     row, slot = batch["search_history_mask"].nonzero()[0].tolist()
@@ -106,8 +102,8 @@ def test_nrhub_encodes_queries_by_a_word_cnn_and_pools_each_view_by_attention(ma
 
 
 @pytest.mark.parametrize("method", ["queryseqrec", "nrhub"])
-def test_one_step_reaches_every_parameter(make_cfg, method):
-    model, batch = build(make_cfg, method)
+def test_one_step_reaches_every_parameter(build, method):
+    model, batch = build(method)
     model.train()
     loss, _ = model.training_loss(batch)
     loss.backward()
@@ -120,13 +116,13 @@ def test_one_epoch_on_the_embedded_data(make_cfg, method, tmp_path):
     assert 0.0 <= metrics["test/ndcg@5"] <= 1.0 and metrics["test/hr@10"] > 0.0
 
 
-def test_jsr_with_din_is_two_dins_and_the_search_one_reads_the_query(make_cfg):
+def test_jsr_with_din_is_two_dins_and_the_search_one_reads_the_query(build):
     from sar_exp.methods.baselines import JointSearchRec, TargetAwareJSR
 
     both = ("dataset.protocol.evaluated_tasks=[rec,search]", "optimized_metric=val/mean_ndcg@5")
-    model, batch = build(make_cfg, "jsr", "backbone=din", *both)
+    model, batch = build("jsr", "backbone=din", *both)
     assert type(model) is TargetAwareJSR  # method=jsr backbone=din picks it
-    sasrec, _ = build(make_cfg, "jsr", "backbone=sasrec", *both)
+    sasrec, _ = build("jsr", "backbone=sasrec", *both)
     assert type(sasrec) is JointSearchRec
     search = batch["search"]
     scores = model.search_scores(search, search["candidates"])
