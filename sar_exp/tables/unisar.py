@@ -6,12 +6,13 @@ several seeds, beside the paper's numbers.
 
 Every run uses UniSAR's protocol (protocol=unisar_kuaisar; unisar_amazon on Amazon)
 with both tasks held out, so all rows train on the same data. Rows whose model the
-framework has are run: DIN, GRU4Rec, SASRec, BERT4Rec and FMLP-Rec (method=base),
-NRHUB, Query-SeqRec, SESRec, the personalized search models QEM, HEM, AEM, ZAM and TEM (search only),
-JSR (two towers over SASRec; the paper's JSR uses DIN for recommendation) and UniSAR;
-the other rows show the published numbers only. UniSAR and JSR are selected on the mean of rec and search
-validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5, the search-only
-ones on search NDCG@5.
+framework has are run: DIN, GRU4Rec, SASRec, BERT4Rec and FMLP-Rec (method=base), NRHUB,
+Query-SeqRec, SESRec, the personalized search models QEM, HEM, AEM, ZAM and TEM (search
+only), JSR with DIN as its rec model (5.1.3), and UniSAR; the other rows show the
+published numbers only. The extra row "JSR (SASRec towers, ours)" (variant JSR_SASRec)
+is the two-tower JSR over SASRec. UniSAR and JSR are selected on the mean of rec and
+search validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5, the
+search-only ones on search NDCG@5.
 """
 
 from __future__ import annotations
