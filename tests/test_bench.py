@@ -73,7 +73,8 @@ def test_bench_times_the_views_that_training_uses(make_cfg, tiny_folder, tmp_pat
 
     cfg = make_cfg("dataset=kuaisar", f"dataset.path={tiny_folder}", f"paths.cache_dir={tmp_path}")
     _preprocess(str(tiny_folder), str(tmp_path), list(cfg.dataset.user_attributes),
-                list(cfg.dataset.item_attributes), OmegaConf.to_container(cfg.dataset.protocol))  # fmt: skip
+                list(cfg.dataset.item_attributes),
+                OmegaConf.to_container(cfg.dataset.protocol, resolve=True))  # fmt: skip
     built = sorted(p.name for p in tmp_path.glob("view-*"))
     assert len(built) == 3
     hydra.utils.instantiate(cfg.data, _convert_="all").load()

@@ -12,7 +12,9 @@ from tests.conftest import TINY_OVERRIDES
 
 
 def test_quick_table_runs_the_grid_and_prints_the_papers_layout(tmp_path, capsys, cache_dir):
+    # the grid less the baselines with their own table tests (IV4REC+, SESRec), for time
     main(["--quick", "--quick-epochs", "1", "--backbones", "mlp", "gru4rec", "--out", str(tmp_path),
+          "--variants", "base", "aug", "jsr", "clardrec", "-CD", "-FA", "-DA", "-CS",
           "--override", *TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"])  # fmt: skip
     out = capsys.readouterr().out
     assert "Table 1 (ClardRec): main results on synthetic, 1 seed(s): 0" in out
@@ -27,7 +29,10 @@ def test_quick_table_runs_the_grid_and_prints_the_papers_layout(tmp_path, capsys
     runs = list((tmp_path / "quick" / "synthetic").glob("*/*/seed0/metrics.json"))
     assert len(runs) == 2 * 8  # 2 backbones x (4 methods + 4 ablations)
     report = (
-        tmp_path / "quick" / "synthetic" / "tables_mlp-gru4rec.txt"
+        tmp_path
+        / "quick"
+        / "synthetic"
+        / "tables_mlp-gru4rec_base_aug_jsr_clardrec_-CD_-FA_-DA_-CS.txt"
     )  # named after the selection
     assert report.read_text().startswith("Table 1")
 

@@ -40,7 +40,7 @@ class JointSearchRec(TwoDomainRecommender):
         """method=jsr backbone=din builds the DIN variant (TargetAwareJSR): one method
         name and one config for both, as the papers' tables have one JSR row."""
         backbone = kwargs.get("backbone", args[1] if len(args) > 1 else None)
-        if cls is JointSearchRec and backbone is not None and backbone["name"] == "din":
+        if cls is JointSearchRec and backbone is not None and backbone.get("name") == "din":
             return TargetAwareJSR(*args, **kwargs)
         return super().__new__(cls)
 

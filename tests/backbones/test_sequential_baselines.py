@@ -177,7 +177,9 @@ def test_dien_auxiliary_loss_pairs_h_t_with_the_next_event(history):
     assert torch.allclose(dien.auxiliary_loss(steps, mask, negatives), torch.stack(terms).mean())
 
 
-@pytest.mark.parametrize("backbone", ["stamp", "dien", "fmlprec", "bert4rec"])
+# DIEN's AUGRU pass per candidate and BERT4Rec's Cloze epoch take ~10 s each: `make test-slow`
+@pytest.mark.parametrize("backbone", ["stamp", pytest.param("dien", marks=pytest.mark.slow), "fmlprec",
+                                      pytest.param("bert4rec", marks=pytest.mark.slow)])  # fmt: skip
 def test_one_epoch_on_the_embedded_data(make_cfg, backbone, tmp_path):
     metrics = train(make_cfg(f"backbone={backbone}", output_dir=tmp_path))
     assert 0.0 <= metrics["test/ndcg@5"] <= 1.0 and metrics["test/hr@10"] > 0.0
