@@ -88,8 +88,5 @@ class TargetAwareJSR(RecommenderModule):
             self.items(batch["search_click_history_item"]), batch["search_click_history_mask"],
         )  # fmt: skip
 
-    def training_loss(self, batch):
-        rec = sampled_softmax_ce(self.score(batch, batch["candidates"]))
-        search = batch["search"]
-        src = sampled_softmax_ce(self.search_scores(search, search["candidates"]))
-        return rec + self.hparams.search_weight * src, {"rec": rec.detach(), "src": src.detach()}
+    # JSR's summed objective L = L_rec + L_src: one definition, the two-tower JSR's
+    training_loss = JointSearchRec.training_loss
