@@ -353,3 +353,32 @@ def test_ctr_query_item_lists_under_the_time_split_end_before_the_held_out_days(
         zip(np.repeat(np.arange(offsets.size - 1), np.diff(offsets)).tolist(), items.tolist())
     )
     assert not listed & late_only
+
+
+@pytest.mark.parametrize("protocol", ["default", "both_evaluated", "time_split"])
+@pytest.mark.parametrize("name", ["sequential", "ctr"])
+def test_iv4rec_instruments_come_from_search_clicks_before_the_cut_offs(tables, name, protocol):
+    """IV4Rec+'s instruments (each item's most clicked-through queries) count only search
+    clicks made before their user's first held-out event: a (item, query) pair that was
+    clicked only after those cut-offs, which a reader of the whole log would take in,
+    never becomes an instrument."""
+    from sar_exp.data.datamodule import item_queries
+
+    protocol = PROTOCOLS[protocol]
+    view = build_view(tables, name, protocol)
+    first = np.full(view["user_attributes"].shape[0], NEVER)
+    for task in protocol.evaluated_tasks:
+        if task in view.task_names():
+            first = np.minimum(first, _heldout(view, task)[1])
+    clicks = tables.search.filter(pl.col("clicked") == 1).join(
+        tables.sessions.select("session", "user", "query", "time"), on="session"
+    )
+    before = clicks["time"].to_numpy() < first[clicks["user"].to_numpy()]
+    item, query = clicks["item"].to_numpy(), clicks["query"].to_numpy()
+    allowed = set(zip(item[before].tolist(), query[before].tolist()))
+    only_after = set(zip(item[~before].tolist(), query[~before].tolist())) - allowed
+    assert len(only_after) > 10  # the embedded data hold such post-cut-off clicks
+    table = item_queries(view, 1000)
+    used = {(i, int(q)) for i, row in enumerate(table) for q in row if q}
+    assert len(used) > 100 and used <= allowed
+    assert not used & only_after
