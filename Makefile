@@ -34,8 +34,9 @@ run: ## one default training run (synthetic data, SASRec, plain backbone); ARGS=
 bench: ## preprocessing and training-throughput benchmark on the kuaisar_scale preset
 	$(PYTHON) -m sar_exp.bench $(ARGS)
 
-clean: ## remove caches and run outputs (keeps .venv)
-	rm -rf .cache outputs/* multirun
+clean: ## remove caches and run outputs (keeps .venv and the paper tables' cells in outputs/tables)
+	rm -rf .cache multirun
+	find outputs -mindepth 1 -maxdepth 1 ! -name tables ! -name .gitkeep -exec rm -rf {} +
 	touch outputs/.gitkeep
 
 # ClardRec's Table 1 and Table 2. DATASET=kuaisar DATA=DIR for the real data;

@@ -25,7 +25,7 @@ PAIRS = [
     # the papers' baseline rows (issue 15)
     ("base", "stamp"), ("base", "dien"), ("base", "fmlprec"), ("base", "bert4rec"),
     ("jsr", "din"), ("queryseqrec", "sasrec"), ("nrhub", "sasrec"), ("zam", "sasrec"),
-    ("tem", "sasrec"),
+    ("tem", "sasrec"), ("copps", "sasrec"), ("user", "sasrec"), ("unifiedssr", "sasrec"),
 ]  # fmt: skip
 # what a method needs beyond the defaults (UniSAR: its merged history, both tasks scored)
 EXTRA = {
@@ -33,7 +33,9 @@ EXTRA = {
                "optimized_metric=val/mean_ndcg@5", "method.module.rel_negatives=16"],
     "sesrec": ["protocol=sesrec", "method.module.align_negatives=16"],
     **{m: ["protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
-           "optimized_metric=val/search/ndcg@5"] for m in ("zam", "tem")},  # search only
+           "optimized_metric=val/mean_ndcg@5"] for m in ("user", "unifiedssr")},
+    **{m: ["protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
+           "optimized_metric=val/search/ndcg@5"] for m in ("zam", "tem", "copps")},  # search only
 }  # fmt: skip
 
 

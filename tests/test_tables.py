@@ -412,3 +412,29 @@ def test_sesrec_table_gives_query_seqrec_both_histories(dataset, merged):
     overrides = sesrec.cell_overrides("Query-SeqRec", args)
     assert f"dataset.protocol.max_interleaved_history={merged}" in overrides
     assert not any("max_interleaved" in o for o in sesrec.cell_overrides("SASRec", args))
+
+
+@pytest.mark.parametrize("row, method", [("USER", "user"), ("UnifiedSSR", "unifiedssr")])
+def test_unisar_table_runs_user_and_unifiedssr_as_two_fine_tuned_halves(row, method):
+    """UniSAR 3.2: USER and UnifiedSSR "derive two parameter sets for S&R tasks via
+    pre-training and fine-tuning": one run fine-tuned for each task, selected on that
+    task, and each task's cells read from its own run."""
+    import argparse
+
+    from sar_exp.tables import grid, unisar
+
+    args = argparse.Namespace(dataset="synthetic", data=None, max_epochs=3, quick=False,
+                              threads=grid.DEFAULT_THREADS)  # fmt: skip
+    halves = unisar.cell_runs(row, args)
+    assert [(part, monitor) for part, _, monitor in halves] == [
+        ("rec", "val/ndcg@5"),
+        ("search", "val/search/ndcg@5"),
+    ]
+    for part, overrides, monitor in halves:
+        cfg = grid._compose(grid.Run((row, part), 0, overrides, Path("/nowhere"), 1))
+        assert cfg.method.name == method and cfg.method.module.finetune_task == part
+        assert list(cfg.method.scores) == [part] and cfg.optimized_metric == monitor
+        assert list(cfg.dataset.protocol.evaluated_tasks) == ["rec", "search"]
+    results = {(row, "rec"): [{"test/ndcg@5": 0.3}], (row, "search"): [{"test/search/ndcg@5": 0.6}]}
+    assert unisar.metric_cells(results, row, "rec", ["ndcg@5"])[0].values == [0.3]
+    assert unisar.metric_cells(results, row, "search", ["ndcg@5"])[0].values == [0.6]

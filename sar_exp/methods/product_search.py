@@ -16,12 +16,18 @@ space. They differ in M_uq:
   u near 0 (M near lambda f(q)).
 - TEM: a Transformer encoder over [f(q), i_1, ..., i_n] (learned positions, no user-id
   token, as the authors' code); M is the output at f(q).
+- CoPPS (Dai et al., KDD'23): TEM's model and ranking, plus contrastive tasks on the
+  user's history (sar_exp/methods/copps.py): two augmented views of each history (crop,
+  mask, reorder) agree (intra-user), and users whose histories share a (query, clicked
+  item) pair agree (cross-user); a view is the encoder's mean output over the view's
+  steps, read without the query (with it, both views of a row would share the query and
+  agree through it alone: ours). L = L_search + cl_weight L_seq + cross_user_weight
+  L_user. Its knowledge-graph task is not reproduced (no knowledge graph in the data).
 
 Training: the framework's sampled-softmax CE over the search candidates (1 + M sampled
 items, ClardRec's Eq. 4), where the papers train a log-sigmoid negative-sampling loss
 (with review-word generation beside it); every search model of the framework is trained
-the same way. CoPPS (contrastive tasks built on a knowledge graph and on other users'
-sequences) is not implemented: its row shows the published number only.
+the same way.
 
 The history is the user's past search clicks (UniSAR: these baselines "only consider
 search history"), up to the protocol's cap, oldest first."""
@@ -31,12 +37,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sar_exp.backbones.sequence import left_aligned
+from sar_exp.backbones.sequence import left_aligned, masked_mean
 from sar_exp.errors import ConfigError
+from sar_exp.methods import copps
 from sar_exp.methods.base import RecommenderModule
 from sar_exp.methods.losses import sampled_softmax_ce
 
-MODELS = ("qem", "hem", "aem", "zam", "tem")
+MODELS = ("qem", "hem", "aem", "zam", "tem", "copps")
+TRANSFORMERS = ("tem", "copps")  # TEM's encoder
 
 
 class ProductSearch(RecommenderModule):
@@ -45,7 +53,10 @@ class ProductSearch(RecommenderModule):
         return True
 
     def __init__(self, schema: dict, backbone: dict, model: str = "hem", mix: float = 0.5,
-                 heads: int = 5, layers: int = 1, dropout: float = 0.1, **kwargs):  # fmt: skip
+                 heads: int = 5, layers: int = 1, dropout: float = 0.1, cl_weight: float = 0.1,
+                 cross_user_weight: float = 0.1, temperature: float = 0.1,
+                 crop_ratio: float = 0.6, mask_ratio: float = 0.3, reorder_ratio: float = 0.6,
+                 **kwargs):  # fmt: skip
         if model not in MODELS:
             raise ConfigError(f"method.module.model must be one of {list(MODELS)}, got {model!r}")
         super().__init__(schema, backbone, **kwargs)
@@ -63,7 +74,7 @@ class ProductSearch(RecommenderModule):
         if model in ("aem", "zam"):
             self.attention_query = nn.Linear(d, d * heads)  # W_f, b_f
             self.attention_heads = nn.Linear(heads, 1, bias=False)  # W_h
-        if model == "tem":
+        if model in TRANSFORMERS:
             if d % 2:
                 raise ConfigError(f"TEM's two attention heads need an even item width, got {d}")
             layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=4 * d, dropout=dropout,
@@ -71,6 +82,9 @@ class ProductSearch(RecommenderModule):
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.positions = nn.Embedding(schema["max_search_history"] + 1, d)
             nn.init.normal_(self.positions.weight, std=0.05)  # the scale of the item tables
+        self.mask_token = None
+        if model == "copps" and self.contrasts():  # CoPPS's [mask] step (the mask operator)
+            self.mask_token = nn.Parameter(torch.randn(d) * 0.05)
 
     # ------------------------------------------------------------ M_uq
     def query(self, batch) -> torch.Tensor:
@@ -109,7 +123,7 @@ class ProductSearch(RecommenderModule):
             user = self.user_map(self.users(batch["user"]))
             return self.hparams.mix * query + (1 - self.hparams.mix) * user
         items, mask = self.history(batch)
-        if self.model == "tem":
+        if self.model in TRANSFORMERS:
             return self.transformer_user(query, items, mask)
         user = self.attended_user(query, items, mask)
         return self.hparams.mix * query + (1 - self.hparams.mix) * user
@@ -119,4 +133,43 @@ class ProductSearch(RecommenderModule):
 
     # ------------------------------------------------------------ training
     def training_loss(self, batch):
-        return sampled_softmax_ce(self.search_scores(batch, batch["candidates"])), {}
+        loss = sampled_softmax_ce(self.search_scores(batch, batch["candidates"]))
+        if self.model != "copps" or not self.contrasts():
+            return loss, {}
+        hp = self.hparams
+        parts = self.contrastive_losses(batch)
+        loss = loss + hp.cl_weight * parts["cl_seq"] + hp.cross_user_weight * parts["cl_user"]
+        return loss, {k: v.detach() for k, v in parts.items()}
+
+    # ------------------------------------------------------------ CoPPS
+    def contrasts(self) -> bool:
+        return self.hparams.cl_weight > 0 or self.hparams.cross_user_weight > 0
+
+    def sequence_view(self, ids, valid, masked) -> torch.Tensor:
+        """A view's user-sequence representation: TEM's encoder over its steps (the
+        positions of the history's slots, masked steps read as the [mask] vector), mean
+        over its valid outputs. Rows need a valid step."""
+        x = torch.where(masked[..., None], self.mask_token, self.items(ids))
+        x = x + self.positions.weight[1 : x.shape[1] + 1]
+        return masked_mean(self.encoder(x, src_key_padding_mask=~valid), valid)
+
+    def contrastive_losses(self, batch) -> dict[str, torch.Tensor]:
+        """CoPPS's two tasks over the rows with a search history (copps.py), each with
+        two views drawn from the step's (seed, rank, step) generator."""
+        hp = self.hparams
+        valid = batch["search_click_history_mask"]
+        rows = valid.any(1)
+        if not rows.any():  # no history in the batch: nothing to contrast
+            zero = 0.0 * self.mask_token.sum()
+            return {"cl_seq": zero, "cl_user": zero}
+        ids, valid = batch["search_click_history_item"][rows], valid[rows]
+        user = batch["user"][rows]
+        ratios = {"crop": hp.crop_ratio, "mask": hp.mask_ratio, "reorder": hp.reorder_ratio}
+        generator = self.step_generator()
+        views = [self.sequence_view(*copps.augment(ids, valid, ratios, generator))
+                 for _ in range(2)]  # fmt: skip
+        similar = copps.shared_pairs(batch["search_click_history_query"][rows], ids, valid)
+        return {
+            "cl_seq": copps.sequence_contrast(*views, user, hp.temperature),
+            "cl_user": copps.cross_user_contrast(*views, user, similar, hp.temperature),
+        }

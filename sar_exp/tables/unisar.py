@@ -7,9 +7,9 @@ several seeds, beside the paper's numbers.
 Every run uses UniSAR's protocol (protocol=unisar_kuaisar; unisar_amazon on Amazon)
 with both tasks held out, so all rows train on the same data. Rows whose model the
 framework has are run: DIN, GRU4Rec, SASRec, BERT4Rec and FMLP-Rec (method=base), NRHUB,
-Query-SeqRec, SESRec, the personalized search models QEM, HEM, AEM, ZAM and TEM (search
-only), JSR with DIN as its rec model (5.1.3), and UniSAR; the other rows show the
-published numbers only. The extra row "JSR (SASRec towers, ours)" (variant JSR_SASRec)
+Query-SeqRec, SESRec, the personalized search models QEM, HEM, AEM, ZAM, TEM and CoPPS
+(search only), JSR with DIN as its rec model (5.1.3), USER and UnifiedSSR (each two runs,
+pre-trained on both tasks and fine-tuned for one), and UniSAR: every row of the paper. The extra row "JSR (SASRec towers, ours)" (variant JSR_SASRec)
 is the two-tower JSR over SASRec. UniSAR and JSR are selected on the mean of rec and
 search validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5, the
 search-only ones on search NDCG@5.
@@ -35,9 +35,11 @@ RUNNABLE = {
     "Query-SeqRec": (["method=queryseqrec", "backbone=sasrec"], ("rec",)),
     "SESRec": (["method=sesrec", "backbone=sasrec"], ("rec",)),
     **{name: ([f"method={name.lower()}"], ("search",))
-       for name in ("QEM", "HEM", "AEM", "ZAM", "TEM")},
+       for name in ("QEM", "HEM", "AEM", "ZAM", "TEM", "CoPPS")},
     "JSR": (["method=jsr", "backbone=din"], ("rec", "search")),  # DIN as its rec model (5.1.3)
     "JSR_SASRec": (["method=jsr", "backbone=sasrec"], ("rec", "search")),
+    "USER": (["method=user"], ("rec", "search")),  # two fine-tuned halves (HALVES)
+    "UnifiedSSR": (["method=unifiedssr"], ("rec", "search")),
     "UniSAR": (["method=unisar", "backbone=sasrec"], ("rec", "search")),
 }  # fmt: skip
 MONITORS = {("rec",): "val/ndcg@5", ("search",): "val/search/ndcg@5",
@@ -64,6 +66,18 @@ JOINT_HALVES = {
                "~method.companion_batch_sizes.search", "data.main_task=search",
                "optimized_metric=val/search/ndcg@5"],
 }  # fmt: skip
+# USER and UnifiedSSR "derive two parameter sets for S&R tasks via pre-training and
+# fine-tuning" (UniSAR 3.2): each is two runs, pre-trained on both tasks and fine-tuned
+# for one, that task's metrics taken from it
+# (each reads both tasks' batches: pre-training needs them)
+FINETUNED_HALVES = {
+    "rec": ["method.module.finetune_task=rec", "method.scores=[rec]",
+            "optimized_metric=val/ndcg@5"],
+    "search": ["method.module.finetune_task=search", "method.scores=[search]",
+               "optimized_metric=val/search/ndcg@5"],
+}  # fmt: skip
+# rows made of one run per task: the run a task's metrics are read from
+HALVES = {JOINT: JOINT_HALVES, "USER": FINETUNED_HALVES, "UnifiedSSR": FINETUNED_HALVES}
 ALL_VARIANTS = [*RUNNABLE, *ABLATIONS, JOINT]
 # rows of ours that the paper does not have, shown after the paper's row they vary
 EXTRA_ROWS = {"JSR": ("JSR_SASRec", "JSR (SASRec towers, ours)")}
@@ -137,8 +151,11 @@ def cell_runs(name: str, args) -> list[tuple[str, list[str], str]]:
     """(part, overrides, monitor) of each run a row needs."""
     if name in RUNNABLE:
         overrides, tasks = RUNNABLE[name]
-        monitor = MONITORS[tasks]
         common = base_overrides(args, unisar=name == "UniSAR")
+        if name in HALVES:
+            return [(task, [*overrides, *common, *extra], extra[-1].split("=", 1)[1])
+                    for task, extra in HALVES[name].items()]  # fmt: skip
+        monitor = MONITORS[tasks]
         return [("", [*overrides, *common, f"optimized_metric={monitor}"], monitor)]
     unisar = [*RUNNABLE["UniSAR"][0], *base_overrides(args, unisar=True)]
     if name == JOINT:
@@ -164,7 +181,7 @@ def collect(args) -> dict:
 
 def metric_cells(results, name: str, task: str, metrics) -> list[Cell]:
     """Cells of one row for one task ("" prefix rec, "search/" search)."""
-    part = "" if name != JOINT else task
+    part = task if name in HALVES else ""
     runs = results.get((name, part), [])
     prefix = "test/" if task == "rec" else "test/search/"
     return [Cell([r[prefix + m] for r in runs if prefix + m in r]) for m in metrics]

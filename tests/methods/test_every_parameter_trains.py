@@ -26,6 +26,10 @@ PAIRS = [
     *[("sesrec", b, ("protocol=sesrec",)) for b in ("sasrec", "gru4rec")],
     ("sesrec", "sasrec", ("protocol=sesrec", "method.module.use_mie=false",
                           "method.module.use_contrast=false", "method.module.use_align=false")),
+    ("user", "sasrec", ()),
+    ("user", "sasrec", ("method.module.finetune_task=search", "method.module.pretrain_epochs=0")),
+    ("unifiedssr", "sasrec", ()),
+    ("unifiedssr", "sasrec", ("method.module.use_ism=false",)),
 ]  # fmt: skip
 
 

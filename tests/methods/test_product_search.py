@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sar_exp.errors import ConfigError
+from sar_exp.methods import copps
 from sar_exp.train import train
 
 SEARCH_ONLY = ("protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
@@ -74,7 +75,7 @@ def test_tem_reads_the_query_with_the_history(build):
     assert tem.positions.weight.std() < 0.1  # positions start at the item tables' scale
 
 
-@pytest.mark.parametrize("model", ["qem", "hem", "aem", "zam", "tem"])
+@pytest.mark.parametrize("model", ["qem", "hem", "aem", "zam", "tem", "copps"])
 def test_one_step_reaches_every_parameter(build, model):
     module, batch = build(model)
     loss, _ = module.training_loss(batch)
@@ -82,7 +83,7 @@ def test_one_step_reaches_every_parameter(build, model):
     assert [name for name, p in module.named_parameters() if p.grad is None] == []
 
 
-@pytest.mark.parametrize("model", ["qem", "zam", "tem"])
+@pytest.mark.parametrize("model", ["qem", "zam", "tem", "copps"])
 def test_one_epoch_reports_search_metrics_only(make_cfg, model, tmp_path):
     metrics = train(make_cfg(f"method={model}", *SEARCH_ONLY, output_dir=tmp_path))
     assert 0.0 < metrics["test/search/ndcg@5"] <= 1.0
@@ -92,3 +93,129 @@ def test_one_epoch_reports_search_metrics_only(make_cfg, model, tmp_path):
 def test_a_search_model_refuses_to_score_rec(build):
     with pytest.raises(ConfigError, match="method=qem is a search model: it cannot score rec"):
         build("qem", "method.scores=[rec,search]")
+
+
+# ------------------------------------------------------------ CoPPS
+RATIOS = {"crop": 0.6, "mask": 0.3, "reorder": 0.6}
+
+
+def _histories():
+    """Three left-aligned histories of 10, 5 and 1 steps (ids 1.., 0 padding)."""
+    valid = torch.arange(10)[None, :] < torch.tensor([10, 5, 1])[:, None]
+    ids = torch.where(valid, torch.arange(1, 11) + torch.tensor([0, 100, 200])[:, None], 0)
+    return ids, valid
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_copps_crop_keeps_one_contiguous_span_of_the_drawn_share():
+    _, valid = _histories()
+    starts = set()
+    for seed in range(20):
+        kept = copps.crop(valid, 0.6, _generator(seed))
+        assert not (kept & ~valid).any()
+        assert kept.sum(1).tolist() == [6, 3, 1]  # floor(0.6 n), at least one
+        for row in kept:
+            slots = row.nonzero().squeeze(1)
+            assert torch.equal(slots, torch.arange(int(slots[0]), int(slots[0]) + len(slots)))
+        starts.add(int(kept[0].nonzero()[0]))
+    assert len(starts) > 1 and max(starts) <= 4  # the start is drawn, the span fits
+
+
+def test_copps_mask_draws_exactly_its_share_of_the_steps():
+    _, valid = _histories()
+    draws = set()
+    for seed in range(20):
+        masked = copps.mask(valid, 0.3, _generator(seed))
+        assert not (masked & ~valid).any()
+        assert masked.sum(1).tolist() == [3, 1, 0]  # floor(0.3 n)
+        draws.add(tuple(masked[0].nonzero().squeeze(1).tolist()))
+    assert len(draws) > 1
+
+
+def test_copps_reorder_shuffles_one_contiguous_window_only():
+    _, valid = _histories()
+    shuffled = False
+    for seed in range(20):
+        order = copps.reorder(valid, 0.6, _generator(seed))
+        for row, n in zip(order, (10, 5, 1)):
+            assert sorted(row.tolist()) == list(range(10))  # a permutation
+            moved = (row != torch.arange(10)).nonzero().squeeze(1)
+            if len(moved):
+                shuffled = True
+                assert int(moved.max()) < n  # only valid steps move
+                assert int(moved.max() - moved.min()) < int(0.6 * n)  # within one window
+                window = torch.arange(int(moved.min()), int(moved.max()) + 1)
+                assert sorted(row[window].tolist()) == window.tolist()
+    assert shuffled
+
+
+def test_copps_views_hold_only_the_rows_own_steps_and_follow_the_generator():
+    ids, valid = _histories()
+    view, view_valid, masked = copps.augment(ids, valid, RATIOS, _generator(0))
+    for row in range(3):
+        assert set(view[row][view_valid[row]].tolist()) <= set(ids[row][valid[row]].tolist())
+        n = int(view_valid[row].sum())
+        assert view_valid[row, :n].all() and not view_valid[row, n:].any()  # left-aligned
+    assert not (masked & ~view_valid).any()
+    again = copps.augment(ids, valid, RATIOS, _generator(0))
+    assert all(torch.equal(x, y) for x, y in zip((view, view_valid, masked), again))
+    others = [copps.augment(ids, valid, RATIOS, _generator(s)) for s in range(1, 6)]
+    assert any(not torch.equal(o[0], view) or not torch.equal(o[1], view_valid) for o in others)
+    # one operator per row, each of the three drawn: 60 rows of 10 steps
+    many = ids[:1].expand(60, -1)
+    view, view_valid, masked = copps.augment(many, valid[:1].expand(60, -1), RATIOS, _generator(0))
+    cropped = view_valid.sum(1) == 6
+    with_mask = masked.sum(1) == 3
+    reordered = (view != many).any(1) & ~cropped
+    assert cropped.any() and with_mask.any() and reordered.any()
+    assert (cropped.int() + with_mask.int() + reordered.int()).max() == 1
+
+
+def test_copps_contrast_is_lower_when_the_views_agree():
+    torch.manual_seed(0)
+    a = torch.randn(8, 16)
+    user = torch.arange(8)
+    agree = copps.sequence_contrast(a, a + 0.01 * torch.randn(8, 16), user, 0.1)
+    shuffled = copps.sequence_contrast(a, a[torch.randperm(8)], user, 0.1)
+    assert agree < shuffled
+    # the same user's other rows are not negatives: with one user in every row, each
+    # view's denominator holds its positive alone
+    one_user = torch.zeros(8, dtype=torch.long)
+    assert copps.sequence_contrast(a, a[torch.randperm(8)], one_user, 0.1).abs() < 1e-6
+    # cross-user: rows sharing a (query, item) pair are positives
+    queries = torch.tensor([[1, 2], [1, 5], [7, 0]])
+    items = torch.tensor([[3, 4], [3, 6], [9, 0]])
+    valid = torch.tensor([[True, True], [True, True], [True, False]])
+    similar = copps.shared_pairs(queries, items, valid)
+    assert similar.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    b = torch.randn(3, 16)
+    close = torch.stack([b[0], b[0] + 0.01 * torch.randn(16), b[2]])
+    users = torch.arange(3)
+    assert copps.cross_user_contrast(close, close, users, similar, 0.1) < (
+        copps.cross_user_contrast(b, b, users, similar, 0.1)
+    )
+    # no other user shares a pair: nothing to contrast
+    alone = torch.eye(3, dtype=torch.bool)
+    assert copps.cross_user_contrast(b, b, users, alone, 0.1) == 0
+
+
+def test_copps_is_tem_with_the_contrastive_losses_added(build):
+    tem, batch = build("tem")
+    zero, _ = build("copps", "method.module.cl_weight=0", "method.module.cross_user_weight=0")
+    full, _ = build("copps")
+    assert zero.mask_token is None and full.mask_token is not None
+    zero.load_state_dict(tem.state_dict())
+    full.load_state_dict(tem.state_dict(), strict=False)
+    for module in (tem, zero, full):
+        module.eval()  # no dropout: the same batch gives the same search loss
+    tem_loss, _ = tem.training_loss(batch)
+    assert torch.equal(zero.training_loss(batch)[0], tem_loss)
+    loss, parts = full.training_loss(batch)
+    assert parts["cl_seq"] > 0 and parts["cl_user"] > 0  # the embedded data have shared pairs
+    expected = tem_loss + 0.1 * parts["cl_seq"] + 0.1 * parts["cl_user"]
+    assert torch.allclose(loss, expected)
+    # the views come from the (seed, rank, step) generator: the same step draws the same
+    assert torch.equal(full.training_loss(batch)[0], loss)
