@@ -438,3 +438,15 @@ def test_unisar_table_runs_user_and_unifiedssr_as_two_fine_tuned_halves(row, met
     results = {(row, "rec"): [{"test/ndcg@5": 0.3}], (row, "search"): [{"test/search/ndcg@5": 0.6}]}
     assert unisar.metric_cells(results, row, "rec", ["ndcg@5"])[0].values == [0.3]
     assert unisar.metric_cells(results, row, "search", ["ndcg@5"])[0].values == [0.6]
+
+
+def test_a_search_only_cell_shows_its_search_ndcg_in_the_progress_line(
+    tmp_path, capsys, monkeypatch
+):
+    from sar_exp.tables import grid
+
+    monkeypatch.setattr(
+        grid, "_run_task", lambda run: (run.key, run.seed, {"test/search/ndcg@5": 0.6606}, None)
+    )
+    grid.collect([grid.Run(("QEM",), 0, [], tmp_path, 1)], [0])
+    assert "[1/1] QEM seed 0: search/ndcg@5 0.6606" in capsys.readouterr().out

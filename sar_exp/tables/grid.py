@@ -135,8 +135,11 @@ def collect(grid: list[Run], seeds: list[int], jobs: int = 1, report_only: bool 
             print(f"{where} FAILED, {failure} ({run_dirs[(key, seed)]})", flush=True)
             return
         by_seed.setdefault(key, {})[seed] = metrics
-        value = metrics.get(headline, float("nan"))
-        print(f"{where} {headline.removeprefix('test/')} {value:.4f} ({time.time() - start:.0f}s)",
+        shown = headline
+        if shown not in metrics:  # a search-only row has no rec metrics: its search one
+            shown = headline.replace("test/", "test/search/", 1)
+        value = metrics.get(shown, float("nan"))
+        print(f"{where} {shown.removeprefix('test/')} {value:.4f} ({time.time() - start:.0f}s)",
               flush=True)  # fmt: skip
 
     if jobs <= 1:
