@@ -71,10 +71,13 @@ def reorder(valid: torch.Tensor, ratio: float, generator=None) -> torch.Tensor:
     slots = torch.arange(valid.shape[1], device=valid.device)
     window = (slots >= start[:, None]) & (slots < (start + size)[:, None])
     # a window slot's key is uniform in [start, start + size): it sorts among the window's
-    # slots only, since every other slot keeps its integer position as its key
-    draw = start[:, None] + _uniform(valid.shape, generator, valid.device) * size[:, None]
+    # slots only, since every other slot keeps its integer position as its key. In float64
+    # (a float32 u < 1 times size stays below size; in float32, start + u size can round
+    # up to start + size, the next slot's key), with a stable sort for ties
+    u = _uniform(valid.shape, generator, valid.device).double()
+    draw = start[:, None] + u * size[:, None]
     keys = torch.where(window, draw, slots.to(draw.dtype).expand_as(draw))
-    return keys.argsort(1)
+    return keys.argsort(dim=1, stable=True)
 
 
 def augment(ids: torch.Tensor, valid: torch.Tensor, ratios: dict, generator=None):

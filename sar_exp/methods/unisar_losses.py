@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sar_exp.methods.losses import info_nce
+
 MIN_TEMPERATURE = 0.01
 
 
@@ -151,9 +153,7 @@ def alignment_loss(
         terms = (lse_cross + lse_same - 2 * positive)[has]
         return terms.mean() if terms.numel() else sim.zero() + 0.0 * same.sum()
     rows = torch.cat([same, cross])  # NT-Xent (SimCLR) over 2n rows
-    scores = sim.matrix(rows, rows)
-    scores = scores.masked_fill(
-        torch.eye(2 * n, dtype=torch.bool, device=rows.device), float("-inf")
-    )
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(rows.device)
-    return nn.functional.cross_entropy(scores, target)
+    own = torch.arange(2 * n, device=rows.device)
+    positive = torch.zeros(2 * n, 2 * n, dtype=torch.bool, device=rows.device)
+    positive[own, (own + n) % (2 * n)] = True  # the row's other view
+    return info_nce(sim.matrix(rows, rows), positive, own[:, None] == own[None, :])

@@ -8,6 +8,7 @@ import torch
 
 from sar_exp.errors import ConfigError
 from sar_exp.methods import copps
+from sar_exp.methods.losses import info_nce
 from sar_exp.train import train
 
 SEARCH_ONLY = ("protocol=unisar", "dataset.protocol.evaluated_tasks=[rec,search]",
@@ -138,6 +139,7 @@ def test_copps_mask_draws_exactly_its_share_of_the_steps():
 def test_copps_reorder_shuffles_one_contiguous_window_only():
     _, valid = _histories()
     shuffled = False
+    full_windows = set()  # starts of the draws that moved a whole floor(0.6 n) span
     for seed in range(20):
         order = copps.reorder(valid, 0.6, _generator(seed))
         for row, n in zip(order, (10, 5, 1)):
@@ -149,7 +151,28 @@ def test_copps_reorder_shuffles_one_contiguous_window_only():
                 assert int(moved.max() - moved.min()) < int(0.6 * n)  # within one window
                 window = torch.arange(int(moved.min()), int(moved.max()) + 1)
                 assert sorted(row[window].tolist()) == window.tolist()
+                if n == 10 and len(window) == 6:
+                    full_windows.add(int(moved.min()))
     assert shuffled
+    # the window is floor(0.6 n) long and its start is drawn, not always the first step
+    assert full_windows and max(full_windows) > 0
+
+
+def test_copps_reorder_keeps_the_slots_outside_its_window_when_keys_round_up(monkeypatch):
+    """u = 1 - 2^-24 (the largest float32 below 1): in float32, start + u size rounds to
+    start + size, the key of the slot after the window (here padding), and an unstable
+    sort may move that slot into the window."""
+    monkeypatch.setattr(copps, "_uniform", lambda shape, generator, device: torch.full(
+        shape, 1 - 2**-24, device=device))  # fmt: skip
+    n = torch.tensor([10, 5, 3])
+    valid = torch.arange(20)[None, :] < n[:, None]
+    order = copps.reorder(valid, 0.6, None)
+    for row, count in zip(order, n.tolist()):
+        size = int(0.6 * count)
+        start = count - size  # floor(u (n - size + 1)) with u just below 1
+        outside = torch.cat([torch.arange(start), torch.arange(count, 20)])
+        assert torch.equal(row[outside], outside)
+        assert sorted(row[start:count].tolist()) == list(range(start, count))
 
 
 def test_copps_views_hold_only_the_rows_own_steps_and_follow_the_generator():
@@ -172,6 +195,75 @@ def test_copps_views_hold_only_the_rows_own_steps_and_follow_the_generator():
     reordered = (view != many).any(1) & ~cropped
     assert cropped.any() and with_mask.any() and reordered.any()
     assert (cropped.int() + with_mask.int() + reordered.int()).max() == 1
+
+
+def test_info_nce_is_the_cross_entropy_over_the_slots_not_ignored():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 7)
+    target = torch.tensor([0, 3, 6, 2, 2])
+    one = torch.nn.functional.one_hot(target, 7).bool()
+    ce = torch.nn.functional.cross_entropy(scores, target)
+    assert torch.allclose(info_nce(scores, one), ce)
+    # ignored slots leave the denominator: whatever their scores
+    ignore = torch.zeros(5, 7, dtype=torch.bool)
+    ignore[0, 1] = ignore[1, 0] = ignore[4, 5] = ignore[4, 6] = True
+    ce = torch.nn.functional.cross_entropy(scores.masked_fill(ignore, float("-inf")), target)
+    assert torch.allclose(info_nce(scores, one, ignore), ce)
+    assert torch.allclose(info_nce(scores + 10.0 * ignore, one, ignore), ce)
+    # several positives (an ignored one is not one): the mean of their -log p per anchor,
+    # averaged over the anchors with a positive (anchor 3 has none)
+    positive = torch.zeros(5, 7, dtype=torch.bool)
+    positive[0, [0, 1, 4]] = positive[1, [2, 3]] = positive[2, 6] = positive[4, [0, 5]] = True
+    losses = []
+    for i in range(5):
+        allowed = ~ignore[i]
+        mine = positive[i] & allowed
+        if mine.any():
+            log_p = scores[i] - torch.logsumexp(scores[i][allowed], 0)
+            losses.append(-log_p[mine].mean())
+    assert torch.allclose(info_nce(scores, positive, ignore), torch.stack(losses).mean())
+    # no positive at all: 0, still on the graph
+    none = info_nce(scores.requires_grad_(), torch.zeros_like(positive))
+    assert none == 0 and none.requires_grad
+
+
+def test_copps_shared_pairs_pairs_rows_on_the_query_and_its_item_together():
+    # row 0: (1, 3), (5, 8); row 1: query 1 with another item, row 0's pair in padding;
+    # row 2: item 3 under another query; row 3: row 0's (1, 3)
+    queries = torch.tensor([[1, 5], [1, 1], [2, 0], [1, 9]])
+    items = torch.tensor([[3, 8], [4, 3], [3, 0], [3, 9]])
+    valid = torch.tensor([[True, True], [True, False], [True, False], [True, True]])
+    assert copps.shared_pairs(queries, items, valid).tolist() == [
+        [True, False, False, True],
+        [False, True, False, False],
+        [False, False, True, False],
+        [True, False, False, True],
+    ]
+
+
+def test_copps_cross_user_contrast_leaves_the_same_user_s_rows_out():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    users = torch.tensor([0, 0, 1, 2])
+    similar = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 1]]).bool()
+    cos = torch.nn.functional.cosine_similarity(a[:, None], b[None, :], dim=-1) / 0.1
+    losses = []
+    for i in range(4):
+        others = [j for j in range(4) if users[j] != users[i]]
+        positives = [j for j in others if similar[i, j]]
+        lse = torch.logsumexp(cos[i, others], 0)
+        losses.append(-sum(cos[i, p] - lse for p in positives) / len(positives))
+    expected = torch.stack(losses).mean()
+    got = copps.cross_user_contrast(a, b, users, similar, 0.1)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_copps_sequence_contrast_is_the_cosine_s():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    user = torch.tensor([0, 1, 1, 2, 3, 4])
+    scaled = copps.sequence_contrast(a * torch.rand(6, 1) * 5, b * 0.1, user, 0.1)
+    assert torch.allclose(scaled, copps.sequence_contrast(a, b, user, 0.1), atol=1e-5)
 
 
 def test_copps_contrast_is_lower_when_the_views_agree():
@@ -205,7 +297,8 @@ def test_copps_contrast_is_lower_when_the_views_agree():
 def test_copps_is_tem_with_the_contrastive_losses_added(build):
     tem, batch = build("tem")
     zero, _ = build("copps", "method.module.cl_weight=0", "method.module.cross_user_weight=0")
-    full, _ = build("copps")
+    full, _ = build("copps", "method.module.cl_weight=0.2",
+                    "method.module.cross_user_weight=0.05")  # fmt: skip
     assert zero.mask_token is None and full.mask_token is not None
     zero.load_state_dict(tem.state_dict())
     full.load_state_dict(tem.state_dict(), strict=False)
@@ -215,7 +308,40 @@ def test_copps_is_tem_with_the_contrastive_losses_added(build):
     assert torch.equal(zero.training_loss(batch)[0], tem_loss)
     loss, parts = full.training_loss(batch)
     assert parts["cl_seq"] > 0 and parts["cl_user"] > 0  # the embedded data have shared pairs
-    expected = tem_loss + 0.1 * parts["cl_seq"] + 0.1 * parts["cl_user"]
+    expected = tem_loss + 0.2 * parts["cl_seq"] + 0.05 * parts["cl_user"]
     assert torch.allclose(loss, expected)
     # the views come from the (seed, rank, step) generator: the same step draws the same
     assert torch.equal(full.training_loss(batch)[0], loss)
+
+
+def test_copps_draws_two_views_in_turn_and_never_reads_the_target(build, monkeypatch):
+    module, batch = build("copps")
+    module.eval()  # no dropout: the same views give the same losses
+    drawn, augment = [], copps.augment
+
+    def recording(*args, **kwargs):
+        drawn.append(augment(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(copps, "augment", recording)
+    parts = module.contrastive_losses(batch)
+    assert len(drawn) == 2
+    (ids_a, valid_a, masked_a), (ids_b, valid_b, masked_b) = drawn
+    assert ((ids_a != ids_b) | (valid_a != valid_b) | (masked_a != masked_b)).any()
+    # the two views are the step generator's first two draws, in that order
+    hp = module.hparams
+    rows = batch["search_click_history_mask"].any(1)
+    ids, valid = batch["search_click_history_item"][rows], batch["search_click_history_mask"][rows]
+    ratios = {"crop": hp.crop_ratio, "mask": hp.mask_ratio, "reorder": hp.reorder_ratio}
+    generator = module.step_generator()
+    views = [module.sequence_view(*augment(ids, valid, ratios, generator)) for _ in range(2)]
+    expected = copps.sequence_contrast(*views, batch["user"][rows], hp.temperature)
+    assert torch.allclose(parts["cl_seq"], expected)
+    # another target (item and query) for every sample: the same contrastive losses
+    target = {**batch, "item": batch["item"].roll(1, 0) % 3 + 1,
+              "query": batch["query"].flip(0)}  # fmt: skip
+    assert not torch.equal(target["item"], batch["item"])
+    assert not torch.equal(target["query"], batch["query"])
+    moved = module.contrastive_losses(target)
+    assert torch.equal(moved["cl_seq"], parts["cl_seq"])
+    assert torch.equal(moved["cl_user"], parts["cl_user"])
