@@ -112,6 +112,21 @@ def check_synthetic(cfg: DictConfig) -> None:
         check_settings(OmegaConf.to_container(cfg.dataset.get("synthetic") or {}, resolve=True))
 
 
+def check_finetuning_epochs(cfg: DictConfig) -> None:
+    """A pre-trained then fine-tuned model (USER, UnifiedSSR) needs a fine-tuning epoch:
+    its model selection considers fine-tuning epochs only."""
+    module = cfg.method.get("module") or {}
+    task, pretrain = module.get("finetune_task"), module.get("pretrain_epochs")
+    if task is None or pretrain is None:
+        return
+    if int(cfg.trainer.max_epochs) <= int(pretrain):
+        raise ConfigError(
+            f"method.module.finetune_task={task} needs trainer.max_epochs > "
+            f"method.module.pretrain_epochs, got trainer.max_epochs={cfg.trainer.max_epochs} "
+            f"and method.module.pretrain_epochs={pretrain}: no epoch would fine-tune"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     check_required_values(cfg)
     check_synthetic(cfg)
@@ -159,6 +174,7 @@ def check_config(cfg: DictConfig) -> None:
     _positive(cfg, "method.module.lr")
     _positive(cfg, "trainer.max_epochs", int)
     _positive(cfg, "threads", int)
+    check_finetuning_epochs(cfg)
     if int(cfg.data.num_train_negatives) < (1 if cfg.task == "ranking" else 0):
         raise ConfigError(
             f"data.num_train_negatives must be >= 1 for ranking, got {cfg.data.num_train_negatives}"

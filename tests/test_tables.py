@@ -416,7 +416,7 @@ def test_sesrec_table_gives_query_seqrec_both_histories(dataset, merged):
 
 @pytest.mark.parametrize("row, method", [("USER", "user"), ("UnifiedSSR", "unifiedssr")])
 def test_unisar_table_runs_user_and_unifiedssr_as_two_fine_tuned_halves(row, method):
-    """UniSAR 3.2: USER and UnifiedSSR "derive two parameter sets for S&R tasks via
+    """UniSAR Sec. 4.4: USER and UnifiedSSR "derive two parameter sets for S&R tasks via
     pre-training and fine-tuning": one run fine-tuned for each task, selected on that
     task, and each task's cells read from its own run."""
     import argparse
@@ -438,6 +438,16 @@ def test_unisar_table_runs_user_and_unifiedssr_as_two_fine_tuned_halves(row, met
     results = {(row, "rec"): [{"test/ndcg@5": 0.3}], (row, "search"): [{"test/search/ndcg@5": 0.6}]}
     assert unisar.metric_cells(results, row, "rec", ["ndcg@5"])[0].values == [0.3]
     assert unisar.metric_cells(results, row, "search", ["ndcg@5"])[0].values == [0.6]
+    # --quick: pre-training leaves the last quick epoch to fine-tuning (at least 0 epochs)
+    for epochs, pretrain in ((1, 0), (3, 2)):
+        quick = argparse.Namespace(**{**vars(args), "quick": True, "quick_epochs": epochs})
+        for part, overrides, monitor in unisar.cell_runs(row, quick):
+            assert overrides[-2:] == [f"method.module.pretrain_epochs={pretrain}",
+                                      f"optimized_metric={monitor}"]  # fmt: skip
+            run = grid.Run((row, part), 0, [*overrides, *grid.common_overrides(quick)],
+                           Path("/nowhere"), 1)  # fmt: skip
+            cfg = grid._compose(run)
+            assert cfg.method.module.pretrain_epochs == pretrain < cfg.trainer.max_epochs
 
 
 def test_a_search_only_cell_shows_its_search_ndcg_in_the_progress_line(

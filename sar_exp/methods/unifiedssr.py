@@ -37,15 +37,15 @@ Architecture (model.py `UnifiedSSR`, modules.py `SiameseEncoder`):
     next_product_search_w). Both are trained with binary cross-entropy of the positive and
     the sampled negatives (the code's 4; `data.num_train_negatives`), summed over a row's
     candidates and averaged over rows; search as w L(h_p) + (1 - w) L(h_q), as the code.
-  * Pre-training then fine-tuning (pretrain.py, train.py; UniSAR Sec. 4.4: "USER and
-    UnifiedSSR derive two parameter sets for S&R tasks via pre-training and fine-tuning"):
-    `finetune_task` rec|search trains both tasks' losses for the first `pretrain_epochs`
-    epochs, then only that task's; null trains both throughout. After the switch the other
-    task's loss is still computed but weighted 0, so every parameter stays in the graph
-    (multi-process training refuses parameters that no loss reaches), and Adam's state is
-    cleared once, as the code's train.py starts fine-tuning with a new optimizer (so the
-    parts only the other task reaches stop moving). The same two keys and semantics as
-    USER's (sar_exp/methods/user.py). The run's checkpoint selection spans both phases.
+  * Pre-training then fine-tuning (pretrain.py, train.py; UniSAR Sec. 4.4, Discussion:
+    "USER and UnifiedSSR derive two parameter sets for S&R tasks via pre-training and
+    fine-tuning"): `finetune_task` rec|search trains both tasks' losses for the first
+    `pretrain_epochs` epochs, then only that task's; null trains both throughout. The
+    switch is shared with USER (sar_exp/methods/pretrain_finetune.py): the other task's
+    loss still computed but weighted 0 (every parameter keeps a gradient, for DDP), Adam's
+    state cleared once at the switch, as the code's train.py starts fine-tuning with a new
+    optimizer, and model selection (early stopping, the best checkpoint) within the
+    fine-tuning epochs, as the code's train.py selects.
 
 Ours, where the code is unclear or does not fit the framework's protocol:
   * One target per row (the event's item, scored at the last slot, histories before its
@@ -56,20 +56,30 @@ Ours, where the code is unclear or does not fit the framework's protocol:
     arrangement); the code alternates whole batches of one scenario.
   * The product branch starts with a begin slot (the user's embedding and position 0 with
     no product) in both scenarios, so an empty history is still a sequence; the code pads
-    that slot in the search scenario and masks it.
+    that slot in the search scenario and masks it. ISM leaves slot 0 out in both
+    scenarios, as the code drops slot 0 of both search branches before ISM (its rec
+    sequences have no begin slot): the product branch's begin and the query branch's q_1
+    are in no window (a row with no history has no window and no ISM loss).
   * The layers are stacked (layer l reads layer l-1's output); the code's SiameseEncoder
     loop feeds every layer the raw input and keeps only the last layer's output, which
     leaves the earlier layers untrained. Cross-attention keys are the other branch's input
     at every layer, as in the code.
   * ISM windows: the code predicts window offsets from the pooled output, but its windows
     become boolean masks, so the offset predictor never receives a gradient and its windows
-    stay at their initial anchors. We use the code's uniform mode (SubsequenceCoder
-    is_uniform): each row's valid slots split into sub_seq_num equal consecutive windows.
+    stay where the untrained predictor puts them at init: with sub_seq_num 2 about
+    [0.125, 0.375] and [0.625, 0.875] of the PADDED length (a quarter of the sequence
+    each, centred on its halves; slots outside both are in no window, and a short history
+    can fall outside both). Ours: each row's VALID slots (after slot 0) split into
+    sub_seq_num equal consecutive windows that cover them all.
   * Framework pieces: the shared [id | attributes] user and item tables and the word-mean
     query encoder, projected to d (Linear) and scaled by sqrt(d) as the code's Embeddings;
     the framework's Attention block (one dropout rate for attention weights and residuals;
     the code: 0.1 and `dropout`); torch's LayerNorm (the code divides by the unbiased std
-    plus eps); Adam at a fixed rate (the code: the Noam schedule, warmup 4000).
+    plus eps); Adam at a fixed rate with torch's defaults (the code: the Noam schedule,
+    warmup 4000, Adam betas (0.9, 0.98) and eps 1e-9); the framework's initialisation,
+    not the code's Xavier-uniform init of every matrix.
+  * w is clamped into [0.1, 0.9] where it is used; the parameter itself is not changed
+    (the code clamps its data in place inside the loss).
   * The search scenario's pairs are the framework's search-click history (one slot per
     clicked item with its query, the last max_search_history before the event); a search
     without a click has no product and is not in it, as in the code's (query, product)
@@ -91,9 +101,9 @@ from torch import nn
 
 from sar_exp.errors import ConfigError
 from sar_exp.methods.base import RecommenderModule
+from sar_exp.methods.pretrain_finetune import TASKS, PretrainFinetuneSwitch, check_finetune_settings
 from sar_exp.methods.unisar_layers import Attention, dropped_linear, with_fallback
 
-TASKS = ("rec", "search")
 MIX_RANGE = (0.1, 0.9)  # the code clamps next_product_search_w to [0.1, 0.9]
 
 
@@ -160,6 +170,13 @@ def sessions(h: torch.Tensor, valid: torch.Tensor, n: int):
     return h + member @ means, means, (counts > 0).all(1)
 
 
+def sessions_after_begin(h: torch.Tensor, valid: torch.Tensor, n: int):
+    """sessions() over slots 1.. : slot 0 (the product branch's begin, the query branch's
+    q_1) is in no window, as the code drops slot 0 before ISM."""
+    rest, means, full = sessions(h[:, 1:], valid[:, 1:], n)
+    return torch.cat([h[:, :1], rest], dim=1), means, full
+
+
 def discrimination(means: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """Session discrimination within a sequence: mean |cos| of adjacent windows over the
     rows with every window (model.py intra_corr_loss keeps the first off-diagonal)."""
@@ -188,7 +205,7 @@ def candidate_bce(scores: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(scores, labels, reduction="none").sum(1).mean()
 
 
-class UnifiedSSR(RecommenderModule):
+class UnifiedSSR(PretrainFinetuneSwitch, RecommenderModule):
     def __init__(
         self,
         schema: dict,
@@ -203,17 +220,12 @@ class UnifiedSSR(RecommenderModule):
         use_cross_view: bool = True,
         use_shared_encoder: bool = True,
         finetune_task: str | None = None,
-        pretrain_epochs: int = 0,
+        pretrain_epochs: int = 5,
         **kwargs,
     ):
         super().__init__(schema, backbone, **kwargs)
         d = self.hparams.hidden_dim
-        if finetune_task not in (None, *TASKS):
-            raise ConfigError(
-                f"method.module.finetune_task must be rec, search or null, got {finetune_task!r}"
-            )
-        if pretrain_epochs is None or int(pretrain_epochs) < 0:
-            raise ConfigError(f"method.module.pretrain_epochs must be >= 0, got {pretrain_epochs}")
+        check_finetune_settings(finetune_task, pretrain_epochs)
         if d % heads:
             raise ConfigError(f"method.module.hidden_dim={d} is not divisible by heads={heads}")
         if use_ism and sub_seq_num < 1:
@@ -287,7 +299,7 @@ class UnifiedSSR(RecommenderModule):
         h, valid = self.rec_branch(batch)
         if not self.hparams.use_ism:
             return self._last(h, valid), h.sum() * 0.0
-        h, means, full = sessions(h, valid, self.hparams.sub_seq_num)
+        h, means, full = sessions_after_begin(h, valid, self.hparams.sub_seq_num)
         return self._last(h, valid), discrimination(means, full)
 
     def search_user(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,8 +309,8 @@ class UnifiedSSR(RecommenderModule):
         if not self.hparams.use_ism:
             return self._last(h_p, valid), self._last(h_q, valid), h_p.sum() * 0.0
         n = self.hparams.sub_seq_num
-        h_p, p_means, full = sessions(h_p, valid, n)
-        h_q, q_means, _ = sessions(h_q, valid, n)  # the same slots, the same windows
+        h_p, p_means, full = sessions_after_begin(h_p, valid, n)
+        h_q, q_means, _ = sessions_after_begin(h_q, valid, n)  # the same slots and windows
         corr = (discrimination(p_means, full) + discrimination(q_means, full)
                 - alignment(p_means, q_means, full))  # fmt: skip
         return self._last(h_p, valid), self._last(h_q, valid), corr
@@ -307,10 +319,9 @@ class UnifiedSSR(RecommenderModule):
         return (user.unsqueeze(1) * self.item_embedding(candidates)).sum(-1)
 
     def _mix(self) -> torch.Tensor:
-        """w, projected into [0.1, 0.9] before use as the code clamps its data."""
-        with torch.no_grad():
-            self.mix.clamp_(*MIX_RANGE)
-        return self.mix
+        """w in [0.1, 0.9] (the code's clamp); the value used is clamped, the parameter is
+        left as it is."""
+        return self.mix.clamp(*MIX_RANGE)
 
     # ------------------------------------------------------------ scoring
     def score(self, batch, candidates):
@@ -322,23 +333,6 @@ class UnifiedSSR(RecommenderModule):
         return w * self._dot(p, candidates) + (1 - w) * self._dot(q, candidates)
 
     # ------------------------------------------------------------ training
-    def task_weights(self) -> dict[str, float]:
-        """Each task's loss weight at the current epoch: both during pre-training (or
-        throughout with finetune_task=null), then the fine-tuned task's alone."""
-        task = self.hparams.finetune_task
-        if task is None or self.current_epoch < self.hparams.pretrain_epochs:
-            return {"rec": 1.0, "search": 1.0}
-        return {t: float(t == task) for t in TASKS}
-
-    def on_train_epoch_start(self):
-        """Fine-tuning starts with a fresh optimizer state, as the code's train.py builds a
-        new optimizer for it: without this, Adam's momentum from pre-training would keep
-        moving the parts that only the switched-off task reaches."""
-        hp = self.hparams
-        if hp.finetune_task is not None and 0 < hp.pretrain_epochs == self.current_epoch:
-            for optimizer in self.trainer.optimizers:
-                optimizer.state.clear()
-
     def training_loss(self, batch):
         if "search" not in batch:
             raise ConfigError(
@@ -356,7 +350,7 @@ class UnifiedSSR(RecommenderModule):
         )
         corr = hp.corr_factor if hp.use_ism else 0.0
         losses = {"rec": rec + corr * rec_corr, "search": src + corr * search_corr}
-        # a task switched off still runs, weighted 0, so every parameter keeps a gradient
+        # a task switched off still runs, weighted 0 (pretrain_finetune.py)
         loss = weights["rec"] * losses["rec"] + weights["search"] * losses["search"]
         parts = {"rec": rec, "src": src, "ism_rec": rec_corr, "ism_src": search_corr,
                  "mix": w, "rec_weight": rec.new_tensor(weights["rec"]),

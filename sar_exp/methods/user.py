@@ -10,9 +10,8 @@ authors' released model code (read, not copied) settles it.
 
 What follows the original:
   * the integrated behaviour sequence (Sec. 3): browsing (rec) and search behaviours
-    of the user merged by time into ONE sequence, each behaviour a token with a
-    behaviour-type embedding, read by one transformer encoder (bidirectional, post-norm
-    layers as the authors' encoder);
+    of the user merged by time into ONE sequence, each behaviour a token, read by one
+    transformer encoder (bidirectional, post-norm layers as the authors' encoder);
   * a search behaviour's token fuses its query with its clicked documents (the authors
     fuse them by co-attention then concatenation and a linear layer; here [query | mean
     of the clicked items] -> linear, as queries are word means and items are ids);
@@ -26,11 +25,17 @@ What follows the original:
     (the candidate appended to the history and encoded), the similarities combined by
     a linear layer; trained with cross-entropy over the clicked item and its sampled
     negatives (the framework's sampled-softmax CE), on both tasks' samples;
-  * pre-training then fine-tuning (Sec. 4.5; UniSAR Sec. 5.2): L_rec + L_src for the
+  * pre-training then fine-tuning (Sec. 4.5; UniSAR Sec. 4.4): L_rec + L_src for the
     first `pretrain_epochs` epochs, then only `finetune_task`'s loss: two runs give the
-    two parameter sets.
+    two parameter sets. The switch is UnifiedSSR's too (sar_exp/methods/pretrain_finetune.py):
+    the other task's loss weighted 0, model selection within fine-tuning, and the
+    optimiser's state reset once at the switch (UnifiedSSR's code starts fine-tuning with
+    a new optimizer; USER's schedule is not known to us, and we use the same rule).
 
 Ours, or not reproduced:
+  * the behaviour-type embedding (browse, search, the request, the empty query, a
+    candidate) added to each token: the authors' released code computes a type embedding
+    and never adds it;
   * no session encoder: the framework's merged history has no session boundaries, so
     the short-term (current session) and long-term (history) encoders are one encoder
     over the whole integrated sequence (UniSAR's description of USER: "a single
@@ -45,8 +50,7 @@ Ours, or not reproduced:
     in its own pass, where the history also reads it);
   * the authors' 122 hand-crafted ranking features and the tanh on the combined score
     are dropped (tanh bounds a score to [-1, 1], which a softmax over 100 candidates
-    barely separates); the combination starts at 5 x each cosine (a temperature);
-  * the Adam state carries over from pre-training to fine-tuning, in one run.
+    barely separates); the combination starts at 5 x each cosine (a temperature).
 """
 
 from __future__ import annotations
@@ -57,15 +61,15 @@ from torch import nn
 from sar_exp.errors import ConfigError
 from sar_exp.methods.base import RecommenderModule
 from sar_exp.methods.losses import sampled_softmax_ce
+from sar_exp.methods.pretrain_finetune import PretrainFinetuneSwitch, check_finetune_settings
 from sar_exp.methods.search_history import Lookup, mean_clicks
 
-TASKS = ("rec", "search")
 # behaviour types (Sec. 3-4): the history's browsing and search behaviours, the current
 # request (a search query, or recommendation's empty query) and a candidate document
 BROWSE, SEARCH, SEARCH_REQUEST, EMPTY_QUERY, CANDIDATE = range(5)
 
 
-class USER(RecommenderModule):
+class USER(PretrainFinetuneSwitch, RecommenderModule):
     @staticmethod
     def uses_queries(backbone: dict) -> bool:
         return True
@@ -85,12 +89,7 @@ class USER(RecommenderModule):
         **kwargs,
     ):
         super().__init__(schema, backbone, **kwargs)
-        if finetune_task not in (None, *TASKS):
-            raise ConfigError(
-                f"method.module.finetune_task must be rec, search or null, got {finetune_task!r}"
-            )
-        if pretrain_epochs < 0:
-            raise ConfigError(f"method.module.pretrain_epochs must be >= 0, got {pretrain_epochs}")
+        check_finetune_settings(finetune_task, pretrain_epochs)
         if self.eval_mode == "full":
             raise ConfigError(
                 "method=user encodes every candidate in the context of the history: "
@@ -104,7 +103,7 @@ class USER(RecommenderModule):
         # a search behaviour: [query | its clicked documents] -> d (the authors'
         # co-attention output is such a concatenation through a linear layer)
         self.search_fusion = nn.Linear(2 * d, d)
-        self.types = nn.Embedding(5, d)
+        self.types = nn.Embedding(5, d)  # ours: the authors' code never adds its type embedding
         # recency 0 (now: the request, the candidates) to max_interleaved_history
         self.positions = nn.Embedding(schema["max_interleaved_history"] + 1, d)
         layer = nn.TransformerEncoderLayer(
@@ -211,30 +210,19 @@ class USER(RecommenderModule):
         return self.task_scores(batch, candidates, "search")
 
     # ------------------------------------------------------------ training
-    def trained_tasks(self, epoch: int) -> tuple[str, ...]:
-        """Both tasks while pre-training (or with no fine-tuning), then the fine-tuned one."""
-        finetune = self.hparams.finetune_task
-        if finetune is None or epoch < self.hparams.pretrain_epochs:
-            return TASKS
-        return (finetune,)
-
     def training_loss(self, batch):
-        """L_rec + search_weight L_src (pre-training), or the fine-tuned task's alone."""
-        tasks = self.trained_tasks(self.current_epoch)
-        if "search" in tasks and "search" not in batch:
+        """w_rec L_rec + search_weight w_src L_src, the weights 1 and 1 while pre-training,
+        then 1 for the fine-tuned task and 0 for the other (still computed: every
+        parameter keeps a gradient, for DDP)."""
+        if "search" not in batch:
             raise ConfigError(
                 "USER trains on search samples: method.companion_batch_sizes.search must be set"
             )
-        parts, loss = {}, 0.0
-        if "rec" in tasks:
-            parts["rec"] = sampled_softmax_ce(self.score(batch, batch["candidates"]))
-            loss = loss + parts["rec"]
-        if "search" in tasks:
-            search = batch["search"]
-            parts["src"] = sampled_softmax_ce(self.search_scores(search, search["candidates"]))
-            loss = loss + self.hparams.search_weight * parts["src"]
-        if "rec" not in tasks:
-            # fine-tuning search: the empty query's user path is not read; kept in the
-            # graph at weight 0, so multi-process (DDP) training finds every parameter used
-            loss = loss + 0.0 * self.request_token(batch["search"], "rec").sum()
+        weights = self.task_weights()
+        search = batch["search"]
+        rec = sampled_softmax_ce(self.score(batch, batch["candidates"]))
+        src = sampled_softmax_ce(self.search_scores(search, search["candidates"]))
+        loss = weights["rec"] * rec + self.hparams.search_weight * weights["search"] * src
+        parts = {"rec": rec, "src": src, "rec_weight": rec.new_tensor(weights["rec"]),
+                 "search_weight": rec.new_tensor(weights["search"])}  # fmt: skip
         return loss, {k: v.detach() for k, v in parts.items()}

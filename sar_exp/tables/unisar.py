@@ -67,9 +67,10 @@ JOINT_HALVES = {
                "optimized_metric=val/search/ndcg@5"],
 }  # fmt: skip
 # USER and UnifiedSSR "derive two parameter sets for S&R tasks via pre-training and
-# fine-tuning" (UniSAR 3.2): each is two runs, pre-trained on both tasks and fine-tuned
-# for one, that task's metrics taken from it
-# (each reads both tasks' batches: pre-training needs them)
+# fine-tuning" (UniSAR Sec. 4.4, Discussion): each is two runs, pre-trained on both tasks
+# and fine-tuned for one, that task's metrics taken from it
+# (each reads both tasks' batches: pre-training needs them); under --quick the runs
+# pre-train for quick_epochs - 1 epochs, so at least one epoch fine-tunes
 FINETUNED_HALVES = {
     "rec": ["method.module.finetune_task=rec", "method.scores=[rec]",
             "optimized_metric=val/ndcg@5"],
@@ -153,8 +154,15 @@ def cell_runs(name: str, args) -> list[tuple[str, list[str], str]]:
         overrides, tasks = RUNNABLE[name]
         common = base_overrides(args, unisar=name == "UniSAR")
         if name in HALVES:
+            halves = HALVES[name]
+            if halves is FINETUNED_HALVES and getattr(args, "quick", False):
+                pretrain = f"method.module.pretrain_epochs={max(args.quick_epochs - 1, 0)}"
+                # optimized_metric stays last: the monitor is read from it
+                halves = {
+                    task: [*extra[:-1], pretrain, extra[-1]] for task, extra in halves.items()
+                }
             return [(task, [*overrides, *common, *extra], extra[-1].split("=", 1)[1])
-                    for task, extra in HALVES[name].items()]  # fmt: skip
+                    for task, extra in halves.items()]  # fmt: skip
         monitor = MONITORS[tasks]
         return [("", [*overrides, *common, f"optimized_metric={monitor}"], monitor)]
     unisar = [*RUNNABLE["UniSAR"][0], *base_overrides(args, unisar=True)]

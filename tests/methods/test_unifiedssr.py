@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sar_exp.methods.unifiedssr import UnifiedSSR
 from sar_exp.train import train
@@ -192,3 +193,91 @@ def test_one_step_reaches_every_parameter(build, flags):
     loss.backward()
     assert [name for name, p in model.named_parameters() if p.grad is None] == []
     assert isinstance(model, UnifiedSSR)
+
+
+def test_the_current_query_reaches_the_search_score(build):
+    model, batch = build()
+    model.eval()
+    search = batch["search"]
+    with torch.no_grad():
+        scores = model.search_scores(search, search["candidates"])
+        query = search["query"].clone()
+        query[0] = query[0] % 50 + 1
+        changed = model.search_scores({**search, "query": query}, search["candidates"])
+    assert not torch.allclose(changed[0], scores[0], atol=1e-5)
+    assert torch.allclose(changed[1:], scores[1:], atol=1e-6)
+
+
+def test_ism_sessions_discrimination_and_alignment_on_a_hand_made_sequence():
+    from sar_exp.methods.unifiedssr import (
+        alignment,
+        discrimination,
+        sessions,
+        sessions_after_begin,
+    )  # fmt: skip
+
+    h = torch.tensor([
+        [[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]],   # 4 valid: windows {0,1} {2,3}
+        [[1.0, 0.0], [2.0, 2.0], [9.0, 9.0], [9.0, 9.0]],   # 2 valid: windows {0} {1}
+        [[5.0, 5.0], [7.0, 7.0], [7.0, 7.0], [7.0, 7.0]],   # 1 valid: the second window empty
+    ])  # fmt: skip
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]).bool()
+    out, means, full = sessions(h, valid, 2)
+    assert torch.equal(
+        means[:2], torch.tensor([[[2.0, 0.0], [0.0, 3.0]], [[1.0, 0.0], [2.0, 2.0]]])
+    )
+    assert full.tolist() == [True, True, False]
+    assert torch.equal(out[0], torch.tensor([[3.0, 0.0], [5.0, 0.0], [0.0, 5.0], [0.0, 7.0]]))
+    assert torch.equal(out[1], torch.tensor([[2.0, 0.0], [4.0, 4.0], [9.0, 9.0], [9.0, 9.0]]))
+    # adjacent windows' |cos| over the rows with every window: (0 + 1/sqrt 2) / 2
+    assert discrimination(means, full).item() == pytest.approx(0.5 / 2**0.5, abs=1e-6)
+    q_means = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [-2.0, -2.0]],
+                            [[1.0, 1.0], [1.0, 1.0]]])  # fmt: skip
+    assert alignment(means, q_means, full).item() == pytest.approx(0.5, abs=1e-6)  # (1 + 0) / 2
+    # slot 0 is in no window (the code drops it before ISM)
+    begin = torch.cat([torch.full_like(h[:, :1], 100.0), h], dim=1)
+    out0, means0, full0 = sessions_after_begin(begin, F.pad(valid, (1, 0), value=True), 2)
+    assert torch.equal(means0, means) and torch.equal(full0, full)
+    assert torch.equal(out0[:, 1:], out) and torch.equal(out0[:, 0], begin[:, 0])
+
+
+def test_search_ism_is_discrimination_minus_alignment(build, monkeypatch):
+    from sar_exp.methods import unifiedssr
+
+    model, batch = build()
+    model.eval()
+    monkeypatch.setattr(unifiedssr, "discrimination", lambda means, full: torch.tensor(0.3))
+    monkeypatch.setattr(unifiedssr, "alignment", lambda p, q, full: torch.tensor(0.1))
+    with torch.no_grad():
+        _, _, corr = model.search_user(batch["search"])
+    assert corr.item() == pytest.approx(0.3 + 0.3 - 0.1)
+
+
+def test_w_is_clamped_where_used_not_in_place(build):
+    model, batch = build()
+    model.eval()
+    search = batch["search"]
+    with torch.no_grad():
+        model.mix.fill_(1.5)
+        scores = model.search_scores(search, search["candidates"])
+        p, q, _ = model.search_user(search)
+        expected = 0.9 * model._dot(p, search["candidates"]) + 0.1 * model._dot(
+            q, search["candidates"]
+        )
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert model.mix.item() == 1.5  # the parameter is left as it is
+    loss, parts = model.training_loss(batch)
+    assert model.mix.item() == 1.5 and parts["mix"].item() == pytest.approx(0.9)
+
+
+def test_defaults_follow_the_yaml():
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from sar_exp.train import CONFIG_DIR
+
+    yaml = OmegaConf.load(f"{CONFIG_DIR}/method/unifiedssr.yaml").module
+    defaults = inspect.signature(UnifiedSSR.__init__).parameters
+    assert defaults["pretrain_epochs"].default == yaml.pretrain_epochs == 5
+    assert yaml.ffn_dim is None and yaml.hidden_dim == 64

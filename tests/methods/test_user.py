@@ -58,13 +58,41 @@ def test_rec_reads_the_searches_of_one_time_ordered_sequence(build):
     for key in ("interleaved_type", "interleaved_item", "interleaved_query", "interleaved_clicks"):
         swapped[key][row, [first_rec, slot]] = batch[key][row, [slot, first_rec]]
     assert not torch.allclose(model.score(swapped, candidates)[row], rec[row], atol=1e-5)
-    # padding is read by nobody
-    padded = ~mask[row]
-    if padded.any():
-        noise = _with(batch)
-        noise["interleaved_item"][row, padded] = 7
-        noise["interleaved_query"][row, padded] = 3
-        assert torch.allclose(model.score(noise, candidates), rec, atol=1e-6)
+    # padding is read by nobody (a row that has padding)
+    padded_rows = (~mask).any(1)
+    assert padded_rows.any()
+    pad_row = int(padded_rows.nonzero()[0])
+    padded = ~mask[pad_row]
+    noise = _with(batch)
+    noise["interleaved_item"][pad_row, padded] = 7
+    noise["interleaved_query"][pad_row, padded] = 3
+    noise["interleaved_type"][pad_row, padded] = 1 - noise["interleaved_type"][pad_row, padded]
+    assert torch.allclose(model.score(noise, candidates), rec, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_candidate_s_score_is_its_own_and_the_history_reads_no_appended_token(build):
+    model, batch = build("method.module.layers=2")  # layer 2 reads layer 1's history
+    candidates = batch["candidates"]
+    outputs = []
+    hook = model.encoder.register_forward_hook(lambda m, args, out: outputs.append(out))
+    rec = model.score(batch, candidates)
+    # one candidate changed: its score changes, every other candidate's does not
+    other = candidates.clone()
+    other[:, 3] = candidates[:, 3] % 300 + 1
+    changed = model.score(batch, other)
+    assert not torch.allclose(changed[:, 3], rec[:, 3], atol=1e-5)
+    keep = torch.arange(candidates.shape[1]) != 3
+    assert torch.allclose(changed[:, keep], rec[:, keep], atol=1e-6)
+    # the history's outputs read neither the request nor the candidates
+    model.search_scores(batch, candidates)
+    hook.remove()
+    length = batch["interleaved_mask"].shape[1]
+    valid = batch["interleaved_mask"][..., None]
+    first, with_candidate, with_query = (out[:, :length] * valid for out in outputs)
+    assert torch.allclose(with_candidate, first, atol=1e-6)  # other candidates
+    assert torch.allclose(with_query, first, atol=1e-6)  # the search request, not rec's
+    assert not torch.allclose(outputs[2][:, length], outputs[0][:, length])  # the request
 
 
 @torch.no_grad()
@@ -89,27 +117,22 @@ def test_after_pretraining_only_the_finetuned_task_s_loss_counts(build, monkeypa
     epoch = {"now": 0}
     monkeypatch.setattr(USER, "current_epoch", property(lambda self: epoch["now"]))
     model, batch = build("method.module.finetune_task=rec", "method.module.pretrain_epochs=2")
-    model.train()
-    torch.manual_seed(0)
-    loss, parts = model.training_loss(batch)
-    assert set(parts) == {"rec", "src"}
+    loss, parts = model.training_loss(batch)  # (eval: no dropout, the passes agree)
     assert loss.item() == pytest.approx((parts["rec"] + parts["src"]).item(), rel=1e-6)
-    epoch["now"] = 2  # fine-tuning: the search loss no longer contributes
-    model.eval()  # (no dropout: the two passes below are the same function)
+    assert (parts["rec_weight"].item(), parts["search_weight"].item()) == (1.0, 1.0)
+    epoch["now"] = 2  # fine-tuning: the search loss is computed, weighted 0
     loss, parts = model.training_loss(batch)
-    assert set(parts) == {"rec"} and loss.item() == pytest.approx(parts["rec"].item(), rel=1e-6)
-    assert loss.item() == pytest.approx(
-        model.training_loss({k: v for k, v in batch.items() if k != "search"})[0].item()
-    )  # not even read: the companion search batch can be absent
-    # fine-tuned for search: the rec loss is gone, the empty query's path is weight 0
+    assert loss.item() == pytest.approx(parts["rec"].item(), rel=1e-6) and parts["src"] > 0
+    assert (parts["rec_weight"].item(), parts["search_weight"].item()) == (1.0, 0.0)
+    # fine-tuned for search: the rec loss weighted 0, its own paths still in the graph
     model, batch = build("method.module.finetune_task=search", "method.module.pretrain_epochs=2")
-    model.eval()
     loss, parts = model.training_loss(batch)
-    assert set(parts) == {"src"} and loss.item() == pytest.approx(parts["src"].item(), rel=1e-6)
+    assert loss.item() == pytest.approx(parts["src"].item(), rel=1e-6)
     loss.backward()
     assert model.user_projection.weight.grad.abs().sum().item() == 0.0
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
-    assert model.trained_tasks(1) == ("rec", "search") and model.trained_tasks(2) == ("search",)
+    assert model.task_weights(1) == {"rec": 1.0, "search": 1.0}
+    assert model.task_weights(2) == {"rec": 0.0, "search": 1.0}
 
 
 @pytest.mark.parametrize(
@@ -140,6 +163,40 @@ HALVES = {
     "search": ["method.module.finetune_task=search", "method.scores=[search]",
                "optimized_metric=val/search/ndcg@5"],
 }  # fmt: skip
+
+
+def test_a_short_fit_through_the_switch_tests_the_fine_tuning_best(make_cfg, tmp_path, monkeypatch):
+    """Two real epochs, fine-tuning for rec from the second: the optimiser's state is
+    cleared once, at the switch, and the checkpoint tested is a fine-tuning epoch's."""
+    from sar_exp.methods.pretrain_finetune import PretrainFinetuneSwitch
+
+    switches = []
+    start = PretrainFinetuneSwitch.start_finetuning
+
+    def counted(self):
+        switches.append((self.current_epoch, sum(len(o.state) for o in self.trainer.optimizers)))
+        start(self)
+        assert all(not o.state for o in self.trainer.optimizers)
+
+    monkeypatch.setattr(PretrainFinetuneSwitch, "start_finetuning", counted)
+    cfg = make_cfg("method=user", *HALVES["rec"][:-1], "method.module.pretrain_epochs=1",
+                   "trainer.max_epochs=2", "callbacks.early_stopping.patience=1",
+                   HALVES["rec"][-1], output_dir=tmp_path)  # fmt: skip
+    metrics = train(cfg)
+    assert [epoch for epoch, _ in switches] == [1] and switches[0][1] > 0  # Adam had state
+    best = torch.load(
+        tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False
+    )
+    assert best["epoch"] == 1 and best["finetuning_started"] is True
+    assert 0.0 <= metrics["test/ndcg@5"] <= 1.0
+
+
+def test_fine_tuning_needs_an_epoch(make_cfg, tmp_path):
+    from sar_exp.errors import ConfigError
+
+    cfg = make_cfg("method=user", "method.module.finetune_task=rec", output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs > method.module.pretrain_epochs"):
+        train(cfg)  # max_epochs 1, pretrain_epochs 5
 
 
 @pytest.mark.parametrize("half", [None, "search"])
