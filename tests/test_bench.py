@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from sar_exp.bench import main
@@ -35,6 +36,7 @@ def _one_section(tmp_path, capsys, unisar=0, sesrec=0, queryrec=0):
     return capsys.readouterr().out.strip().splitlines(), json.loads(figures.read_text())
 
 
+@pytest.mark.slow  # 16 s (make test-slow); make bench prints the same figures
 def test_bench_reports_unisar_against_the_official_speed(tmp_path, capsys):
     lines, results = _one_section(tmp_path, capsys, unisar=6)
     line, unisar = lines[-1], results["unisar"]

@@ -52,6 +52,7 @@ def test_every_pair_trains_in_two_processes(ddp_runs, method, backbone):
     assert [r["threads"] for r in ranks] == [1, 1]  # the config's count, in every rank
 
 
+@pytest.mark.slow  # 28 s; every pair trains in two processes in the test above
 def test_ddp_sim_trains_end_to_end(make_cfg, tmp_path):
     """trainer=ddp_sim spawns two processes (the old failure: unused parameters); the
     CSV log keeps every epoch and a sweep gets the best validation score."""

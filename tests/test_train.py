@@ -59,7 +59,11 @@ UNISAR = ("method=unisar", "backbone=sasrec", "protocol=unisar",
           "method.module.rel_negatives=16")  # fmt: skip
 
 
-@pytest.mark.parametrize("model", [("backbone=gru4rec",), UNISAR], ids=["gru4rec", "unisar"])
+@pytest.mark.parametrize(
+    "model",
+    [("backbone=gru4rec",), pytest.param(UNISAR, marks=pytest.mark.slow)],
+    ids=["gru4rec", "unisar"],
+)  # unisar: 20 s (make test-slow)
 def test_testing_a_checkpoint_in_two_processes_gives_the_same_metrics(make_cfg, tmp_path, model):
     """Spawned processes (trainer=ddp_sim) score their shards of both tasks' test sets;
     the gathered metrics are the single process's."""
