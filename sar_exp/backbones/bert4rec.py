@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sar_exp.backbones.embeddings import TABLE_STD
 from sar_exp.backbones.sequence import left_aligned
 from sar_exp.errors import ConfigError
 from sar_exp.methods.losses import sampled_softmax_ce
@@ -85,6 +86,10 @@ class BERT4RecEncoder(nn.Module):
         self.mask_prob, self.last_item_samples = mask_prob, last_item_samples
         self.mask_token = nn.Parameter(torch.randn(item_dim) * 0.02)
         self.positions = nn.Embedding(max_length + 1, item_dim)  # the history and the [mask]
+        # BERT4Rec draws items and positions from one N(0, 0.02^2); the framework's item
+        # tables are N(0, 0.05^2), so the positions take that scale (PyTorch's N(0, 1)
+        # would swamp the items in LayerNorm(item + position), as it did in FMLP-Rec)
+        nn.init.normal_(self.positions.weight, std=TABLE_STD)
         self.norm = nn.LayerNorm(item_dim)
         self.dropout = nn.Dropout(dropout)
         layer = nn.TransformerEncoderLayer(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+TABLE_STD = 0.05  # every id, attribute and word table starts N(0, TABLE_STD^2)
+
 
 class FeatureEmbedding(nn.Module):
     """ClardRec Eq. 1: u_emb = [u_ID | u_a1 | u_a2 | ...], each part `dim` wide.
@@ -29,9 +31,9 @@ class FeatureEmbedding(nn.Module):
         self.register_buffer("attribute_table", attribute_table.long(), persistent=False)
         self.part_dim = dim
         self.out_dim = dim * (1 + len(attribute_sizes))
-        nn.init.normal_(self.ids.weight, std=0.05)
+        nn.init.normal_(self.ids.weight, std=TABLE_STD)
         for table in self.attributes:
-            nn.init.normal_(table.weight, std=0.05)
+            nn.init.normal_(table.weight, std=TABLE_STD)
 
     def parts(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """[id embedding, attribute 1 embedding, ...]; ClardRec gates them separately."""
@@ -53,14 +55,14 @@ class QueryEncoder(nn.Module):
     ):  # fmt: skip
         super().__init__()
         self.words = nn.Embedding(num_words + 1, dim, padding_idx=0)
-        nn.init.normal_(self.words.weight, std=0.05)
+        nn.init.normal_(self.words.weight, std=TABLE_STD)
         if query_words is None:
             query_words = torch.zeros(1, max_words, dtype=torch.long)
         self.register_buffer("query_words", query_words.long(), persistent=False)
         self.ids = None
         if num_queries is not None:  # drawn after the words: the other models' draws stay
             self.ids = nn.Embedding(num_queries + 1, dim, padding_idx=0)
-            nn.init.normal_(self.ids.weight, std=0.05)
+            nn.init.normal_(self.ids.weight, std=TABLE_STD)
             with torch.no_grad():
                 self.ids.weight[0].zero_()
         self.out_dim = dim if self.ids is None else 2 * dim

@@ -8,14 +8,26 @@ F~ = IFFT(W * FFT(F)) along the sequence, with a learnable complex W of shape
 [n//2 + 1, d], then LayerNorm(F + Dropout(F~)); then a point-wise feed-forward layer
 (GELU, 4d inner width) with the same residual and LayerNorm. The user is the last
 position's output, scored against the item embeddings the sequence reads. Defaults are
-the paper's: 2 blocks, dropout 0.5, filters initialised N(0, 0.02^2)."""
+the paper's: 2 blocks, dropout 0.5, filters and linear weights initialised N(0, 0.02^2),
+linear biases 0.
+
+The authors draw the item and the position embeddings from one N(0, 0.02^2): neither
+outweighs the other in item + position. The item embeddings here are the framework's
+shared tables, N(0, 0.05^2), so the positions are drawn at that scale. PyTorch's default
+N(0, 1) positions would be 20x the items: LayerNorm(item + position) would be almost
+LayerNorm(position), the same for every user, and the model could not learn from the
+history."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from sar_exp.backbones.embeddings import TABLE_STD
 from sar_exp.backbones.sequence import right_aligned
+
+# FMLP-Rec's initializer_range: its linear weights (and its embeddings, see above)
+INITIALIZER_RANGE = 0.02
 
 
 class FilterLayer(nn.Module):
@@ -62,6 +74,11 @@ class FMLPRecEncoder(nn.Module):
             for _ in range(layers)
         ))  # fmt: skip
         self.out_dim = item_dim
+        nn.init.normal_(self.positions.weight, std=TABLE_STD)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=INITIALIZER_RANGE)
+                nn.init.zeros_(module.bias)
 
     def forward(self, user_emb, steps, mask):
         x, _ = right_aligned(steps, mask, self.length)
