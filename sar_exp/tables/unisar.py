@@ -9,8 +9,9 @@ with both tasks held out, so all rows train on the same data. Rows whose model t
 framework has are run: DIN, GRU4Rec, SASRec, BERT4Rec and FMLP-Rec (method=base), NRHUB,
 Query-SeqRec, SESRec, the personalized search models QEM, HEM, AEM, ZAM, TEM and CoPPS
 (search only), JSR with DIN as its rec model (5.1.3), USER and UnifiedSSR (each two runs,
-pre-trained on both tasks and fine-tuned for one), and UniSAR: every row of the paper. The extra row "JSR (SASRec towers, ours)" (variant JSR_SASRec)
-is the two-tower JSR over SASRec. UniSAR and JSR are selected on the mean of rec and
+pre-trained on both tasks and fine-tuned for one), and UniSAR: every row of the paper.
+The extra row "JSR (SASRec towers, ours)" (variant JSR_SASRec) is the two-tower JSR over
+SASRec. UniSAR and JSR are selected on the mean of rec and
 search validation NDCG@5 (UniSAR's code), the rec-only baselines on rec NDCG@5, the
 search-only ones on search NDCG@5.
 """
