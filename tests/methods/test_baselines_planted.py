@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from sar_exp.data.synthetic import TOPIC_ATTRIBUTE
+from tests.methods.test_unisar_planted import donor_topic_shift, majority_topic
 
 
 def newest_search_swap_shift(model, loader, topic: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -35,10 +36,8 @@ def newest_search_swap_shift(model, loader, topic: torch.Tensor, seed: int = 0) 
             slots = torch.arange(search.shape[1]).expand_as(search)
             newest = torch.where(search, slots, -1).max(1).values  # -1: no search
             rows = torch.arange(len(newest))
-            clicks = batch["interleaved_clicks"][rows, newest.clamp(min=0)]  # [B, C]
-            counts = torch.zeros(len(rows), int(topic.max()) + 1)
-            counts.scatter_add_(1, topic[clicks], (clicks > 0).float())
-            own = torch.where((newest >= 0) & (counts.sum(1) > 0), counts.argmax(1), -1)
+            own = majority_topic(batch["interleaved_clicks"][rows, newest.clamp(min=0)], topic)
+            own = torch.where(newest >= 0, own, -1)
             donors = torch.nonzero(own >= 0).squeeze(1)
             if donors.numel() < 2:
                 continue
@@ -50,16 +49,7 @@ def newest_search_swap_shift(model, loader, topic: torch.Tensor, seed: int = 0) 
                 swapped[key][rows[keep], newest[keep]] = batch[key][
                     donor[keep], newest[donor[keep]]
                 ]
-            delta = model.score(swapped, batch["candidates"]) - model.score(
-                batch, batch["candidates"]
-            )
-            candidate_topic = topic[batch["candidates"]]
-            new = candidate_topic == own[donor][:, None]
-            other = ~new & (candidate_topic != own[:, None])
-            keep &= new.any(1) & other.any(1)
-            new_mean = (delta * new).sum(1) / new.sum(1).clamp(min=1)
-            other_mean = (delta * other).sum(1) / other.sum(1).clamp(min=1)
-            shifts.append((new_mean - other_mean)[keep])
+            shifts.append(donor_topic_shift(model, batch, swapped, own, own[donor], keep, topic))
     return torch.cat(shifts)
 
 

@@ -18,6 +18,27 @@ import torch
 from sar_exp.data.synthetic import TOPIC_ATTRIBUTE
 
 
+def majority_topic(clicks: torch.Tensor, topic: torch.Tensor) -> torch.Tensor:
+    """[B] the most clicked topic of each row's [B, C] clicks (0 = padding), -1 for none."""
+    counts = torch.zeros(len(clicks), int(topic.max()) + 1)
+    counts.scatter_add_(1, topic[clicks], (clicks > 0).float())
+    return torch.where(counts.sum(1) > 0, counts.argmax(1), -1)
+
+
+def donor_topic_shift(model, batch, swapped, own, donor_topic, keep, topic) -> torch.Tensor:
+    """Per kept row: the mean score change (swapped batch minus batch) of the candidates of
+    the donor's topic minus that of the other candidates (neither donor nor own topic);
+    rows without both kinds of candidate are dropped."""
+    delta = model.score(swapped, batch["candidates"]) - model.score(batch, batch["candidates"])
+    candidate_topic = topic[batch["candidates"]]
+    new = candidate_topic == donor_topic[:, None]
+    other = ~new & (candidate_topic != own[:, None])
+    keep = keep & new.any(1) & other.any(1)
+    new_mean = (delta * new).sum(1) / new.sum(1).clamp(min=1)
+    other_mean = (delta * other).sum(1) / other.sum(1).clamp(min=1)
+    return (new_mean - other_mean)[keep]
+
+
 def session_swap_shift(
     model, loader, topic: torch.Tensor, which: str, seed: int = 0
 ) -> torch.Tensor:
@@ -32,10 +53,7 @@ def session_swap_shift(
             lengths = batch["search_history_mask"].sum(1)
             slot = lengths - 1 if which == "newest" else torch.zeros_like(lengths)
             rows = torch.arange(len(lengths))
-            clicks = batch["search_history_clicks"][rows, slot]  # [B, C]
-            counts = torch.zeros(len(rows), int(topic.max()) + 1)
-            counts.scatter_add_(1, topic[clicks], (clicks > 0).float())
-            session_topic = torch.where(counts.sum(1) > 0, counts.argmax(1), -1)
+            session_topic = majority_topic(batch["search_history_clicks"][rows, slot], topic)
             probed = (lengths >= 2) & (session_topic >= 0)
             donors = torch.nonzero(probed).squeeze(1)
             if donors.numel() < 2:
@@ -46,16 +64,9 @@ def session_swap_shift(
             for key in ("search_history_query", "search_history_clicks"):
                 swapped[key] = batch[key].clone()
                 swapped[key][rows[keep], slot[keep]] = batch[key][donor[keep], slot[donor[keep]]]
-            delta = model.score(swapped, batch["candidates"]) - model.score(
-                batch, batch["candidates"]
-            )
-            candidate_topic = topic[batch["candidates"]]
-            new = candidate_topic == session_topic[donor][:, None]
-            other = ~new & (candidate_topic != session_topic[:, None])
-            keep &= new.any(1) & other.any(1)
-            new_mean = (delta * new).sum(1) / new.sum(1).clamp(min=1)
-            other_mean = (delta * other).sum(1) / other.sum(1).clamp(min=1)
-            shifts.append((new_mean - other_mean)[keep])
+            shifts.append(donor_topic_shift(
+                model, batch, swapped, session_topic, session_topic[donor], keep, topic
+            ))  # fmt: skip
     return torch.cat(shifts)
 
 
