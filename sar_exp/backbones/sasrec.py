@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sar_exp.backbones.embeddings import mlp
+from sar_exp.backbones.embeddings import TABLE_STD, mlp
 from sar_exp.backbones.sequence import left_aligned
 
 
@@ -20,6 +20,10 @@ class SASRecEncoder(nn.Module):
         super().__init__()
         self.project = nn.Linear(step_dim, hidden_dim)
         self.positions = nn.Embedding(max_length, hidden_dim)
+        # at the item tables' scale: torch's N(0, 1) is ~30x the projected items (~0.03),
+        # so item + position was nearly the position alone; the authors' code draws the
+        # positions no larger than the (sqrt(d)-scaled) items
+        nn.init.normal_(self.positions.weight, std=TABLE_STD)
         layer = nn.TransformerEncoderLayer(
             hidden_dim,
             heads,
