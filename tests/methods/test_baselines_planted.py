@@ -1,16 +1,18 @@
-"""The search-enhanced baselines that read one time-ordered S&R sequence (Query-SeqRec:
-queries reveal the user's intent; USER: the integrated sequence carries the transitions
-between search and recommendation) checked on planted truth, as UniSAR's claim is in
-test_unisar_planted.py.
+"""The search-enhanced baselines' claims checked on planted truth, as UniSAR's claim is
+in test_unisar_planted.py: a user's searches inform their recommendations (Query-SeqRec:
+queries reveal the user's intent; USER: the integrated S&R sequence carries the
+transitions between search and recommendation; NRHUB: the search queries are one of the
+heterogeneous behaviours that make the user).
 
-The embedded generator plants a search-to-rec transition: a search on a topic raises the
-topic's share of the user's rec exposures in the following hours. Probe: in each test
-row, swap the newest search of the merged sequence (its query and clicks) for another
-row's newest search of a different topic, and measure how much the scores of the donor
-topic's candidates move relative to the other candidates'. A model that reads its
+The embedded generator plants a search-to-rec transition (a search on a topic raises the
+topic's share of the user's rec exposures in the following hours) and search and rec
+interests that partly overlap. Probe: in each test row, swap the newest search of the
+history the model reads (its query and clicks; NRHUB: the whole search history) for
+another row's of a different majority topic, and measure how much the scores of the
+donor topic's candidates move relative to the other candidates'. A model that reads its
 searches moves them toward the donor's topic. Each model is trained as `make
 table-unisar` trains its row (seed 0), so the probe can also be run on a table cell:
-`newest_search_swap_shift(*probe_inputs(run_dir))`."""
+`search_swap_shift(*probe_inputs(run_dir), row)`."""
 
 from __future__ import annotations
 
@@ -20,37 +22,39 @@ import pytest
 import torch
 
 from sar_exp.data.synthetic import TOPIC_ATTRIBUTE
-from tests.methods.test_unisar_planted import donor_topic_shift, majority_topic
+from tests.methods.test_unisar_planted import slot_swap_shift
+
+# each history a row reads: its search slots and the fields a probe swaps (clicks last)
+SEARCH_SLOTS = {
+    # Query-SeqRec, USER: the merged S&R sequence, searches are type 0
+    "merged": (
+        lambda batch: batch["interleaved_mask"] & (batch["interleaved_type"] == 0),
+        ("interleaved_query", "interleaved_clicks"),
+    ),
+    # NRHUB: the search sessions (it reads their queries), swapped whole with their mask
+    "sessions": (
+        lambda batch: batch["search_history_mask"],
+        ("search_history_mask", "search_history_query", "search_history_clicks"),
+    ),
+}
+# row -> (history, what is swapped). NRHUB pools its queries by attention without their
+# order, so what it claims is that the searches inform the user, not the newest one:
+# its probe swaps the whole search history (the embedded users' search and rec
+# interests partly overlap). UnifiedSSR is not here: its rec scenario reads the rec
+# history only (the search scenario shares parameters, not inputs), so a search swap
+# cannot move its rec scores.
+ROWS = {
+    "Query-SeqRec": ("merged", "newest"),
+    "USER": ("merged", "newest"),
+    "NRHUB": ("sessions", "all"),
+}
 
 
-def newest_search_swap_shift(model, loader, topic: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Per probed row, the mean score change of the donor topic's candidates minus that of
-    the other candidates (neither donor nor own topic), after swapping the row's newest
-    search in the merged history (interleaved_*) for a donor row's newest search whose
-    majority click topic differs."""
-    generator = torch.Generator().manual_seed(seed)
-    shifts = []
-    with torch.no_grad():
-        for batch in loader:
-            search = batch["interleaved_mask"] & (batch["interleaved_type"] == 0)
-            slots = torch.arange(search.shape[1]).expand_as(search)
-            newest = torch.where(search, slots, -1).max(1).values  # -1: no search
-            rows = torch.arange(len(newest))
-            own = majority_topic(batch["interleaved_clicks"][rows, newest.clamp(min=0)], topic)
-            own = torch.where(newest >= 0, own, -1)
-            donors = torch.nonzero(own >= 0).squeeze(1)
-            if donors.numel() < 2:
-                continue
-            donor = donors[torch.randint(donors.numel(), (len(rows),), generator=generator)]
-            keep = (own >= 0) & (own[donor] != own)
-            swapped = dict(batch)
-            for key in ("interleaved_query", "interleaved_clicks"):
-                swapped[key] = batch[key].clone()
-                swapped[key][rows[keep], newest[keep]] = batch[key][
-                    donor[keep], newest[donor[keep]]
-                ]
-            shifts.append(donor_topic_shift(model, batch, swapped, own, own[donor], keep, topic))
-    return torch.cat(shifts)
+def search_swap_shift(model, loader, topic: torch.Tensor, row: str) -> torch.Tensor:
+    """slot_swap_shift over the search history `row` reads, as ROWS says."""
+    history, which = ROWS[row]
+    searches, keys = SEARCH_SLOTS[history]
+    return slot_swap_shift(model, loader, topic, searches, keys, which)
 
 
 def probe_inputs(run_dir):
@@ -85,9 +89,9 @@ def train_like_the_table(row: str, out) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", ["Query-SeqRec", "USER"])
-def test_the_newest_search_moves_the_rec_scores_toward_its_topic(row, tmp_path):
+@pytest.mark.parametrize("row", list(ROWS))
+def test_the_searches_move_the_rec_scores_toward_their_topic(row, tmp_path):
     train_like_the_table(row, tmp_path)
-    shift = newest_search_swap_shift(*probe_inputs(tmp_path))
+    shift = search_swap_shift(*probe_inputs(tmp_path), row)
     t = shift.mean() / (shift.std() / len(shift) ** 0.5)
     assert len(shift) > 100 and shift.mean() > 0 and t > 3, (shift.mean(), t)

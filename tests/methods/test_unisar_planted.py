@@ -39,35 +39,62 @@ def donor_topic_shift(model, batch, swapped, own, donor_topic, keep, topic) -> t
     return (new_mean - other_mean)[keep]
 
 
-def session_swap_shift(
-    model, loader, topic: torch.Tensor, which: str, seed: int = 0
-) -> torch.Tensor:
+def slot_swap_shift(
+    model, loader, topic: torch.Tensor, searches, keys: tuple[str, ...], which: str = "newest",
+    min_searches: int = 1, seed: int = 0,
+) -> torch.Tensor:  # fmt: skip
     """Per probed row, the mean score change of the donor topic's candidates minus that of
     the other candidates (neither donor nor own topic), after swapping the row's newest
-    (`which="newest"`) or oldest session for a donor row's same-position session whose
-    majority click topic differs. Rows with fewer than two sessions are not probed."""
+    (`which="newest"`) or oldest search slot for a donor row's slot of the same kind whose
+    majority click topic differs (`which="all"`: the whole search history for a donor's
+    whose majority click topic differs; `keys` must then include the history's mask). searches(batch) -> [B, L] the search slots of the
+    history; keys: the history's fields swapped, the last one its clicked items ([B, L]
+    or [B, L, C]). Rows with fewer than `min_searches` search slots are not probed."""
     generator = torch.Generator().manual_seed(seed)
     shifts = []
     with torch.no_grad():
         for batch in loader:
-            lengths = batch["search_history_mask"].sum(1)
-            slot = lengths - 1 if which == "newest" else torch.zeros_like(lengths)
-            rows = torch.arange(len(lengths))
-            session_topic = majority_topic(batch["search_history_clicks"][rows, slot], topic)
-            probed = (lengths >= 2) & (session_topic >= 0)
-            donors = torch.nonzero(probed).squeeze(1)
+            search = searches(batch)
+            slots = torch.arange(search.shape[1]).expand_as(search)
+            if which == "newest":
+                slot = torch.where(search, slots, -1).max(1).values
+            elif which == "oldest":
+                slot = torch.where(search, slots, search.shape[1]).min(1).values
+            else:  # "all": the whole history (keys then include its mask)
+                slot = slice(None)
+            rows = torch.arange(len(search))
+            if which == "all":
+                clicks = batch[keys[-1]]
+                clicks = clicks * search.view(*search.shape, *(1,) * (clicks.dim() - 2))
+            else:
+                clicks = batch[keys[-1]][rows, slot.clamp(0, search.shape[1] - 1)]
+            own = majority_topic(clicks.reshape(len(rows), -1), topic)
+            own = torch.where(search.sum(1) >= min_searches, own, -1)
+            donors = torch.nonzero(own >= 0).squeeze(1)
             if donors.numel() < 2:
                 continue
             donor = donors[torch.randint(donors.numel(), (len(rows),), generator=generator)]
-            keep = probed & (session_topic[donor] != session_topic) & (session_topic[donor] >= 0)
+            keep = (own >= 0) & (own[donor] != own)
             swapped = dict(batch)
-            for key in ("search_history_query", "search_history_clicks"):
+            for key in keys:
                 swapped[key] = batch[key].clone()
-                swapped[key][rows[keep], slot[keep]] = batch[key][donor[keep], slot[donor[keep]]]
-            shifts.append(donor_topic_shift(
-                model, batch, swapped, session_topic, session_topic[donor], keep, topic
-            ))  # fmt: skip
+                if which == "all":
+                    swapped[key][keep] = batch[key][donor[keep]]
+                else:
+                    swapped[key][rows[keep], slot[keep]] = batch[key][
+                        donor[keep], slot[donor[keep]]
+                    ]
+            shifts.append(donor_topic_shift(model, batch, swapped, own, own[donor], keep, topic))
     return torch.cat(shifts)
+
+
+def session_swap_shift(model, loader, topic: torch.Tensor, which: str, seed: int = 0):
+    """slot_swap_shift over UniSAR's search sessions (query and clicks), rows with at least
+    two sessions (so that the newest and the oldest differ)."""
+    return slot_swap_shift(
+        model, loader, topic, lambda batch: batch["search_history_mask"],
+        ("search_history_query", "search_history_clicks"), which, min_searches=2, seed=seed,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
