@@ -57,18 +57,20 @@ def search_swap_shift(model, loader, topic: torch.Tensor, row: str) -> torch.Ten
     return slot_swap_shift(model, loader, topic, searches, keys, which)
 
 
-def probe_inputs(run_dir):
-    """(model, test loader, item topics) of a finished run."""
+def probe_inputs(run_dir, task: str = "rec"):
+    """(model, `task`'s test loader, item topics) of a finished run."""
     from sar_exp.train import load_run
 
     dm, model = load_run(run_dir)
     topic = dm.lookup_tables()["item_attributes"][:, dm.item_attributes.index(TOPIC_ATTRIBUTE)]
     loader = dm.test_dataloader()
-    return model, loader[0] if isinstance(loader, list) else loader, topic
+    loader = loader if isinstance(loader, list) else [loader]
+    return model, loader[dm.evaluation_tasks.index(task)], topic
 
 
-def train_like_the_table(row: str, out) -> None:
-    """Row `row` of `make table-unisar` (its rec run), seed 0, on the embedded data."""
+def train_like_the_table(row: str, out, task: str = "rec") -> None:
+    """Row `row` of `make table-unisar` (its run evaluated on `task`), seed 0, on the
+    embedded data."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -77,8 +79,10 @@ def train_like_the_table(row: str, out) -> None:
 
     args = argparse.Namespace(dataset="synthetic", data=None, max_epochs=100, quick=False,
                               threads=grid.DEFAULT_THREADS)  # fmt: skip
-    part, overrides, _ = unisar.cell_runs(row, args)[0]
-    assert part in ("", "rec")
+    # a row of two halves names each run by its task; a row of one run is its first task's
+    first_task = unisar.RUNNABLE[row][1][0]
+    runs = {part or first_task: overrides for part, overrides, _ in unisar.cell_runs(row, args)}
+    overrides = runs[task]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[
@@ -95,3 +99,53 @@ def test_the_searches_move_the_rec_scores_toward_their_topic(row, tmp_path):
     shift = search_swap_shift(*probe_inputs(tmp_path), row)
     t = shift.mean() / (shift.std() / len(shift) ** 0.5)
     assert len(shift) > 100 and shift.mean() > 0 and t > 3, (shift.mean(), t)
+
+
+# ------------------------------------------------------------ personalized search
+# The personalized product search models (UniSAR's Table 4) and the joint models' search
+# halves claim that the user's history personalises the ranking of a query's results.
+# The embedded users prefer a style in both domains and search a mixture of their own
+# topics; a query names only its topic. Probe: give each search test row another user's
+# history (the user and every history field of a row of another user) and measure how
+# much the log-probability of the clicked item among the candidates falls. QEM has no
+# user at all: its figure must be exactly 0.
+SEARCH_ROWS = ["QEM", "HEM", "AEM", "ZAM", "TEM", "CoPPS", "USER", "UnifiedSSR"]
+
+
+def is_user_field(key: str) -> bool:
+    """The user and every history the batch carries (USER's merged one included)."""
+    return key == "user" or "history" in key or key.startswith("interleaved_")
+
+
+def user_swap_drop(model, loader, seed: int = 0) -> torch.Tensor:
+    """Per row whose donor is another user: log p(clicked item | own history) minus
+    log p(clicked item | the donor's), p the softmax of the search scores over the row's
+    candidates (the clicked item first)."""
+    generator = torch.Generator().manual_seed(seed)
+    drops = []
+    with torch.no_grad():
+        for batch in loader:
+            donor = torch.randperm(len(batch["user"]), generator=generator)
+            swapped = {
+                key: value[donor] if is_user_field(key) else value for key, value in batch.items()
+            }
+            own, other = (
+                torch.log_softmax(model.search_scores(b, batch["candidates"]), 1)[:, 0]
+                for b in (batch, swapped)
+            )
+            drops.append((own - other)[batch["user"][donor] != batch["user"]])
+    return torch.cat(drops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", SEARCH_ROWS)
+def test_the_users_own_history_ranks_their_search_clicks_higher(row, tmp_path):
+    train_like_the_table(row, tmp_path, task="search")
+    model, loader, _ = probe_inputs(tmp_path, task="search")
+    drop = user_swap_drop(model, loader)
+    assert len(drop) > 200
+    if row == "QEM":
+        assert drop.abs().max() == 0
+        return
+    t = drop.mean() / (drop.std() / len(drop) ** 0.5)
+    assert drop.mean() > 0 and t > 3, (drop.mean(), t)
