@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ from sar_exp.backbones.embeddings import FeatureEmbedding, QueryEncoder
 from sar_exp.backbones.gru4rec import GRU4RecEncoder
 from sar_exp.backbones.mlp import MLPEncoder
 from sar_exp.backbones.mmoe import MMoEEncoder
-from sar_exp.backbones.sasrec import SASRecEncoder
+from sar_exp.backbones.sasrec import GROUP_BELOW_FILL, SASRecEncoder
+from sar_exp.backbones.sequence import LengthGroups
 
 B, L, DU, DS, H = 6, 7, 96, 160, 128
 
@@ -96,6 +99,38 @@ def test_a_mask_with_holes_reads_like_its_compacted_form(encoder_class):
     changed = steps.clone()
     changed[0, 4] += 1.0
     assert not torch.allclose(encoder(user, steps, holes)[0], encoder(user, changed, holes)[0])
+
+
+def sasrec_on_the_whole_batch(encoder: SASRecEncoder, user, steps, mask) -> torch.Tensor:
+    """SASRec as one call on the padded batch (left-aligned histories): the reference."""
+    length = steps.shape[1]
+    x = encoder.project(steps) + encoder.positions.weight[:length]
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+    lengths = mask.sum(1)
+    padding = ~mask
+    padding[:, 0] &= lengths > 0
+    out = encoder.norm(encoder.encoder(x, mask=causal, src_key_padding_mask=padding))
+    newest = out[torch.arange(len(out)), (lengths - 1).clamp(min=0)] * (lengths > 0)[:, None]
+    return encoder.combine(torch.cat([user, newest], dim=-1))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_sasrec_in_length_groups_matches_one_call_on_the_whole_batch(inputs, train, groups):
+    """Where padding is most of the batch, SASRec runs rows in groups of similar length,
+    each cut to its longest history; a row's output (empty ones included) and the
+    gradients must be what one call on the whole padded batch gives."""
+    user, steps, mask = inputs
+    assert mask.float().mean() < GROUP_BELOW_FILL and len(LengthGroups(mask, 3).shapes) == 3
+    encoder = SASRecEncoder(DU, DS, H, layers=2, length_groups=groups).train(train)
+    results = []
+    for forward in (encoder, partial(sasrec_on_the_whole_batch, encoder)):
+        encoder.zero_grad()
+        out = forward(user, steps, mask)
+        out.square().sum().backward()
+        results.append([out, encoder.project.weight.grad, encoder.positions.weight.grad])
+    for grouped, whole in zip(*results, strict=True):
+        assert torch.allclose(grouped, whole, atol=1e-5)
 
 
 def test_dcn_cross_layer_adds_one_degree_of_interaction():

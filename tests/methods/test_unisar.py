@@ -430,7 +430,7 @@ def test_grouping_rows_by_length_changes_no_valid_output_nor_gradient():
     """by_length runs the encoders on groups of rows cut to their longest history: the
     valid slots (and the gradients) must be those of one call on the whole batch, for
     every mask it can get (empty rows, holes, full rows)."""
-    from sar_exp.methods.unisar_layers import LengthGroups, by_length, grouped_outputs
+    from sar_exp.backbones.sequence import LengthGroups, by_length, grouped_outputs
 
     torch.manual_seed(0)
     encoder = MaskedEncoder(D, 2, 1, 0.0, 12).eval()
