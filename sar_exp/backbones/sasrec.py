@@ -9,10 +9,10 @@ from torch import nn
 from sar_exp.backbones.embeddings import TABLE_STD, mlp
 from sar_exp.backbones.sequence import LENGTH_GROUPS, LengthGroups, grouped_outputs, left_aligned
 
-# Length groups pay off where padding is most of the batch (measured, ms per step of
-# base + sasrec on the embedded data: protocol=clardrec_seq, a third of the slots valid,
-# 178 -> 110; unisar_kuaisar, 0.38 valid, 129 -> 72; the default protocol, 0.67 valid,
-# 69 -> 82, slower): below this share of valid slots the rows run in groups.
+# Length groups pay off where padding is most of the batch (ms per step of base + sasrec,
+# bench --preset small: protocol=clardrec_seq, a third of the slots valid, 178.5 -> 98.2;
+# unisar_kuaisar, 0.38 valid, 109.6 -> 86.7; with the default protocol's 0.67 valid the
+# groups were slower, 69 -> 82): below this share of valid slots the rows run in groups.
 GROUP_BELOW_FILL = 0.5
 
 
@@ -28,7 +28,7 @@ class SASRecEncoder(nn.Module):
         self.positions = nn.Embedding(max_length, hidden_dim)
         # at the item tables' scale: torch's N(0, 1) is ~30x the projected items (~0.03),
         # so item + position was nearly the position alone; the authors' code draws the
-        # positions no larger than the (sqrt(d)-scaled) items
+        # positions of the same order as the (sqrt(d)-scaled) items (0.5-3x with Xavier)
         nn.init.normal_(self.positions.weight, std=TABLE_STD)
         layer = nn.TransformerEncoderLayer(
             hidden_dim,

@@ -1,8 +1,8 @@
 """The search-enhanced baselines' claims checked on planted truth, as UniSAR's claim is
 in test_unisar_planted.py: a user's searches inform their recommendations (Query-SeqRec:
 queries reveal the user's intent; USER: the integrated S&R sequence carries the
-transitions between search and recommendation; NRHUB: the search queries are one of the
-heterogeneous behaviours that make the user).
+transitions between search and recommendation; NRHUB: the search queries and clicks are
+among the heterogeneous behaviours that make the user).
 
 The embedded generator plants a search-to-rec transition (a search on a topic raises the
 topic's share of the user's rec exposures in the following hours) and search and rec
@@ -31,13 +31,21 @@ SEARCH_SLOTS = {
         lambda batch: batch["interleaved_mask"] & (batch["interleaved_type"] == 0),
         ("interleaved_query", "interleaved_clicks"),
     ),
-    # NRHUB: the search sessions (it reads their queries), swapped whole with their mask
+    # NRHUB: its two search views, the session queries and the search clicks, swapped
+    # whole with their masks (the session clicks last: they name the history's topic)
     "sessions": (
         lambda batch: batch["search_history_mask"],
-        ("search_history_mask", "search_history_query", "search_history_clicks"),
+        (
+            "search_history_mask",
+            "search_history_query",
+            "search_click_history_mask",
+            "search_click_history_item",
+            "search_click_history_query",
+            "search_history_clicks",
+        ),
     ),
 }
-# row -> (history, what is swapped). NRHUB pools its queries by attention without their
+# row -> (history, what is swapped). NRHUB pools its views by attention without their
 # order, so what it claims is that the searches inform the user, not the newest one:
 # its probe swaps the whole search history (the embedded users' search and rec
 # interests partly overlap). UnifiedSSR is not here: its rec scenario reads the rec

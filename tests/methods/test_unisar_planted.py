@@ -46,10 +46,13 @@ def slot_swap_shift(
     """Per probed row, the mean score change of the donor topic's candidates minus that of
     the other candidates (neither donor nor own topic), after swapping the row's newest
     (`which="newest"`) or oldest search slot for a donor row's slot of the same kind whose
-    majority click topic differs (`which="all"`: the whole search history for a donor's
-    whose majority click topic differs; `keys` must then include the history's mask). searches(batch) -> [B, L] the search slots of the
-    history; keys: the history's fields swapped, the last one its clicked items ([B, L]
-    or [B, L, C]). Rows with fewer than `min_searches` search slots are not probed."""
+    majority click topic differs (`which="all"`: the whole search history, masks
+    included, for a donor's of another majority topic). searches(batch) -> [B, L] the
+    search slots of the history; keys: the history's fields swapped, the last one its
+    clicked items ([B, L] or [B, L, C]). Rows with fewer than `min_searches` search slots
+    are not probed."""
+    if which == "all" and not any(key.endswith("_mask") for key in keys):
+        raise ValueError("which='all' swaps whole histories: keys must include their masks")
     generator = torch.Generator().manual_seed(seed)
     shifts = []
     with torch.no_grad():
