@@ -59,6 +59,33 @@ def test_din_scores_each_candidate(inputs):
     assert scores.shape == (B, 5) and torch.isfinite(scores).all()
 
 
+def test_din_attention_is_the_mlp_on_the_concatenated_features(inputs):
+    """DIN Eq. 1: a(e_j, e_i) = MLP([e_j, e_i, e_j - e_i, e_j * e_i]); the first layer is
+    computed by column blocks (per slot, per candidate, per pair): outputs and gradients
+    must be the concatenation's."""
+    from sar_exp.backbones.din import TargetAttention
+
+    _, steps, mask = inputs
+    attention = TargetAttention(DS)
+    items = torch.randn(B, 5, DS)
+
+    def concatenated(history, mask, target):
+        h = history.unsqueeze(1).expand(-1, target.shape[1], -1, -1)
+        t = target.unsqueeze(2).expand_as(h)
+        weights = attention.score(torch.cat([h, t, h - t, h * t], dim=-1)).squeeze(-1)
+        return torch.einsum("bkl,bkld->bkd", weights * mask.unsqueeze(1), h)
+
+    results = []
+    for forward in (attention, concatenated):
+        attention.zero_grad()
+        out = forward(steps, mask, items)
+        out.square().sum().backward()
+        results.append([out, *(p.grad.clone() for p in attention.parameters())])
+    for blocks, whole in zip(*results, strict=True):
+        # float32 sums in another order: within 1e-5 of the tensor's largest entry
+        assert (blocks - whole).abs().max() <= 1e-5 * whole.abs().max().clamp(min=1)
+
+
 def test_feature_embedding_concatenates_id_and_attributes():
     table = torch.tensor([[0, 0], [1, 2], [2, 1]])
     emb = FeatureEmbedding(2, [2, 2], 4, table)
