@@ -31,6 +31,7 @@ class TargetAttention(nn.Module):
         per_pair = torch.einsum("bld,bkd,hd->bklh", history, target, w_prod)
         hidden = per_pair + per_slot.unsqueeze(1) + per_candidate.unsqueeze(2)
         weights = rest(hidden).squeeze(-1)
+        # DIN keeps un-normalised weights (no softmax) so the pooled norm reflects intensity.
         weights = weights * mask.unsqueeze(1).to(weights.dtype)
         return torch.einsum("bkl,bld->bkd", weights, history)
 
