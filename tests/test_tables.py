@@ -460,3 +460,15 @@ def test_a_search_only_cell_shows_its_search_ndcg_in_the_progress_line(
     )
     grid.collect([grid.Run(("QEM",), 0, [], tmp_path, 1)], [0])
     assert "[1/1] QEM seed 0: search/ndcg@5 0.6606" in capsys.readouterr().out
+
+
+def test_each_cell_of_a_parallel_grid_runs_in_a_fresh_process():
+    """A long-lived worker kept the modules it had imported before the code changed and
+    imported the rest after: cells started after an edit failed on the mismatch."""
+    import os
+
+    from sar_exp.tables.grid import cell_pool
+
+    with cell_pool(1, initializer=None) as pool:  # (no Lightning to import: quicker)
+        first, second = (pool.submit(os.getpid).result() for _ in range(2))
+    assert first != second

@@ -99,6 +99,18 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
+def cell_pool(jobs: int, initializer=quiet_lightning):
+    """The processes a grid runs its cells in, `jobs` at a time: a fresh one per cell, so a
+    cell runs the code as it is when the cell starts and inherits no state from the cell
+    before (a long-lived worker mixed the modules it had imported before the code changed
+    with the ones it imported after, and failed on the mismatch)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(jobs, context, initializer, max_tasks_per_child=1)
+
+
 # cells of the last collect() that failed: (key, seed, run_dir, one-line reason)
 FAILED: list[tuple] = []
 
@@ -146,11 +158,9 @@ def collect(grid: list[Run], seeds: list[int], jobs: int = 1, report_only: bool 
         for count, run in enumerate(grid, 1):
             report(count, *_run_task(run))
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, context, quiet_lightning) as pool:
+        with cell_pool(jobs) as pool:
             futures = [pool.submit(_run_task, run) for run in grid]
             for count, future in enumerate(as_completed(futures), 1):
                 report(count, *future.result())
