@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sar_exp.backbones.embeddings import TABLE_STD
 from sar_exp.backbones.sequence import left_aligned, masked_mean
 from sar_exp.errors import ConfigError
 from sar_exp.methods import copps
@@ -81,10 +82,10 @@ class ProductSearch(RecommenderModule):
                                                batch_first=True)  # fmt: skip
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.positions = nn.Embedding(schema["max_search_history"] + 1, d)
-            nn.init.normal_(self.positions.weight, std=0.05)  # the scale of the item tables
+            nn.init.normal_(self.positions.weight, std=TABLE_STD)  # the scale of the item tables
         self.mask_token = None
         if model == "copps" and self.contrasts():  # CoPPS's [mask] step (the mask operator)
-            self.mask_token = nn.Parameter(torch.randn(d) * 0.05)
+            self.mask_token = nn.Parameter(torch.randn(d) * TABLE_STD)
 
     # ------------------------------------------------------------ M_uq
     def query(self, batch) -> torch.Tensor:

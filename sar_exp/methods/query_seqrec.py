@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sar_exp.backbones.embeddings import TABLE_STD
 from sar_exp.backbones.sequence import right_aligned
 from sar_exp.methods.base import PlainBackbone
 
@@ -29,7 +30,7 @@ class QuerySeqRec(PlainBackbone):
         super().__init__(schema, backbone, **kwargs)
         self.query_project = nn.Linear(self.queries.out_dim, self.items.out_dim)
         self.behaviour_types = nn.Embedding(2, self.items.out_dim)  # 0 query, 1 item
-        nn.init.normal_(self.behaviour_types.weight, std=0.05)
+        nn.init.normal_(self.behaviour_types.weight, std=TABLE_STD)
 
     def backbone_dims(self, step_dim: int) -> dict:
         # the encoder's positions span the token sequence

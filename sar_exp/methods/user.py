@@ -58,6 +58,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sar_exp.backbones.embeddings import TABLE_STD
 from sar_exp.errors import ConfigError
 from sar_exp.methods.base import RecommenderModule
 from sar_exp.methods.losses import sampled_softmax_ce
@@ -120,7 +121,7 @@ class USER(PretrainFinetuneSwitch, RecommenderModule):
         # the embedded data 4 epochs gave rec / search NDCG@5 0.378 / 0.352 against
         # 0.411 / 0.405 with 0.05, one seed)
         for table in (self.types, self.positions):
-            nn.init.normal_(table.weight, std=0.05)
+            nn.init.normal_(table.weight, std=TABLE_STD)
 
     # ------------------------------------------------------------ tokens
     def _item(self, ids: torch.Tensor) -> torch.Tensor:
