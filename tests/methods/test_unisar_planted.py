@@ -58,18 +58,17 @@ def slot_swap_shift(
     with torch.no_grad():
         for batch in loader:
             search = searches(batch)
-            slots = torch.arange(search.shape[1]).expand_as(search)
-            if which == "newest":
-                slot = torch.where(search, slots, -1).max(1).values
-            elif which == "oldest":
-                slot = torch.where(search, slots, search.shape[1]).min(1).values
-            else:  # "all": the whole history (keys then include its mask)
-                slot = slice(None)
             rows = torch.arange(len(search))
-            if which == "all":
+            if which == "all":  # the whole history: every slot, masks included
+                slot = None
                 clicks = batch[keys[-1]]
                 clicks = clicks * search.view(*search.shape, *(1,) * (clicks.dim() - 2))
             else:
+                slots = torch.arange(search.shape[1]).expand_as(search)
+                if which == "newest":
+                    slot = torch.where(search, slots, -1).max(1).values
+                else:
+                    slot = torch.where(search, slots, search.shape[1]).min(1).values
                 clicks = batch[keys[-1]][rows, slot.clamp(0, search.shape[1] - 1)]
             own = majority_topic(clicks.reshape(len(rows), -1), topic)
             own = torch.where(search.sum(1) >= min_searches, own, -1)
@@ -78,15 +77,13 @@ def slot_swap_shift(
                 continue
             donor = donors[torch.randint(donors.numel(), (len(rows),), generator=generator)]
             keep = (own >= 0) & (own[donor] != own)
+            taken, given = (keep, donor[keep]) if slot is None else (
+                (rows[keep], slot[keep]), (donor[keep], slot[donor[keep]])
+            )  # fmt: skip
             swapped = dict(batch)
             for key in keys:
                 swapped[key] = batch[key].clone()
-                if which == "all":
-                    swapped[key][keep] = batch[key][donor[keep]]
-                else:
-                    swapped[key][rows[keep], slot[keep]] = batch[key][
-                        donor[keep], slot[donor[keep]]
-                    ]
+                swapped[key][taken] = batch[key][given]
             shifts.append(donor_topic_shift(model, batch, swapped, own, own[donor], keep, topic))
     return torch.cat(shifts)
 
