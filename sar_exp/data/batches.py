@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from sar_exp.data.views import View, training_negatives
+from sar_exp.data.views import View, training_negatives, training_negatives_avoid_clicks
 
 
 def history_window(
@@ -93,12 +93,14 @@ class BatchAssembler:
         self.context = {k: to_tensor(view[k]) for k in keep}
         self.pool = to_tensor(view["rec_item_pool" if task == "rec" else "search_item_pool"])
         protocol = view.meta["protocol"]
-        # popularity: draw in proportion to training clicks, never the user's own clicks
+        # popularity: draw in proportion to training clicks
         self.cumulative = self.user_clicks = None
         if training_negatives(protocol) == "popularity" and f"{task}_popularity" in view:
             weights = torch.from_numpy(view[f"{task}_popularity"]).double()[self.pool]
             self.pool = self.pool[weights > 0]
             self.cumulative = torch.cumsum(weights[weights > 0], 0)
+        # the (user, item) keys of the task's training clicks, which negatives avoid
+        if training_negatives_avoid_clicks(protocol) and f"{task}_train_clicks" in view:
             self.user_clicks = torch.from_numpy(view[f"{task}_train_clicks"])
         self.rec_cap = protocol["max_rec_history"]
         self.search_cap = protocol["max_search_history"]
@@ -170,48 +172,39 @@ class BatchAssembler:
     def _train_negatives(
         self, user: torch.Tensor, positive: torch.Tensor, epoch: int, batch_number: int
     ) -> torch.Tensor:
-        """Uniform draws from the task's item pool, redrawn where they hit the positive.
+        """Uniform draws from the task's item pool, or in proportion to training clicks,
+        redrawn where they hit the positive or, where the protocol says so, an item the
+        user clicked in training (10 passes, then what is left stays).
         Seeded by (run seed, rank, task, epoch, batch): reruns and data-loader workers
         draw the same negatives, other seeds and other DDP ranks draw their own."""
         generator = torch.Generator().manual_seed(
             stable_seed(self.seed, self.rank, self.task, epoch, batch_number)
         )
-        shape = (positive.numel(), self.num_train_negatives)
-        if self.cumulative is not None:
-            return self._popular_negatives(user, positive, shape, generator)
-        draws = self.pool[torch.randint(0, self.pool.numel(), shape, generator=generator)]
-        for _ in range(10):
-            hit = draws == positive[:, None]
-            if not hit.any():
-                break
-            draws[hit] = self.pool[
-                torch.randint(0, self.pool.numel(), (int(hit.sum()),), generator=generator)
-            ]
-        return draws
-
-    def _popular_negatives(self, user, positive, shape, generator) -> torch.Tensor:
-        """In proportion to training clicks; redrawn where they hit the positive or an
-        item the user clicked in training (10 passes, then what is left stays)."""
 
         def draw(size):
+            if self.cumulative is None:
+                return self.pool[torch.randint(0, self.pool.numel(), size, generator=generator)]
             u = torch.rand(size, generator=generator, dtype=torch.float64)
             index = torch.searchsorted(self.cumulative, u * self.cumulative[-1], right=True)
             return self.pool[index.clamp(max=self.pool.numel() - 1)]
 
-        draws = draw(shape)
-        clicks = self.user_clicks
+        draws = draw((positive.numel(), self.num_train_negatives))
         for _ in range(10):
-            keys = (user[:, None] << 32) + draws
-            found = torch.searchsorted(clicks, keys).clamp(max=max(clicks.numel() - 1, 0))
-            hit = (draws == positive[:, None]) | (
-                (clicks[found] == keys)
-                if clicks.numel()
-                else torch.zeros_like(draws, dtype=torch.bool)
-            )
+            hit = (draws == positive[:, None]) | self._clicked_in_training(user, draws)
             if not hit.any():
                 break
             draws[hit] = draw((int(hit.sum()),))
         return draws
+
+    def _clicked_in_training(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Where items[r, k] is a training click of user[r] (all False when the protocol's
+        negatives avoid the positive only)."""
+        clicks = self.user_clicks
+        if clicks is None or not clicks.numel():
+            return torch.zeros_like(items, dtype=torch.bool)
+        keys = (user[:, None].long() << 32) + items
+        found = torch.searchsorted(clicks, keys).clamp(max=clicks.numel() - 1)
+        return clicks[found] == keys
 
     def _interleaved(self, s, c, index):
         """The last rec_cap rec clicks and search_cap sessions merged by time, of which

@@ -80,6 +80,10 @@ class Protocol:
     # what a stored search negative avoids: items clicked under that query by anyone
     # (ClardRec B.1) or items the user ever clicked, in rec or search (UniSAR, SESRec)
     search_negatives_avoid: str = "query"
+    # what a uniform training negative avoids: the sample's positive only, or every item
+    # the user clicked in that task's training data (ClardRec Eq. 3: i- has r_ui- = 0;
+    # B.1). Popularity negatives always avoid the user's training clicks (SESRec's code).
+    train_negatives_avoid: str = "positive"
     # true: ClardRec B.1 read literally, two independent 8:1:1 splits, so a held-out rec
     # pair (u, i) can be a search training click; false drops such search clicks.
     cf_independent_splits: bool = False
@@ -106,7 +110,8 @@ class Protocol:
             )
         for key, allowed in (("split", SPLIT_RULES), ("negatives", NEGATIVE_SAMPLERS),
                              ("train_negatives", (None, *NEGATIVE_SAMPLERS)),
-                             ("search_negatives_avoid", ("query", "user"))):  # fmt: skip
+                             ("search_negatives_avoid", ("query", "user")),
+                             ("train_negatives_avoid", ("positive", "user"))):  # fmt: skip
             if getattr(self, key) not in allowed:
                 raise ConfigError(
                     f"dataset.protocol.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}"
@@ -454,6 +459,14 @@ def training_negatives(protocol) -> str:
     return get("train_negatives") or get("negatives")
 
 
+def training_negatives_avoid_clicks(protocol) -> bool:
+    """Whether training negatives avoid every item the user clicked in the task's
+    training data: popularity ones always do, uniform ones with train_negatives_avoid=user.
+    Takes the Protocol or its dict (a view's meta)."""
+    get = protocol.get if isinstance(protocol, dict) else lambda key: getattr(protocol, key)
+    return training_negatives(protocol) == "popularity" or get("train_negatives_avoid") == "user"
+
+
 def _add_histories(view: View, prefix: str, user: np.ndarray, time: np.ndarray) -> None:
     view[prefix + "rec_start"], view[prefix + "rec_end"] = _history_pointers(
         view["rec_click_user"], view["rec_click_time"], user, time
@@ -476,12 +489,14 @@ def _store_split(
     histories=True,
 ):  # fmt: skip
     stored_popular = protocol.negatives == "popularity"
+    train = split_code == 0
     if "popularity" in (protocol.negatives, training_negatives(protocol)) and "item" in arrays:
-        # training clicks per item: what popularity negatives (stored or training) follow;
-        # and each user's training clicks, which training negatives must avoid
-        train = split_code == 0
+        # training clicks per item: what popularity negatives (stored or training) follow
         size = view["item_attributes"].shape[0]
         view[f"{task}_popularity"] = np.bincount(arrays["item"][train], minlength=size)
+    if training_negatives_avoid_clicks(protocol) and "item" in arrays:
+        # each user's training clicks, which training negatives avoid (held-out clicks
+        # are not among them: avoiding those would tell the model the answer)
         view[f"{task}_train_clicks"] = _keys(arrays["user"][train], arrays["item"][train])
     for code, split in enumerate(SPLITS):
         rows = np.flatnonzero(split_code == code)

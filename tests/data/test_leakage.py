@@ -19,7 +19,8 @@ NEVER = np.iinfo(np.int64).max
 PROTOCOLS = {
     "default": Protocol(),
     "both_evaluated": Protocol(evaluated_tasks=("rec", "search")),
-    "clardrec_seq": Protocol(max_interactions_per_user=40, min_search_interactions=5),
+    "clardrec_seq": Protocol(max_interactions_per_user=40, min_search_interactions=5,
+                             train_negatives_avoid="user"),
     "both_histories": Protocol(require_both_histories=True),
     "first_shown": Protocol(no_click_session_positive="first_shown"),
     "time_split": Protocol(split="time", local_time_offset_hours=8),
@@ -152,16 +153,20 @@ def test_ctr_query_item_lists_come_from_searches_before_the_heldout_requests(tab
         assert listed < set(zip(every["query"].to_list(), every["item"].to_list()))
 
 
-@pytest.mark.parametrize("protocol", ["popularity", "unisar_kuaisar", "sesrec"])
-def test_popularity_comes_from_training_clicks_only(tables, protocol):
-    """What popularity negatives (stored or training) are drawn by: training clicks per
-    item, and the users' training clicks they avoid; no held-out event counts."""
+@pytest.mark.parametrize("protocol", ["popularity", "unisar_kuaisar", "sesrec", "clardrec_seq"])
+def test_negatives_are_drawn_from_training_clicks_only(tables, protocol):
+    """What training negatives are drawn by: training clicks per item (popularity), and
+    the users' training clicks they avoid (popularity; ClardRec's uniform ones); no
+    held-out event counts, in either task."""
     view = build_view(tables, "sequential", PROTOCOLS[protocol])
-    train = view.split("rec", "train")
-    size = view["item_attributes"].shape[0]
-    assert np.array_equal(view["rec_popularity"], np.bincount(train["item"], minlength=size))
-    keys = (train["user"].astype(np.int64) << 32) + train["item"].astype(np.int64)
-    assert np.array_equal(view["rec_train_clicks"], np.unique(keys))
+    for task in ("rec", "search"):
+        train = view.split(task, "train")
+        if "popularity" in (PROTOCOLS[protocol].negatives, PROTOCOLS[protocol].train_negatives):
+            size = view["item_attributes"].shape[0]
+            counts = np.bincount(train["item"], minlength=size)
+            assert np.array_equal(view[f"{task}_popularity"], counts)
+        keys = (train["user"].astype(np.int64) << 32) + train["item"].astype(np.int64)
+        assert np.array_equal(view[f"{task}_train_clicks"], np.unique(keys))
 
 
 @pytest.mark.parametrize("protocol", sorted(set(PROTOCOLS) - TIME_ONLY))

@@ -154,6 +154,48 @@ def test_popularity_negatives_follow_training_clicks_and_avoid_the_users_clicks(
     assert np.corrcoef(counts[2:31], popularity[2:31])[0, 1] > 0.5
 
 
+@pytest.mark.parametrize("task", ["rec", "search"])
+def test_uniform_training_negatives_can_avoid_the_users_training_clicks(task):
+    """ClardRec Eq. 3 (train_negatives_avoid=user): no training negative is an item the
+    user clicked in training; a held-out click is not avoided (that would point at the
+    answer). The default avoids only the positive, so on the same data it does draw
+    training clicks (each user clicked 15 of the 200 items: about 7% of uniform draws)."""
+    import torch
+
+    from sar_exp.data.batches import BatchAssembler
+
+    rng = np.random.default_rng(0)
+    rec, search = [], []
+    for user in range(1, 21):
+        for k, item in enumerate(rng.choice(np.arange(1, 31), 15, replace=False).tolist()):
+            rec.append((user, item, k * DAY))
+            search.append((user, item, k * DAY + HOUR, 1 + k % 3))
+    drawn = {}
+    for avoid in ("positive", "user"):
+        protocol = Protocol(num_eval_negatives=3, train_negatives_avoid=avoid)
+        view = build_view(tables(rec, search, n_items=200, n_users=20), "sequential", protocol)
+        train = view.split(task, "train")
+        batch = BatchAssembler(view, task, "train", num_train_negatives=25, seed=0)(
+            torch.arange(train["user"].size), 0, 0
+        )
+        users = batch["user"].tolist()
+        drawn[avoid] = [(u, i) for u, row in zip(users, batch["candidates"][:, 1:].tolist())
+                        for i in row]  # fmt: skip
+        clicked = set(zip(train["user"].tolist(), train["item"].tolist()))
+        heldout = set(zip(view[f"{task}.test.user"].tolist(), view[f"{task}.test.item"].tolist()))
+        heldout -= clicked  # a held-out click the user also made in training is avoided
+        hits = sum(pair in clicked for pair in drawn[avoid])
+        assert hits == 0 if avoid == "user" else hits > 0.04 * len(drawn[avoid])
+    assert heldout and heldout & set(drawn["user"])  # held-out items are still drawn
+    assert "train_negatives_avoid" in str(_refused(train_negatives_avoid="query"))
+
+
+def _refused(**protocol) -> ConfigError:
+    with pytest.raises(ConfigError) as error:
+        Protocol(**protocol)
+    return error.value
+
+
 @pytest.mark.parametrize("stored, training", [("uniform", "popularity"), ("popularity", "uniform")])
 def test_training_negatives_can_follow_another_sampler_than_the_stored_ones(stored, training):
     """SESRec: uniform evaluation candidates (5.1.2), popularity training negatives (its
@@ -268,6 +310,9 @@ def test_the_interleaved_history_merges_the_capped_rec_and_search_windows():
         ("sesrec_amazon", dict(split="leave_one_out", k_core=5, require_both_histories=True,
                                max_rec_history=15, max_search_history=15, negatives="uniform",
                                train_negatives="popularity")),
+        ("clardrec_seq", dict(max_interactions_per_user=100, min_search_interactions=10,
+                              negatives="uniform", train_negatives_avoid="user")),
+        ("clardrec_cf", dict(views=["cf"], negatives="uniform", train_negatives_avoid="user")),
         ("sesrec", dict(split="leave_one_out", k_core=5, require_both_histories=True,
                         require_both_behaviours=True, drop_last_days=2, max_rec_history=150,
                         max_search_history=25, negatives="uniform", train_negatives="popularity")),
