@@ -80,9 +80,11 @@ class Protocol:
     # what a stored search negative avoids: items clicked under that query by anyone
     # (ClardRec B.1) or items the user ever clicked, in rec or search (UniSAR, SESRec)
     search_negatives_avoid: str = "query"
-    # what a uniform training negative avoids: the sample's positive only, or every item
-    # the user clicked in that task's training data (ClardRec Eq. 3: i- has r_ui- = 0;
-    # B.1). Popularity negatives always avoid the user's training clicks (SESRec's code).
+    # what a uniform training negative avoids: the sample's positive only, or (user) every
+    # item the user clicked in the training data of either task (ClardRec's I- before
+    # Eq. 4: r_ui- = 0, an item the user never interacted with; the rec model scores
+    # search candidates too, in AUG and L_da). Popularity negatives avoid the user's
+    # training clicks of their own task (SESRec's code).
     train_negatives_avoid: str = "positive"
     # true: ClardRec B.1 read literally, two independent 8:1:1 splits, so a held-out rec
     # pair (u, i) can be a search training click; false drops such search clicks.
@@ -460,9 +462,9 @@ def training_negatives(protocol) -> str:
 
 
 def training_negatives_avoid_clicks(protocol) -> bool:
-    """Whether training negatives avoid every item the user clicked in the task's
-    training data: popularity ones always do, uniform ones with train_negatives_avoid=user.
-    Takes the Protocol or its dict (a view's meta)."""
+    """Whether training negatives avoid items the user clicked in training: popularity
+    ones always do (their task's clicks), uniform ones with train_negatives_avoid=user
+    (both tasks' clicks). Takes the Protocol or its dict (a view's meta)."""
     get = protocol.get if isinstance(protocol, dict) else lambda key: getattr(protocol, key)
     return training_negatives(protocol) == "popularity" or get("train_negatives_avoid") == "user"
 
@@ -496,7 +498,7 @@ def _store_split(
         view[f"{task}_popularity"] = np.bincount(arrays["item"][train], minlength=size)
     if training_negatives_avoid_clicks(protocol) and "item" in arrays:
         # each user's training clicks, which training negatives avoid (held-out clicks
-        # are not among them: avoiding those would tell the model the answer)
+        # are not among them: avoiding those would point at the answer)
         view[f"{task}_train_clicks"] = _keys(arrays["user"][train], arrays["item"][train])
     for code, split in enumerate(SPLITS):
         rows = np.flatnonzero(split_code == code)
@@ -513,6 +515,14 @@ def _store_split(
                 rng, pool, owner, arrays["item"][rows], exclude, protocol.num_eval_negatives, what,
                 weights=view.get(f"{task}_popularity") if stored_popular else None,
             )  # fmt: skip
+
+
+def _avoid_both_tasks_training_clicks(view, protocol) -> None:
+    """train_negatives_avoid=user: each task's training negatives avoid the user's
+    training clicks of both tasks (r_ui- = 0 means no interaction at all)."""
+    if protocol.train_negatives_avoid == "user":
+        both = np.union1d(view["rec_train_clicks"], view["search_train_clicks"])
+        view["rec_train_clicks"] = view["search_train_clicks"] = both
 
 
 def _filter_both_histories(view, user, time, protocol) -> np.ndarray:
@@ -656,6 +666,7 @@ def _sequential(view, frames, protocol, rng):
     exclude, owner = _search_negative_rule(frames, protocol)
     _store_split(view, "search", tasks["search"][1], search, rng, view["search_item_pool"],
                  exclude, protocol, "search", owner_key=owner)  # fmt: skip
+    _avoid_both_tasks_training_clicks(view, protocol)
 
 
 def _random_split(rng, n, shares) -> np.ndarray:
@@ -708,6 +719,7 @@ def _cf(view, frames, protocol, rng):
     exclude, owner = _search_negative_rule(frames, protocol)
     _store_split(view, "search", tasks["search"][1], search, rng, view["search_item_pool"],
                  exclude, protocol, "search", owner_key=owner, histories=False)  # fmt: skip
+    _avoid_both_tasks_training_clicks(view, protocol)
 
 
 def _csr(owner: np.ndarray, values: np.ndarray, n_owners: int) -> tuple[np.ndarray, np.ndarray]:

@@ -153,20 +153,31 @@ def test_ctr_query_item_lists_come_from_searches_before_the_heldout_requests(tab
         assert listed < set(zip(every["query"].to_list(), every["item"].to_list()))
 
 
-@pytest.mark.parametrize("protocol", ["popularity", "unisar_kuaisar", "sesrec", "clardrec_seq"])
-def test_negatives_are_drawn_from_training_clicks_only(tables, protocol):
+@pytest.mark.parametrize(
+    "protocol, view_name",
+    [("popularity", "sequential"), ("unisar_kuaisar", "sequential"), ("sesrec", "sequential"),
+     ("clardrec_seq", "sequential"), ("clardrec_seq", "cf")],
+)  # fmt: skip
+def test_negatives_are_drawn_from_training_clicks_only(tables, protocol, view_name):
     """What training negatives are drawn by: training clicks per item (popularity), and
-    the users' training clicks they avoid (popularity; ClardRec's uniform ones); no
-    held-out event counts, in either task."""
-    view = build_view(tables, "sequential", PROTOCOLS[protocol])
+    the users' training clicks they avoid (popularity: their task's; ClardRec's uniform
+    ones: both tasks'); no held-out event of either task counts."""
+    protocol = PROTOCOLS[protocol]
+    view = build_view(tables, view_name, protocol)
+
+    def keys(task, split):
+        part = view.split(task, split)
+        return (part["user"].astype(np.int64) << 32) + part["item"].astype(np.int64)
+
+    both = np.union1d(keys("rec", "train"), keys("search", "train"))
     for task in ("rec", "search"):
-        train = view.split(task, "train")
-        if "popularity" in (PROTOCOLS[protocol].negatives, PROTOCOLS[protocol].train_negatives):
+        if "popularity" in (protocol.negatives, protocol.train_negatives):
             size = view["item_attributes"].shape[0]
-            counts = np.bincount(train["item"], minlength=size)
+            counts = np.bincount(view.split(task, "train")["item"], minlength=size)
             assert np.array_equal(view[f"{task}_popularity"], counts)
-        keys = (train["user"].astype(np.int64) << 32) + train["item"].astype(np.int64)
-        assert np.array_equal(view[f"{task}_train_clicks"], np.unique(keys))
+        mine = np.unique(keys(task, "train"))
+        expected = both if protocol.train_negatives_avoid == "user" else mine
+        assert np.array_equal(view[f"{task}_train_clicks"], expected)
 
 
 @pytest.mark.parametrize("protocol", sorted(set(PROTOCOLS) - TIME_ONLY))

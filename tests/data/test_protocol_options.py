@@ -154,12 +154,13 @@ def test_popularity_negatives_follow_training_clicks_and_avoid_the_users_clicks(
     assert np.corrcoef(counts[2:31], popularity[2:31])[0, 1] > 0.5
 
 
-@pytest.mark.parametrize("task", ["rec", "search"])
-def test_uniform_training_negatives_can_avoid_the_users_training_clicks(task):
-    """ClardRec Eq. 3 (train_negatives_avoid=user): no training negative is an item the
-    user clicked in training; a held-out click is not avoided (that would point at the
-    answer). The default avoids only the positive, so on the same data it does draw
-    training clicks (each user clicked 15 of the 200 items: about 7% of uniform draws)."""
+@pytest.mark.parametrize("view_name", ["sequential", "cf"])
+def test_uniform_training_negatives_can_avoid_the_users_training_clicks(view_name):
+    """ClardRec's I- (train_negatives_avoid=user): no training negative of either task is
+    an item the user clicked in the training data of either task (rec items 1-100, search
+    items 101-200 here, so a task's own clicks alone would not do); a held-out click is
+    still drawn (avoiding it would point at the answer). The default avoids only the
+    positive, so on the same data it does draw training clicks."""
     import torch
 
     from sar_exp.data.batches import BatchAssembler
@@ -167,26 +168,30 @@ def test_uniform_training_negatives_can_avoid_the_users_training_clicks(task):
     rng = np.random.default_rng(0)
     rec, search = [], []
     for user in range(1, 21):
-        for k, item in enumerate(rng.choice(np.arange(1, 31), 15, replace=False).tolist()):
+        for k, item in enumerate(rng.choice(np.arange(1, 101), 15, replace=False).tolist()):
             rec.append((user, item, k * DAY))
+        for k, item in enumerate(rng.choice(np.arange(101, 201), 15, replace=False).tolist()):
             search.append((user, item, k * DAY + HOUR, 1 + k % 3))
-    drawn = {}
     for avoid in ("positive", "user"):
         protocol = Protocol(num_eval_negatives=3, train_negatives_avoid=avoid)
-        view = build_view(tables(rec, search, n_items=200, n_users=20), "sequential", protocol)
-        train = view.split(task, "train")
-        batch = BatchAssembler(view, task, "train", num_train_negatives=25, seed=0)(
-            torch.arange(train["user"].size), 0, 0
-        )
-        users = batch["user"].tolist()
-        drawn[avoid] = [(u, i) for u, row in zip(users, batch["candidates"][:, 1:].tolist())
-                        for i in row]  # fmt: skip
-        clicked = set(zip(train["user"].tolist(), train["item"].tolist()))
-        heldout = set(zip(view[f"{task}.test.user"].tolist(), view[f"{task}.test.item"].tolist()))
-        heldout -= clicked  # a held-out click the user also made in training is avoided
-        hits = sum(pair in clicked for pair in drawn[avoid])
-        assert hits == 0 if avoid == "user" else hits > 0.04 * len(drawn[avoid])
-    assert heldout and heldout & set(drawn["user"])  # held-out items are still drawn
+        view = build_view(tables(rec, search, n_items=200, n_users=20), view_name, protocol)
+        pairs = {(task, split): set(zip(view[f"{task}.{split}.user"].tolist(),
+                                        view[f"{task}.{split}.item"].tolist()))
+                 for task in ("rec", "search") for split in ("train", "val", "test")}  # fmt: skip
+        trained = pairs["rec", "train"] | pairs["search", "train"]
+        for task in ("rec", "search"):
+            size = view[f"{task}.train.user"].size
+            batch = BatchAssembler(view, task, "train", num_train_negatives=40, seed=0)(
+                torch.arange(size), 0, 0
+            )
+            drawn = {(u, i) for u, row in zip(batch["user"].tolist(),
+                                              batch["candidates"][:, 1:].tolist()) for i in row}  # fmt: skip
+            if avoid == "user":
+                assert not drawn & trained, task
+                heldout = (pairs[task, "val"] | pairs[task, "test"]) - trained
+                assert heldout & drawn, task  # held-out items are still drawn
+            else:  # about 1 in 14 draws is a training click
+                assert len(drawn & trained) > 20, task
     assert "train_negatives_avoid" in str(_refused(train_negatives_avoid="query"))
 
 
