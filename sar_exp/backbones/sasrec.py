@@ -63,7 +63,10 @@ class SASRecEncoder(nn.Module):
         return self.combine(torch.cat([user_emb, sequence], dim=-1))  # empty history: zeros
 
     def _encode(self, steps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """[rows, n, step_dim] left-aligned steps of one length group -> [rows, n, d]."""
+        """[rows, n, step_dim] left-aligned steps of one length group -> [rows, n, d].
+        Positions count from the oldest step (RecBole's convention); SASRec's paper pads on
+        the left, so there the newest step always has the last position. Not changed yet:
+        every SASRec figure would move (README, UniSAR section)."""
         length = steps.shape[1]
         x = self.project(steps) + self.positions.weight[:length]
         causal = torch.triu(
