@@ -63,12 +63,9 @@ class SASRecEncoder(nn.Module):
         return self.combine(torch.cat([user_emb, sequence], dim=-1))  # empty history: zeros
 
     def _encode(self, steps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """[rows, n, step_dim] left-aligned steps of one length group -> [rows, n, d].
-        Positions count from the oldest step (RecBole's convention); SASRec's paper pads on
-        the left, so there the newest step always has the last position. Not changed yet:
-        every SASRec figure would move (README, UniSAR section)."""
+        """[rows, n, step_dim] left-aligned steps of one length group -> [rows, n, d]."""
         length = steps.shape[1]
-        x = self.project(steps) + self.positions.weight[:length]
+        x = self.project(steps) + self.positions(newest_first_positions(valid))
         causal = torch.triu(
             torch.ones(length, length, dtype=torch.bool, device=steps.device), diagonal=1
         )
@@ -77,3 +74,14 @@ class SASRecEncoder(nn.Module):
         padding = ~valid
         padding[:, 0] = padding[:, 0] & valid.any(1)
         return self.norm(self.encoder(x, mask=causal, src_key_padding_mask=padding))
+
+
+def newest_first_positions(valid: torch.Tensor) -> torch.Tensor:
+    """[rows, n] position index of each slot of left-aligned histories, counted back from
+    the row's newest step (0). SASRec pads every history on the left to one length, so its
+    newest step always has the last position, whatever the history's length; counting
+    from the oldest step (RecBole's convention, and this encoder's before) gave the newest
+    step a position that moved with the length. Padding slots get 0 (masked anyway)."""
+    lengths = valid.sum(1, keepdim=True)
+    slots = torch.arange(valid.shape[1], device=valid.device)
+    return (lengths - 1 - slots).clamp(min=0)

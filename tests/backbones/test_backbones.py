@@ -12,7 +12,7 @@ from sar_exp.backbones.embeddings import FeatureEmbedding, QueryEncoder
 from sar_exp.backbones.gru4rec import GRU4RecEncoder
 from sar_exp.backbones.mlp import MLPEncoder
 from sar_exp.backbones.mmoe import MMoEEncoder
-from sar_exp.backbones.sasrec import GROUP_BELOW_FILL, SASRecEncoder
+from sar_exp.backbones.sasrec import GROUP_BELOW_FILL, SASRecEncoder, newest_first_positions
 from sar_exp.backbones.sequence import LengthGroups
 
 B, L, DU, DS, H = 6, 7, 96, 160, 128
@@ -131,7 +131,7 @@ def test_a_mask_with_holes_reads_like_its_compacted_form(encoder_class):
 def sasrec_on_the_whole_batch(encoder: SASRecEncoder, user, steps, mask) -> torch.Tensor:
     """SASRec as one call on the padded batch (left-aligned histories): the reference."""
     length = steps.shape[1]
-    x = encoder.project(steps) + encoder.positions.weight[:length]
+    x = encoder.project(steps) + encoder.positions(newest_first_positions(mask))
     causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
     lengths = mask.sum(1)
     padding = ~mask
@@ -139,6 +139,28 @@ def sasrec_on_the_whole_batch(encoder: SASRecEncoder, user, steps, mask) -> torc
     out = encoder.norm(encoder.encoder(x, mask=causal, src_key_padding_mask=padding))
     newest = out[torch.arange(len(out)), (lengths - 1).clamp(min=0)] * (lengths > 0)[:, None]
     return encoder.combine(torch.cat([user, newest], dim=-1))
+
+
+class ItemPlusPositionOnly(torch.nn.Module):
+    """In place of SASRec's transformer: its input, untouched."""
+
+    def forward(self, x, mask=None, src_key_padding_mask=None):
+        return x
+
+
+def test_sasrec_gives_the_newest_step_one_position_whatever_the_history_length():
+    """SASRec pads on the left, so the newest step has the last position in every row:
+    with the attention taken out, histories [a, b] and [z, a, b] read the same newest
+    input (counting positions from the oldest step, they did not)."""
+    torch.manual_seed(0)
+    encoder = SASRecEncoder(DU, DS, H).eval()
+    encoder.encoder = ItemPlusPositionOnly()
+    a, b, z = torch.randn(3, DS)
+    steps = torch.stack([torch.stack([a, b, torch.zeros(DS)]), torch.stack([z, a, b])])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    out = encoder(torch.zeros(1, DU).expand(2, DU), steps, mask)
+    assert torch.allclose(out[0], out[1], atol=1e-6)
+    assert newest_first_positions(mask).tolist() == [[1, 0, 0], [2, 1, 0]]
 
 
 @pytest.mark.parametrize("groups", [1, 3])
