@@ -454,19 +454,23 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
     return view, frames
 
 
+def _setting(protocol, key: str):
+    """A protocol setting from the Protocol or its dict (a view's meta; None if absent)."""
+    return protocol.get(key) if isinstance(protocol, dict) else getattr(protocol, key)
+
+
 def training_negatives(protocol) -> str:
     """The training negatives' sampler: `train_negatives`, or `negatives` when unset.
     Takes the Protocol or its dict (a view's meta)."""
-    get = protocol.get if isinstance(protocol, dict) else lambda key: getattr(protocol, key)
-    return get("train_negatives") or get("negatives")
+    return _setting(protocol, "train_negatives") or _setting(protocol, "negatives")
 
 
 def training_negatives_avoid_clicks(protocol) -> bool:
     """Whether training negatives avoid items the user clicked in training: popularity
     ones always do (their task's clicks), uniform ones with train_negatives_avoid=user
     (both tasks' clicks). Takes the Protocol or its dict (a view's meta)."""
-    get = protocol.get if isinstance(protocol, dict) else lambda key: getattr(protocol, key)
-    return training_negatives(protocol) == "popularity" or get("train_negatives_avoid") == "user"
+    return (training_negatives(protocol) == "popularity"
+            or _setting(protocol, "train_negatives_avoid") == "user")  # fmt: skip
 
 
 def _add_histories(view: View, prefix: str, user: np.ndarray, time: np.ndarray) -> None:
