@@ -80,6 +80,11 @@ class Protocol:
     # what a stored search negative avoids: items clicked under that query by anyone
     # (ClardRec B.1) or items the user ever clicked, in rec or search (UniSAR, SESRec)
     search_negatives_avoid: str = "query"
+    # what a stored rec negative avoids: items the user clicked in rec, or (user, the
+    # papers' "never interacted with": ClardRec B.1, SESRec and UniSAR 5.1.2) in rec or
+    # search; a search click ranked as a rec negative would penalise exactly the models
+    # that read the searches
+    rec_negatives_avoid: str = "user"
     # what a uniform training negative avoids: the sample's positive only, or (user) every
     # item the user clicked in the training data of either task (ClardRec's I- before
     # Eq. 4: r_ui- = 0, an item the user never interacted with; the rec model scores
@@ -113,6 +118,7 @@ class Protocol:
         for key, allowed in (("split", SPLIT_RULES), ("negatives", NEGATIVE_SAMPLERS),
                              ("train_negatives", (None, *NEGATIVE_SAMPLERS)),
                              ("search_negatives_avoid", ("query", "user")),
+                             ("rec_negatives_avoid", ("rec", "user")),
                              ("train_negatives_avoid", ("positive", "user"))):  # fmt: skip
             if getattr(self, key) not in allowed:
                 raise ConfigError(
@@ -567,6 +573,13 @@ def _user_exclusions(frames) -> np.ndarray:
     return _keys(users, items)
 
 
+def _rec_negative_rule(frames, protocol) -> np.ndarray:
+    """The exclusion keys (user, item) of the stored rec negatives."""
+    if protocol.rec_negatives_avoid == "user":
+        return _user_exclusions(frames)
+    return _rec_exclusions(frames)
+
+
 def _search_negative_rule(frames, protocol) -> tuple[np.ndarray, str]:
     """(exclusion keys, their owner column) for the stored search negatives."""
     if protocol.search_negatives_avoid == "user":
@@ -666,7 +679,7 @@ def _sequential(view, frames, protocol, rng):
     }
     _drop_training_after_heldout(tasks, protocol.evaluated_tasks, _num_users(view))
     _store_split(view, "rec", tasks["rec"][1], rec, rng, view["rec_item_pool"],
-                 _rec_exclusions(frames), protocol, "rec")  # fmt: skip
+                 _rec_negative_rule(frames, protocol), protocol, "rec")  # fmt: skip
     exclude, owner = _search_negative_rule(frames, protocol)
     _store_split(view, "search", tasks["search"][1], search, rng, view["search_item_pool"],
                  exclude, protocol, "search", owner_key=owner)  # fmt: skip
@@ -718,8 +731,8 @@ def _cf(view, frames, protocol, rng):
         _drop_training_of_heldout_pairs(tasks, protocol.evaluated_tasks)
     # The CF scenario has no histories (ClardRec Eq. 2, 5): they stay empty, so a random
     # split cannot put a held-out click into something a model reads.
-    _store_split(view, "rec", rec_split, rec, rng, view["rec_item_pool"], _rec_exclusions(frames),
-                 protocol, "rec", histories=False)  # fmt: skip
+    _store_split(view, "rec", rec_split, rec, rng, view["rec_item_pool"],
+                 _rec_negative_rule(frames, protocol), protocol, "rec", histories=False)  # fmt: skip
     exclude, owner = _search_negative_rule(frames, protocol)
     _store_split(view, "search", tasks["search"][1], search, rng, view["search_item_pool"],
                  exclude, protocol, "search", owner_key=owner, histories=False)  # fmt: skip

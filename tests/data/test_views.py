@@ -76,18 +76,29 @@ def test_cf_split_is_eight_one_one_of_unique_clicks(tables):
     assert len(np.unique(everything, axis=0)) == len(everything) and pairs
 
 
+def _clicked_negatives(view, split: str) -> int:
+    """How many stored rec negatives of the split are items their user clicked, in rec
+    or in search."""
+    clicked = set(zip(view["rec_click_user"].tolist(), view["rec_click_item"].tolist()))
+    clicked |= set(zip(view["search_click_user"].tolist(), view["search_click_item"].tolist()))
+    part = view.split("rec", split)
+    return sum((u, i) in clicked for u, row in zip(part["user"].tolist(),
+                                                   part["negatives"].tolist()) for i in row)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["sequential", "cf"])
 def test_negatives_are_99_distinct_never_clicked_items(tables, name):
     view = build_view(tables, name, Protocol())
-    clicked = set(zip(view["rec_click_user"].tolist(), view["rec_click_item"].tolist()))
     test = view.split("rec", "test")
     negatives = test["negatives"]
     assert negatives.shape == (test["user"].size, 99)
     assert all(len(set(row)) == 99 for row in negatives.tolist())
     assert not (negatives == test["item"][:, None]).any()
-    assert not any(
-        (u, i) in clicked for u, row in zip(test["user"].tolist(), negatives.tolist()) for i in row
-    )
+    # "never interacted with": not clicked in rec, nor in search (the papers' protocols)
+    assert _clicked_negatives(view, "test") == _clicked_negatives(view, "val") == 0
+    # rec_negatives_avoid=rec avoids the rec clicks only: search clicks turn up
+    rec_only = build_view(tables, name, Protocol(rec_negatives_avoid="rec"))
+    assert _clicked_negatives(rec_only, "test") > 0
     pool = set(view["rec_item_pool"].tolist())
     assert set(negatives.ravel().tolist()) <= pool
     # search negatives are never clicked under that query
