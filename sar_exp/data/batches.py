@@ -82,7 +82,11 @@ class BatchAssembler:
         seed: int = 0,
         rank: int = 0,
         extras=None,
+        negatives_from: str | None = None,
     ):
+        """`negatives_from`: the task whose items (pool, popularity, users' training
+        clicks) the training negatives are drawn from, if not this one's (AUG's search
+        clicks are rec positives, ranked against rec negatives)."""
         to_tensor = _as_tensor
         self.samples = {k: to_tensor(v) for k, v in view.split(task, split).items()}
         keep = (
@@ -91,17 +95,18 @@ class BatchAssembler:
             "user_click_offsets",
         )  # fmt: skip
         self.context = {k: to_tensor(view[k]) for k in keep}
-        self.pool = to_tensor(view["rec_item_pool" if task == "rec" else "search_item_pool"])
+        source = negatives_from or task
+        self.pool = to_tensor(view["rec_item_pool" if source == "rec" else "search_item_pool"])
         protocol = view.meta["protocol"]
         # popularity: draw in proportion to training clicks
         self.cumulative = self.user_clicks = None
-        if training_negatives(protocol) == "popularity" and f"{task}_popularity" in view:
-            weights = torch.from_numpy(view[f"{task}_popularity"]).double()[self.pool]
+        if training_negatives(protocol) == "popularity" and f"{source}_popularity" in view:
+            weights = torch.from_numpy(view[f"{source}_popularity"]).double()[self.pool]
             self.pool = self.pool[weights > 0]
             self.cumulative = torch.cumsum(weights[weights > 0], 0)
         # the (user, item) keys of the task's training clicks, which negatives avoid
-        if training_negatives_avoid_clicks(protocol) and f"{task}_train_clicks" in view:
-            self.user_clicks = torch.from_numpy(view[f"{task}_train_clicks"])
+        if training_negatives_avoid_clicks(protocol) and f"{source}_train_clicks" in view:
+            self.user_clicks = torch.from_numpy(view[f"{source}_train_clicks"])
         self.rec_cap = protocol["max_rec_history"]
         self.search_cap = protocol["max_search_history"]
         self.interleaved_cap = protocol["max_interleaved_history"]

@@ -45,6 +45,7 @@ class SARDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         main_task: str = "rec",
         companion_batch_sizes: dict | None = None,
+        companion_negatives: dict | None = None,
         interleaved: bool = False,
         full_ranking: bool = False,
         seed: int = 0,
@@ -89,6 +90,14 @@ class SARDataModule(pl.LightningDataModule):
         self.num_train_negatives, self.num_workers = int(num_train_negatives), int(num_workers)
         self.main_task = main_task
         self.companion_batch_sizes = dict(companion_batch_sizes or {})
+        # a companion task whose training negatives come from another task's items
+        self.companion_negatives = dict(companion_negatives or {})
+        for name, source in self.companion_negatives.items():
+            if name not in self.companion_batch_sizes or source not in ("rec", "search"):
+                raise ConfigError(
+                    f"method.companion_negatives.{name}: expected 'rec' or 'search' for a "
+                    f"task of method.companion_batch_sizes, got {source!r}"
+                )
         self.interleaved, self.full_ranking, self.seed = interleaved, full_ranking, seed
         self.view: View | None = None
         # QueryRec's per-batch training extras (method.queryrec_data), and the query
@@ -183,7 +192,9 @@ class SARDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _assembler(self, task: str, split: str, rank: int = 0) -> BatchAssembler:
+    def _assembler(
+        self, task: str, split: str, rank: int = 0, negatives_from: str | None = None
+    ) -> BatchAssembler:
         assembler = BatchAssembler(
             self.load(),
             task,
@@ -193,6 +204,7 @@ class SARDataModule(pl.LightningDataModule):
             full_ranking_exclusions=self.full_ranking,
             seed=self.seed,
             rank=rank,
+            negatives_from=negatives_from,
         )
         if self.queryrec is not None and split == "train":
             from sar_exp.data.queryrec_batches import QueryRecExtras
@@ -211,7 +223,7 @@ class SARDataModule(pl.LightningDataModule):
         tasks = {task: self._assembler(task, split, rank)}
         companions = self.companion_batch_sizes if split == "train" else {}
         for name in companions:
-            tasks[name] = self._assembler(name, split, rank)
+            tasks[name] = self._assembler(name, split, rank, self.companion_negatives.get(name))
         companions = {
             name: self._companion_size(name, size, tasks) for name, size in companions.items()
         }
