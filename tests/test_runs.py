@@ -224,6 +224,26 @@ def test_a_setting_added_later_counts_only_where_a_preset_moves_it_off_its_defau
     assert config_changes(tmp_path, uniform) == []
 
 
+@pytest.mark.parametrize("protocol", ["default", "clardrec_cf", "unisar_kuaisar"])
+def test_a_run_whose_rec_negatives_avoided_only_rec_clicks_is_stale(make_cfg, tmp_path, protocol):
+    """Runs recorded before `dataset.protocol.rec_negatives_avoid` existed ranked against
+    rec negatives that could be the user's search clicks; every preset now sets `user`, so
+    their table cells run again (the field's own default, rec, is the old rule)."""
+    from omegaconf import OmegaConf
+
+    from sar_exp.runs import config_changes
+
+    cfg = make_cfg(f"protocol={protocol}")
+    assert cfg.dataset.protocol.rec_negatives_avoid == "user"
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["dataset"]["protocol"]["rec_negatives_avoid"]
+    old["data"]["protocol"].pop("rec_negatives_avoid", None)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+    assert [(key, now) for key, _, now in config_changes(tmp_path, cfg)] == [
+        ("dataset.protocol.rec_negatives_avoid", "user")
+    ]
+
+
 def test_a_release_that_adds_backbones_tasks_or_generator_knobs_keeps_old_runs(make_cfg, tmp_path):
     """A run recorded when the method accepted fewer backbones or tasks, before the
     generator had its CTR knobs, and before data.queryrec existed, computed the same

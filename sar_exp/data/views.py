@@ -83,8 +83,10 @@ class Protocol:
     # what a stored rec negative avoids: items the user clicked in rec, or (user, the
     # papers' "never interacted with": ClardRec B.1, SESRec and UniSAR 5.1.2) in rec or
     # search; a search click ranked as a rec negative would penalise exactly the models
-    # that read the searches
-    rec_negatives_avoid: str = "user"
+    # that read the searches. The field keeps the old rule (rec) as its default, so a run
+    # recorded before the key existed reads as one made with it; conf/protocol/default.yaml
+    # sets user for every protocol.
+    rec_negatives_avoid: str = "rec"
     # what a uniform training negative avoids: the sample's positive only, or (user) every
     # item the user clicked in the training data of either task (ClardRec's I- before
     # Eq. 4: r_ui- = 0, an item the user never interacted with; the rec model scores

@@ -88,7 +88,7 @@ def _clicked_negatives(view, split: str) -> int:
 
 @pytest.mark.parametrize("name", ["sequential", "cf"])
 def test_negatives_are_99_distinct_never_clicked_items(tables, name):
-    view = build_view(tables, name, Protocol())
+    view = build_view(tables, name, Protocol(rec_negatives_avoid="user"))  # every preset's
     test = view.split("rec", "test")
     negatives = test["negatives"]
     assert negatives.shape == (test["user"].size, 99)
