@@ -55,7 +55,9 @@ class Protocol:
     max_interleaved_history: int = 30
     max_interactions_per_user: int | None = None  # ClardRec sequential: 100
     min_search_interactions: int = 0  # ClardRec sequential: 10
-    require_both_histories: bool = False  # SESRec, QueryRec
+    # only samples (rec and search) with a rec and a search history before them: SESRec,
+    # QueryRec, UniSAR (its official data never has an empty one)
+    require_both_histories: bool = False
     no_click_session_positive: str = "none"  # "first_shown": KuaiSAR authors' suggestion
     cf_split: tuple[float, float, float] = field(default=(0.8, 0.1, 0.1))
     num_eval_negatives: int = 99
@@ -668,6 +670,11 @@ def _sequential(view, frames, protocol, rng):
     rec = {k: v[keep] for k, v in rec.items()}
     rec["query"] = np.zeros_like(rec["user"])
     pos = frames["search_positives"].sort("user", "time", "session_pos", "position")
+    # search samples too: a model of both tasks (UniSAR's official data) never sees a
+    # sample without both histories
+    pos = pos.filter(
+        _filter_both_histories(view, pos["user"].to_numpy(), pos["time"].to_numpy(), protocol)
+    )
     search = _sample_arrays(pos, with_query=True)
     if "search" in protocol.evaluated_tasks and protocol.split == "leave_one_out":
         # evaluated search is held out by session: the last clicked session is test, the

@@ -6,8 +6,11 @@ where it is silent the official code fills in (the notes in
 default.
 
 Flags for the conflicts (`true` = the paper):
-  paper_losses  Eq. 6-7 as printed (the positive left out of each denominator) vs the
-                code's cross-entropy over [positive, negatives]. Both average L_ali over
+  paper_losses  Eq. 6-7's terms vs the code's cross-entropy over [positive, negatives];
+                positive_in_denominator (true in conf/method/sesrec.yaml) adds the
+                positive to Eq. 6-7's denominators, which as printed hold the negatives
+                only: with the learnable tau that loss has no lower bound (the same as
+                UniSAR's Eq. 2, unisar_losses.py); false: as printed. Both average L_ali over
                 the batch's (query, click) pairs, as the code does; Eq. 6-7 sum a row's
                 pairs and Eq. 23 sums the rows, which would weigh L_ali by the pairs per
                 row (alpha = 0.1 is tuned for the mean).
@@ -48,7 +51,7 @@ from sar_exp.methods.search_history import (
     sampled_negatives,
 )
 from sar_exp.methods.unisar_layers import MaskedEncoder, TargetAttention
-from sar_exp.methods.unisar_losses import BilinearSimilarity, relevance_loss
+from sar_exp.methods.unisar_losses import BilinearSimilarity, loss_form, relevance_loss
 
 THRESHOLDS = ("mean", "median")
 ENCODERS = ("sasrec", "gru4rec")
@@ -99,6 +102,8 @@ class SESRec(RecommenderModule):
         use_mie: bool = True,
         use_search: bool = True,
         paper_losses: bool = True,
+        positive_in_denominator: bool = False,  # as printed: runs recorded before the flag
+        # existed used it (conf/method/sesrec.yaml sets true)
         paper_split: bool = True,
         mlp_dims: list[int] | tuple[int, ...] = (200, 80),
         init: str = "official",
@@ -160,6 +165,7 @@ class SESRec(RecommenderModule):
         self.target_attention = nn.ModuleDict(  # W_d per history, Eq. 17-19
             {"rec": TargetAttention(d), "search": TargetAttention(d)}
         )
+        self.loss_form = loss_form(paper_losses, positive_in_denominator)
         align = BilinearSimilarity(d, temperature, paper_losses)
         self.align_sim = align if use_align else None
         if init == "official":  # the drawn-but-unused first: the other parts' draws stay
@@ -313,7 +319,7 @@ class SESRec(RecommenderModule):
         loss = relevance_loss(
             self.align_sim, queries.table, items.table, queries.index(pair_query),
             items.index(pair_item), items(negatives[0]), queries(negatives[1]),
-            paper=self.hparams.paper_losses,
+            form=self.loss_form,
         )  # fmt: skip
         return 0.5 * loss if self.hparams.paper_losses else loss
 

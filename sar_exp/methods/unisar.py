@@ -6,8 +6,11 @@ fusion, trained jointly on both tasks. Equation numbers refer to the paper
 paper by default.
 
 Flags for the conflicts (all `true` = the paper):
-  paper_losses      Eq. 2 and 5 as printed (negatives-only denominators; L_Align's
-                    negatives are other users' rows) vs the code's cross-entropy / NT-Xent
+  paper_losses      Eq. 2 and 5's negatives and terms (L_Align's negatives are other
+                    users' rows) vs the code's cross-entropy / NT-Xent;
+                    positive_in_denominator (true in conf/method/unisar.yaml) adds the
+                    positive to their denominators, which the printed equations leave out
+                    and a learnable tau needs (unisar_losses.py); false: as printed
   paper_fusion      Eq. 7 (Q = H_cross, K = V = MSA(H_same)) vs the code's decoder layer
   paper_prediction  Eq. 9 (experts score, gates mix the scores) vs the code's CGC level
                     with towers and heads
@@ -39,7 +42,12 @@ from sar_exp.methods.search_history import (
     sampled_negatives,
 )
 from sar_exp.methods.unisar_layers import FusionLayer, MaskedEncoder, MultiTaskHead, TargetAttention
-from sar_exp.methods.unisar_losses import BilinearSimilarity, alignment_loss, relevance_loss
+from sar_exp.methods.unisar_losses import (
+    BilinearSimilarity,
+    alignment_loss,
+    loss_form,
+    relevance_loss,
+)
 
 TASKS = ("rec", "search")
 # what the history encoders read of a batch (the rows of both tasks are encoded together)
@@ -95,6 +103,8 @@ class UniSAR(RecommenderModule):
         use_mmoe: bool = True,
         train_tasks: list[str] | tuple[str, ...] = TASKS,
         paper_losses: bool = True,
+        positive_in_denominator: bool = False,  # the printed form: runs recorded before
+        # the flag existed used it (conf/method/unisar.yaml sets true)
         paper_fusion: bool = True,
         paper_prediction: bool = True,
         embedding_style: str = "paper",
@@ -178,6 +188,7 @@ class UniSAR(RecommenderModule):
             dropout, paper=paper_prediction, mmoe=use_mmoe, tasks=tuple(train_tasks),
             per_row_columns=[*range(d), *range(2 * d, 3 * d)],
         )  # fmt: skip
+        self.loss_form = loss_form(paper_losses, positive_in_denominator)
         align = {s: BilinearSimilarity(d, tau_align, paper_losses) for s in ("R", "S")}
         rel = BilinearSimilarity(d, tau_rel, paper_losses)
         self.align_sim = nn.ModuleDict(
@@ -396,7 +407,7 @@ class UniSAR(RecommenderModule):
         def loss(pair_query, pair_item, segments=None):
             return relevance_loss(
                 self.rel_sim, queries.table, items.table, queries.index(pair_query),
-                items.index(pair_item), neg_items, neg_queries, paper=self.hparams.paper_losses,
+                items.index(pair_item), neg_items, neg_queries, form=self.loss_form,
                 in_batch=self.hparams.rel_in_batch, segments=segments,
             )  # fmt: skip
 
@@ -418,7 +429,7 @@ class UniSAR(RecommenderModule):
             loss = loss + alignment_loss(
                 self.align_sim[scenario], masked_mean(h[same], valid), masked_mean(h[cross], valid), both,
                 batch["user"],
-                paper=self.hparams.paper_losses,
+                form=self.loss_form,
             )  # fmt: skip
         return loss
 

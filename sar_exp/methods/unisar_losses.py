@@ -1,12 +1,19 @@
 """UniSAR's contrastive losses (Shi et al., SIGIR'24): query-item relevance L_Rel (Eq. 2)
-and transition alignment L_Align (Eq. 5-6). Both use sim(a, b) = tanh(a W b^T) / tau
-with a learnable temperature.
+and transition alignment L_Align (Eq. 5-6), shared with SESRec's L_ali (its Eq. 6-8).
+Both use sim(a, b) = tanh(a W b^T) / tau with a learnable temperature.
 
-`paper=True` (the default) is the equations as printed: the denominators sum over the
-negatives only, the two directions add up, and L_Align's negatives are other users'
-rows. `paper=False` is the official code: cross-entropy with the positive in the
-denominator, 0.5 x (both directions) for L_Rel, and NT-Xent over the 2B pooled rows
-(every other row a negative) for L_Align.
+Three forms (`form`):
+- "paper": the equations' negatives and terms (the two directions add up; L_Align's
+  negatives are other users' rows) with the positive added to each denominator. The
+  printed denominators sum over the negatives only, which makes the loss unbounded below
+  once the positives beat the negatives: a learnable tau then falls to any floor it is
+  given (L_Align reached -248 by epoch 25 with tau at the floor, the click loss 0.3). A
+  contrastive loss with a learned temperature needs the InfoNCE denominator, so that is
+  the paper's default here.
+- "printed": the denominators as printed (negatives only), tau floored at MIN_TEMPERATURE.
+- "official": the authors' code: cross-entropy with the positive in the denominator,
+  0.5 x (both directions) for L_Rel, and NT-Xent over the 2B pooled rows (every other row
+  a negative) for L_Align.
 
 The paper's forms sum both directions without the code's 0.5, and L_Align's two terms
 each average over rows where NT-Xent averages over 2B anchors: alpha and beta, tuned for
@@ -28,14 +35,22 @@ from sar_exp.methods.losses import info_nce
 MIN_TEMPERATURE = 0.01
 
 
+def loss_form(paper_losses: bool, positive_in_denominator: bool) -> str:
+    """The form the methods' two flags pick: paper_losses=false is the official code's
+    (which has the positive in its denominators anyway)."""
+    if not paper_losses:
+        return "official"
+    return "paper" if positive_in_denominator else "printed"
+
+
 class BilinearSimilarity(nn.Module):
     """sim(a, b) = tanh(a W b^T) / tau (Eq. 2), tau learnable from `temperature`.
 
-    `paper=True`: tau is kept positive (learned as log tau, at least MIN_TEMPERATURE):
-    the printed Eq. 2 and 5 leave the positive out of the denominator, so once positives
-    beat the negatives the loss falls without bound as tau -> 0 and an unconstrained tau
-    goes through zero. `paper=False` (the official code, whose cross-entropy is bounded):
-    tau itself is the parameter, never clamped, and weight decay reaches it."""
+    `paper=True` (the paper's forms): tau is kept positive (learned as log tau, at least
+    MIN_TEMPERATURE): the printed Eq. 2 and 5 leave the positive out of the denominator,
+    so once positives beat the negatives that loss falls without bound as tau -> 0 and an
+    unconstrained tau goes through zero. `paper=False` (the official code): tau itself is
+    the parameter, never clamped, and weight decay reaches it."""
 
     def __init__(self, d: int, temperature: float, paper: bool = True):
         super().__init__()
@@ -74,7 +89,7 @@ def relevance_loss(
     pair_item: torch.Tensor,
     negative_items: torch.Tensor,
     negative_queries: torch.Tensor,
-    paper: bool = True,
+    form: str = "paper",
     in_batch: bool = False,
     segments: list[int] | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
@@ -90,19 +105,19 @@ def relevance_loss(
         if in_batch:
             raise ValueError("relevance_loss: segments cannot share in-batch negatives")
         terms = _relevance_terms(sim, query_emb, item_emb, pair_query, pair_item,
-                                 negative_items, negative_queries, paper, False)  # fmt: skip
+                                 negative_items, negative_queries, form, False)  # fmt: skip
         empty = sim.zero() + 0.0 * query_emb.sum()
         return [t.mean() if t.numel() else empty for t in terms.split(segments)]
     if pair_query.numel() == 0:
         return sim.zero() + 0.0 * query_emb.sum()
     return _relevance_terms(
         sim, query_emb, item_emb, pair_query, pair_item, negative_items, negative_queries,
-        paper, in_batch,
+        form, in_batch,
     ).mean()  # fmt: skip
 
 
 def _relevance_terms(sim, query_emb, item_emb, pair_query, pair_item, negative_items,
-                     negative_queries, paper: bool, in_batch: bool) -> torch.Tensor:  # fmt: skip
+                     negative_queries, form: str, in_batch: bool) -> torch.Tensor:  # fmt: skip
     """Eq. 2's term of each pair, [P]."""
     if pair_query.numel() == 0:
         return query_emb.new_zeros(0)
@@ -121,10 +136,11 @@ def _relevance_terms(sim, query_emb, item_emb, pair_query, pair_item, negative_i
         query_scores = torch.cat([query_scores, batch_scores.T], dim=1)
     items_lse = torch.logsumexp(item_scores, dim=1)[pair_q]
     queries_lse = torch.logsumexp(query_scores, dim=1)[pair_i]
-    if paper:  # -[log e^s / sum_neg e^s- (q -> i) + log e^s / sum_neg e^s- (i -> q)]
+    if form == "printed":  # -[log e^s / sum_neg e^s- (q -> i) + log e^s / sum_neg e^s- (i -> q)]
         return items_lse + queries_lse - 2 * positive
-    with_positive = torch.logaddexp(positive, items_lse) + torch.logaddexp(positive, queries_lse)
-    return 0.5 * (with_positive - 2 * positive)
+    # each direction's denominator with the positive in it
+    both = torch.logaddexp(positive, items_lse) + torch.logaddexp(positive, queries_lse)
+    return both - 2 * positive if form == "paper" else 0.5 * (both - 2 * positive)
 
 
 def alignment_loss(
@@ -133,7 +149,7 @@ def alignment_loss(
     cross: torch.Tensor,
     valid: torch.Tensor,
     user: torch.Tensor,
-    paper: bool = True,
+    form: str = "paper",
 ) -> torch.Tensor:
     """Eq. 5 for one scenario: the pooled same-scenario transition (h_s2s or h_r2r) and
     the cross-scenario one (h_r2s or h_s2r) of a row are positives; rows without both
@@ -142,7 +158,7 @@ def alignment_loss(
     n = same.shape[0]
     if n < 2:
         return sim.zero() + 0.0 * same.sum()
-    if paper:
+    if form != "official":
         scores = sim.matrix(same, cross)  # [n, n]: row b's same vs row b''s cross
         positive = scores.diagonal()
         negative = user[:, None] != user[None, :]  # other users' rows (Eq. 5)
@@ -150,6 +166,9 @@ def alignment_loss(
         masked = scores.masked_fill(~negative, float("-inf"))
         lse_cross = torch.logsumexp(masked, dim=1)  # sum over h_cross^- for this h_same
         lse_same = torch.logsumexp(masked.T, dim=1)  # sum over h_same^- for this h_cross
+        if form == "paper":  # the positive in each denominator
+            lse_cross = torch.logaddexp(lse_cross, positive)
+            lse_same = torch.logaddexp(lse_same, positive)
         terms = (lse_cross + lse_same - 2 * positive)[has]
         return terms.mean() if terms.numel() else sim.zero() + 0.0 * same.sum()
     rows = torch.cat([same, cross])  # NT-Xent (SimCLR) over 2n rows

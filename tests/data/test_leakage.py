@@ -27,7 +27,8 @@ PROTOCOLS = {
     "popularity": Protocol(negatives="popularity"),
     "unisar_kuaisar": Protocol(
         split="time", drop_last_days=2, k_core=5, require_both_behaviours=True,
-        negatives="popularity", local_time_offset_hours=8, evaluated_tasks=("rec", "search"),
+        require_both_histories=True, train_negatives="popularity", rec_negatives_avoid="user",
+        search_negatives_avoid="user", local_time_offset_hours=8, evaluated_tasks=("rec", "search"),
         num_eval_negatives=20,  # the tiny data after 5-core has few items
     ),
     # SESRec on KuaiSAR: UniSAR's filters, both histories before each interaction, caps

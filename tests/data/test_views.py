@@ -125,8 +125,10 @@ def test_protocol_filters(tables):
     strict = build_view(tables, "sequential", Protocol(min_search_interactions=12))
     assert np.unique(strict["rec.train.user"]).size < np.unique(base["rec.train.user"]).size
     both = build_view(tables, "sequential", Protocol(require_both_histories=True))
-    s = both.split("rec", "train")
-    assert ((s["rec_end"] > s["rec_start"]) & (s["search_end"] > s["search_start"])).all()
+    for task in ("rec", "search"):  # every sample of both tasks, as UniSAR's data has them
+        s = both.split(task, "train")
+        assert ((s["rec_end"] > s["rec_start"]) & (s["search_end"] > s["search_start"])).all()
+        assert 0 < s["user"].size < base.split(task, "train")["user"].size
     capped = build_view(tables, "sequential", Protocol(max_interactions_per_user=20))
     per_user = np.bincount(capped["rec_click_user"])
     assert per_user.max() <= 20

@@ -171,15 +171,16 @@ def test_alignment_is_eq6_to_8_over_the_history_pairs(sesrec_model):
     from tests.methods.test_unisar import _naive_relevance
 
     build, batch = sesrec_model
-    for paper in (True, False):
-        model = build(paper_losses=paper).eval()
+    for form in ("paper", "printed", "official"):
+        paper = form != "official"
+        model = build(paper_losses=paper, positive_in_denominator=form == "paper").eval()
         negatives = (torch.arange(1, 9), torch.arange(1, 6))
         items, queries = model._lookups(batch, batch["candidates"], negatives)
         pair_q, pair_i = history_pairs(batch)
         assert len(pair_q) > 0
         naive = _naive_relevance(
             model.align_sim, queries(pair_q), items(pair_i), items(negatives[0]),
-            queries(negatives[1]), paper,
+            queries(negatives[1]), form,
         )  # fmt: skip
         # Eq. 8 halves the two directions' sum (the code's form is halved already)
         expected = 0.5 * naive if paper else naive

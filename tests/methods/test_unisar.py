@@ -83,7 +83,7 @@ def test_target_attention_is_eq8():
     assert torch.allclose(got[0], expected, atol=1e-6)
 
 
-def _naive_relevance(sim, q, i, neg_items, neg_queries, paper):
+def _naive_relevance(sim, q, i, neg_items, neg_queries, form):
     total = 0.0
     for qe, ie in zip(q, i):
         pos = (torch.tanh(sim.weight(qe) @ ie) / sim.temperature).item()
@@ -91,27 +91,30 @@ def _naive_relevance(sim, q, i, neg_items, neg_queries, paper):
         to_queries = [
             (torch.tanh(sim.weight(n) @ ie) / sim.temperature).item() for n in neg_queries
         ]
-        if paper:  # Eq. 2: negatives-only denominators, two directions summed
+        if form == "printed":  # Eq. 2 as printed: negatives-only denominators, summed
             total += -(pos - math.log(sum(map(math.exp, to_items))))
             total += -(pos - math.log(sum(map(math.exp, to_queries))))
+        elif form == "paper":  # Eq. 2 with the positive in each denominator
+            total += -(pos - math.log(math.exp(pos) + sum(map(math.exp, to_items))))
+            total += -(pos - math.log(math.exp(pos) + sum(map(math.exp, to_queries))))
         else:  # the code: cross-entropy with the positive, 0.5 x both directions
             total += 0.5 * -(pos - math.log(math.exp(pos) + sum(map(math.exp, to_items))))
             total += 0.5 * -(pos - math.log(math.exp(pos) + sum(map(math.exp, to_queries))))
     return total / len(q)
 
 
-@pytest.mark.parametrize("paper", [True, False])
-def test_relevance_loss_per_distinct_query_and_item_equals_the_per_pair_loss(paper):
+@pytest.mark.parametrize("form", ["paper", "printed", "official"])
+def test_relevance_loss_per_distinct_query_and_item_equals_the_per_pair_loss(form):
     torch.manual_seed(0)
     sim = BilinearSimilarity(D, 0.5)
     queries, items = torch.randn(3, D), torch.randn(5, D)
     pair_q, pair_i = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1, 2, 2, 0, 3, 4])
     negative_items, negative_queries = torch.randn(7, D), torch.randn(6, D)
     got = relevance_loss(
-        sim, queries, items, pair_q, pair_i, negative_items, negative_queries, paper
+        sim, queries, items, pair_q, pair_i, negative_items, negative_queries, form
     )
     expected = _naive_relevance(
-        sim, queries[pair_q], items[pair_i], negative_items, negative_queries, paper
+        sim, queries[pair_q], items[pair_i], negative_items, negative_queries, form
     )
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -136,9 +139,10 @@ def test_relevance_loss_with_in_batch_negatives_adds_the_other_pairs():
         expected += math.log(sum(map(math.exp, to_queries))) - 2 * s(queries[q], items[i])
     expected /= len(pairs)
     got = relevance_loss(sim, queries, items, pair_q, pair_i, neg_items, neg_queries,
-                         paper=True, in_batch=True)  # fmt: skip
+                         form="printed", in_batch=True)  # fmt: skip
     assert got.item() == pytest.approx(expected, rel=1e-5)
-    plain = relevance_loss(sim, queries, items, pair_q, pair_i, neg_items, neg_queries)
+    plain = relevance_loss(sim, queries, items, pair_q, pair_i, neg_items, neg_queries,
+                           form="printed")  # fmt: skip
     assert got.item() != pytest.approx(plain.item(), rel=1e-3)
 
 
@@ -149,14 +153,17 @@ def test_alignment_loss_is_eq5_with_other_users_as_negatives():
     user = torch.tensor([1, 2, 2, 3])
     valid = torch.ones(4, dtype=torch.bool)
     s = lambda a, b: (torch.tanh(sim.weight(a) @ b) / sim.temperature).item()  # noqa: E731
-    expected = 0.0
-    for b in range(4):
-        others = [c for c in range(4) if user[c] != user[b]]
-        pos = s(same[b], cross[b])
-        expected += -(pos - math.log(sum(math.exp(s(same[b], cross[c])) for c in others)))
-        expected += -(pos - math.log(sum(math.exp(s(same[c], cross[b])) for c in others)))
-    got = alignment_loss(sim, same, cross, valid, user, paper=True)
-    assert got.item() == pytest.approx(expected / 4, rel=1e-5)
+    for form, with_positive in (("printed", 0.0), ("paper", 1.0)):
+        expected = 0.0
+        for b in range(4):
+            others = [c for c in range(4) if user[c] != user[b]]
+            pos = s(same[b], cross[b])
+            own = with_positive * math.exp(pos)  # the paper form's positive in the denominator
+            to_cross = sum(math.exp(s(same[b], cross[c])) for c in others)
+            to_same = sum(math.exp(s(same[c], cross[b])) for c in others)
+            expected += -(pos - math.log(own + to_cross)) - (pos - math.log(own + to_same))
+        got = alignment_loss(sim, same, cross, valid, user, form=form)
+        assert got.item() == pytest.approx(expected / 4, rel=1e-5), form
     # official NT-Xent: 2B anchors, the other view of the row is the positive
     rows = torch.cat([same, cross])
     ntx = 0.0
@@ -164,12 +171,35 @@ def test_alignment_loss_is_eq5_with_other_users_as_negatives():
         positive = (a + 4) % 8
         logits = [s(rows[a], rows[c]) for c in range(8) if c != a]
         ntx += -(s(rows[a], rows[positive]) - math.log(sum(map(math.exp, logits))))
-    assert alignment_loss(sim, same, cross, valid, user, paper=False).item() == pytest.approx(
+    assert alignment_loss(sim, same, cross, valid, user, form="official").item() == pytest.approx(
         ntx / 8, rel=1e-5
     )
     # rows without both histories take no part
     partial = torch.tensor([True, True, False, False])
     assert torch.isfinite(alignment_loss(sim, same, cross, partial, user))
+
+
+def test_the_paper_form_of_eq2_and_eq5_is_bounded_where_the_printed_one_is_not(make_cfg):
+    """With the temperature at its floor and every positive beating its negatives, the
+    printed denominators (negatives only) give a loss far below zero, which a learnable
+    tau keeps pushing down; with the positive in each denominator the loss stays >= 0.
+    UniSAR's and SESRec's configs train the bounded form."""
+    torch.manual_seed(0)
+    sim = BilinearSimilarity(D, 0.01)
+    with torch.no_grad():
+        sim.weight.weight.copy_(torch.eye(D) * 10)
+    rows = torch.nn.functional.one_hot(torch.arange(4), D).float()  # orthogonal, aligned
+    user, valid = torch.arange(4), torch.ones(4, dtype=torch.bool)
+    printed = alignment_loss(sim, rows, rows, valid, user, form="printed")
+    paper = alignment_loss(sim, rows, rows, valid, user, form="paper")
+    assert printed.item() < -100 and 0.0 <= paper.item() < 1e-3
+    pairs = torch.arange(4)
+    rel = {form: relevance_loss(sim, rows, rows, pairs, pairs, -rows, -rows, form=form).item()
+           for form in ("printed", "paper")}  # fmt: skip
+    assert rel["printed"] < -100 and 0.0 <= rel["paper"] < 1e-3
+    for method in ("unisar", "sesrec"):
+        module = make_cfg(f"method={method}").method.module
+        assert module.paper_losses and module.positive_in_denominator, method
 
 
 @pytest.fixture(scope="module")
