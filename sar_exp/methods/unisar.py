@@ -108,7 +108,7 @@ class UniSAR(RecommenderModule):
         paper_fusion: bool = True,
         paper_prediction: bool = True,
         embedding_style: str = "paper",
-        use_captions: bool = True,
+        use_captions: bool = False,
         lr_scheduler: bool = False,
         embedding_init_std: float | None = 0.5,
         monitor: str = "val/mean_ndcg@5",
@@ -144,8 +144,10 @@ class UniSAR(RecommenderModule):
         if not ((use_r2r or use_s2r) and (use_s2s or use_r2s)):
             raise ConfigError("UniSAR needs at least one transition of each history")
         self.uses = {"r2r": use_r2r, "s2s": use_s2s, "r2s": use_r2s, "s2r": use_s2r}
-        # Embeddings (Sec. 4.1.1, Eq. 1): the shared id/attribute tables and the word
-        # table; an item's caption is the mean of its words (where the data has them).
+        # Embeddings (Sec. 4.1.1, Eq. 1): the shared id/attribute tables (the attributes
+        # as for every row of the tables) and the word table. The paper's item is its id
+        # embedding; use_captions adds the official code's caption (the mean of its words,
+        # where the data has them).
         captions = (kwargs.get("lookup_tables") or {}).get("item_caption_words")
         self.use_captions = bool(use_captions and captions is not None and (captions > 0).any())
         self.register_buffer(  # int32: the KuaiSAR table is large (673k items x 50 words)

@@ -202,6 +202,20 @@ def test_the_paper_form_of_eq2_and_eq5_is_bounded_where_the_printed_one_is_not(m
         assert module.paper_losses and module.positive_in_denominator, method
 
 
+def test_items_are_id_embeddings_as_in_the_paper_captions_only_where_asked(make_cfg, unisar_model):
+    """Sec. 4.1.1: the item embedding is a table lookup; the official code's caption words
+    are a flag (on in the KuaiSAR experiment, which takes the code's features)."""
+    build, _ = unisar_model
+    assert make_cfg("method=unisar").method.module.use_captions is False
+    assert make_cfg("experiment=unisar_kuaisar", tiny=False).method.module.use_captions is True
+    plain, captioned = build(), build(use_captions=True)
+    assert not plain.use_captions and captioned.use_captions  # the embedded items have captions
+    # the caption's word mean (16 wide here) joins the item's id and attribute embeddings
+    assert captioned.item_projection[0].in_features == plain.items.out_dim + 16
+    if isinstance(plain.item_projection, torch.nn.Sequential):
+        assert plain.item_projection[0].in_features == plain.items.out_dim
+
+
 @pytest.fixture(scope="module")
 def unisar_model(tiny_folder, tmp_path_factory):
     from sar_exp.data.datamodule import SARDataModule
