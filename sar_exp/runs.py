@@ -172,7 +172,11 @@ def config_changes(output_dir: Path, cfg: DictConfig) -> list[tuple[str, object,
     (its config.yaml; none: no changes known) that cfg changes, incidental ones and
     trainer.max_epochs aside. A key the run's config did not have yet (added by a later
     release) held its default, which the run used all along: it is a change only where
-    cfg sets it to something else (a protocol or method preset that uses the new key)."""
+    cfg sets it to something else (a protocol or method preset that uses the new key).
+    A new key whose default the code does not declare (outside the protocol, the
+    generator and method.module) is a change when cfg gives it a value (not null): such
+    keys are added as null, and set where they change what runs (AUG's
+    method.companion_negatives)."""
     recorded = output_dir / "config.yaml"
     if not recorded.exists():
         return []
@@ -182,16 +186,22 @@ def config_changes(output_dir: Path, cfg: DictConfig) -> list[tuple[str, object,
     changed = [(key, before.get(key), now.get(key)) for key in sorted(before)
                if not allowed.match(key) and before.get(key) != now.get(key)]  # fmt: skip
     defaults = _defaults_of_new_keys(cfg)
+    added = [key for key in sorted(set(now) - set(before)) if not allowed.match(key)]
     changed += [(key, "(not recorded: its default, " + repr(defaults[key]) + ")", now[key])
-                for key in sorted(set(now) - set(before))
-                if key in defaults and not allowed.match(key) and now[key] != defaults[key]]  # fmt: skip
+                for key in added if key in defaults and now[key] != defaults[key]]  # fmt: skip
+    # (a method.module key its constructor takes through **kwargs declares no default:
+    # as before, it is not a change)
+    changed += [(key, "(not recorded)", now[key]) for key in added
+                if key not in defaults and now[key] is not None
+                and not key.startswith("method.module.")]  # fmt: skip
     return changed
 
 
 def _defaults_of_new_keys(cfg: DictConfig) -> dict[str, object]:
     """The code's defaults of the settings a later release may add: the protocol's fields
-    (dataset.protocol.*), the embedded generator's knobs (dataset.synthetic.*) and the
-    method's constructor arguments (method.module.*)."""
+    (dataset.protocol.*), the embedded generator's knobs (dataset.synthetic.*), both also
+    as the datamodule's copies (data.protocol.*, data.synthetic.*), and the method's
+    constructor arguments (method.module.*)."""
     import dataclasses
     import inspect
 
@@ -200,7 +210,7 @@ def _defaults_of_new_keys(cfg: DictConfig) -> dict[str, object]:
     from sar_exp.data.synthetic import SyntheticConfig
     from sar_exp.data.views import Protocol
 
-    out = {f"dataset.{section}.{f.name}": f.default
+    out = {f"{group}.{section}.{f.name}": f.default for group in ("dataset", "data")
            for section, fields in (("protocol", Protocol), ("synthetic", SyntheticConfig))
            for f in dataclasses.fields(fields) if f.default is not dataclasses.MISSING}  # fmt: skip
     target = OmegaConf.select(cfg, "method.module._target_")

@@ -240,8 +240,28 @@ def test_a_run_whose_rec_negatives_avoided_only_rec_clicks_is_stale(make_cfg, tm
     old["data"]["protocol"].pop("rec_negatives_avoid", None)
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
     assert [(key, now) for key, _, now in config_changes(tmp_path, cfg)] == [
-        ("dataset.protocol.rec_negatives_avoid", "user")
+        ("data.protocol.rec_negatives_avoid", "user"),  # the datamodule's copy
+        ("dataset.protocol.rec_negatives_avoid", "user"),
     ]
+
+
+def test_an_aug_run_from_before_its_rec_negatives_is_stale(make_cfg, tmp_path):
+    """method.companion_negatives (AUG's search clicks ranked against rec items) is a key
+    without a declared default: an AUG run recorded before it existed drew search-pool
+    negatives, so it no longer matches; a JSR run, whose value is null, still does."""
+    from omegaconf import OmegaConf
+
+    from sar_exp.runs import config_changes
+
+    for method, stale in (("aug", True), ("jsr", False)):
+        cfg = make_cfg(f"method={method}", "backbone=mlp")
+        old = OmegaConf.to_container(cfg, resolve=True)
+        old["method"].pop("companion_negatives", None)
+        del old["data"]["companion_negatives"]
+        (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
+        changes = {key for key, _, _ in config_changes(tmp_path, cfg)}
+        expected = {"method.companion_negatives.search", "data.companion_negatives.search"}
+        assert changes == (expected if stale else set()), method
 
 
 def test_a_release_that_adds_backbones_tasks_or_generator_knobs_keeps_old_runs(make_cfg, tmp_path):
