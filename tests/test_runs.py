@@ -218,7 +218,8 @@ def test_a_setting_added_later_counts_only_where_a_preset_moves_it_off_its_defau
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
     changes = config_changes(tmp_path, cfg)
     assert [(key, now) for key, _, now in changes] == [
-        ("dataset.protocol.train_negatives", "popularity")
+        ("data.protocol.train_negatives", "popularity"),  # the datamodule's copy
+        ("dataset.protocol.train_negatives", "popularity"),
     ]
     uniform = make_cfg("method=sesrec", "protocol=sesrec", "dataset.protocol.train_negatives=null")
     assert config_changes(tmp_path, uniform) == []

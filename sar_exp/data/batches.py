@@ -92,7 +92,7 @@ class BatchAssembler:
         keep = (
             "rec_click_item", "rec_click_time", "session_time", "session_query",
             "session_source", "session_clicks", "search_click_item", "search_click_query",
-            "user_click_offsets",
+            "user_click_offsets", "user_search_click_offsets",
         )  # fmt: skip
         self.context = {k: to_tensor(view[k]) for k in keep}
         source = negatives_from or task
@@ -114,6 +114,9 @@ class BatchAssembler:
         self.num_train_negatives = num_train_negatives if split == "train" else 0
         self.interleaved = interleaved
         self.full_ranking_exclusions = full_ranking_exclusions and split != "train"
+        # full ranking leaves out what the stored rec negatives avoid: the user's search
+        # clicks too under rec_negatives_avoid=user
+        self.exclude_search_clicks = task == "rec" and protocol.get("rec_negatives_avoid") == "user"
         self.seed, self.rank = seed, rank
         # a method's own per-batch draws (QueryRec's): extras(batch, index, epoch, number)
         self.extras = extras
@@ -246,12 +249,18 @@ class BatchAssembler:
         }
 
     def _user_clicks(self, user: torch.Tensor) -> torch.Tensor:
-        """All rec items each user clicked (padded with 0), masked out in full ranking."""
-        offsets = self.context["user_click_offsets"]
-        start, end = offsets[user], offsets[user + 1]
-        width = max(1, int((end - start).max()))
-        index, valid = history_window(start, end, width)
-        return torch.where(valid, self.context["rec_click_item"][index], 0)
+        """All rec items each user clicked, and with exclude_search_clicks the items they
+        clicked in search (padded with 0): masked out in full ranking."""
+        sources = [("user_click_offsets", "rec_click_item")]
+        if self.exclude_search_clicks:
+            sources.append(("user_search_click_offsets", "search_click_item"))
+        parts = []
+        for offsets, items in sources:
+            start, end = self.context[offsets][user], self.context[offsets][user + 1]
+            width = max(1, int((end - start).max()))
+            index, valid = history_window(start, end, width)
+            parts.append(torch.where(valid, self.context[items][index], 0))
+        return torch.cat(parts, dim=1)
 
 
 class BatchSampler:

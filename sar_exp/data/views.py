@@ -55,9 +55,11 @@ class Protocol:
     max_interleaved_history: int = 30
     max_interactions_per_user: int | None = None  # ClardRec sequential: 100
     min_search_interactions: int = 0  # ClardRec sequential: 10
-    # only samples (rec and search) with a rec and a search history before them: SESRec,
-    # QueryRec, UniSAR (its official data never has an empty one)
+    # only samples with a rec and a search history before them (SESRec, QueryRec,
+    # UniSAR), of the tasks in both_histories_tasks: rec samples (the default), or search
+    # samples too (UniSAR's official data never has either without both)
     require_both_histories: bool = False
+    both_histories_tasks: tuple[str, ...] = ("rec",)
     no_click_session_positive: str = "none"  # "first_shown": KuaiSAR authors' suggestion
     cf_split: tuple[float, float, float] = field(default=(0.8, 0.1, 0.1))
     num_eval_negatives: int = 99
@@ -135,6 +137,11 @@ class Protocol:
             raise ConfigError(
                 f"dataset.protocol.views must be a non-empty subset of {list(VIEWS)}, "
                 f"got {list(self.views)}"
+            )
+        if not self.both_histories_tasks or not set(self.both_histories_tasks) <= set(TASKS):
+            raise ConfigError(
+                "dataset.protocol.both_histories_tasks must be a non-empty subset of "
+                f"{list(TASKS)}, got {list(self.both_histories_tasks)}"
             )
         if not self.evaluated_tasks or not set(self.evaluated_tasks) <= set(TASKS):
             raise ConfigError(
@@ -453,6 +460,9 @@ def _context(tables: CanonicalTables, protocol: Protocol) -> tuple[View, dict]:
     view["user_click_offsets"] = np.searchsorted(
         view["rec_click_user"], np.arange(meta["num_users"] + 2)
     ).astype(np.int64)
+    view["user_search_click_offsets"] = np.searchsorted(  # full ranking's exclusions
+        view["search_click_user"], np.arange(meta["num_users"] + 2)
+    ).astype(np.int64)
     frames = {
         "origin_ms": int(tables.meta["time_origin_ms"]),
         "rec": rec,
@@ -666,15 +676,16 @@ def _split(arrays: dict, frames: dict, protocol: Protocol) -> np.ndarray:
 def _sequential(view, frames, protocol, rng):
     rc = frames["rec_clicks"]
     rec = _sample_arrays(rc)
-    keep = _filter_both_histories(view, rec["user"], rec["time"], protocol)
+    keep = np.ones(rec["user"].size, bool)
+    if "rec" in protocol.both_histories_tasks:
+        keep = _filter_both_histories(view, rec["user"], rec["time"], protocol)
     rec = {k: v[keep] for k, v in rec.items()}
     rec["query"] = np.zeros_like(rec["user"])
     pos = frames["search_positives"].sort("user", "time", "session_pos", "position")
-    # search samples too: a model of both tasks (UniSAR's official data) never sees a
-    # sample without both histories
-    pos = pos.filter(
-        _filter_both_histories(view, pos["user"].to_numpy(), pos["time"].to_numpy(), protocol)
-    )
+    if "search" in protocol.both_histories_tasks:  # UniSAR's data: no search sample without both
+        pos = pos.filter(
+            _filter_both_histories(view, pos["user"].to_numpy(), pos["time"].to_numpy(), protocol)
+        )
     search = _sample_arrays(pos, with_query=True)
     if "search" in protocol.evaluated_tasks and protocol.split == "leave_one_out":
         # evaluated search is held out by session: the last clicked session is test, the
@@ -757,7 +768,9 @@ def _csr(owner: np.ndarray, values: np.ndarray, n_owners: int) -> tuple[np.ndarr
 def _ctr(view, frames, protocol, rng):
     rec = frames["rec"].sort("user", "time", "order")
     arrays = _sample_arrays(rec, with_label=True)
-    keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
+    keep = np.ones(arrays["user"].size, bool)
+    if "rec" in protocol.both_histories_tasks:
+        keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
     arrays = {k: v[keep] for k, v in arrays.items()}
     arrays["query"] = np.zeros_like(arrays["user"])
     # Items sent in one request share a timestamp: the user's last request is the test
@@ -834,7 +847,11 @@ def protocol_from_config(values: dict | None) -> Protocol:
     """`dataset.protocol` (lists from YAML) as a Protocol."""
     return Protocol(
         **{
-            k: (tuple(v) if k in ("cf_split", "evaluated_tasks", "views") else v)
+            k: (
+                tuple(v)
+                if k in ("cf_split", "evaluated_tasks", "views", "both_histories_tasks")
+                else v
+            )
             for k, v in (values or {}).items()
         }
     )

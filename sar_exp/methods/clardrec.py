@@ -158,7 +158,9 @@ class ClardRec(TwoDomainRecommender):
             aux = aux + hp.alpha * parts["cd"] + hp.gamma * parts["con"]
         if hp.use_da:
             # r^aug_ui = u_rec . i_/q^src. Eq. 21 does not say which negatives its CE
-            # uses; the search triplet's own M negatives keep one forward pass.
+            # uses; the search triplet's own M negatives (search items, where AUG's are
+            # rec items: L_da's label is the search click s_uqi, and the same candidates
+            # feed Eq. 13-17) keep one forward pass.
             r_aug = dot(self.rec_user(search), items["i_/q"])
             confidence = dot(u_src, items["i_/q"])[:, 0] if hp.use_cs else None  # s_{ui/q}
             parts["da"] = data_augmentation_loss(r_aug, confidence)

@@ -35,6 +35,15 @@ from sar_exp.methods.losses import info_nce
 MIN_TEMPERATURE = 0.01
 
 
+FORMS = ("paper", "printed", "official")
+
+
+def _checked(form: str) -> str:
+    if form not in FORMS:  # (a stray bool from the old `paper=` argument would pass)
+        raise ValueError(f"contrastive loss form must be one of {list(FORMS)}, got {form!r}")
+    return form
+
+
 def loss_form(paper_losses: bool, positive_in_denominator: bool) -> str:
     """The form the methods' two flags pick: paper_losses=false is the official code's
     (which has the positive in its denominators anyway)."""
@@ -101,6 +110,7 @@ def relevance_loss(
     negatives), each with its own loss, returned as a list; a query or item in several
     runs has its log-sum-exp computed once. Not with `in_batch`, whose negatives are a
     run's own pairs."""
+    _checked(form)
     if segments is not None:
         if in_batch:
             raise ValueError("relevance_loss: segments cannot share in-batch negatives")
@@ -154,6 +164,7 @@ def alignment_loss(
     """Eq. 5 for one scenario: the pooled same-scenario transition (h_s2s or h_r2r) and
     the cross-scenario one (h_r2s or h_s2r) of a row are positives; rows without both
     histories (valid=False) take no part."""
+    _checked(form)
     same, cross, user = same[valid], cross[valid], user[valid]
     n = same.shape[0]
     if n < 2:

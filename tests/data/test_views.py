@@ -112,6 +112,29 @@ def test_negatives_are_99_distinct_never_clicked_items(tables, name):
         assert not clicked_under[q] & set(row)
 
 
+def test_full_ranking_leaves_out_what_the_stored_negatives_avoid(tables):
+    """eval.mode=full masks each user's clicked items: under rec_negatives_avoid=user the
+    items they clicked in search as well, as the stored negatives avoid them."""
+    import torch
+
+    from sar_exp.data.batches import BatchAssembler
+
+    masked = {}
+    for rule in ("rec", "user"):
+        view = build_view(tables, "sequential", Protocol(rec_negatives_avoid=rule))
+        test = view.split("rec", "test")
+        batch = BatchAssembler(view, "rec", "test", full_ranking_exclusions=True)(
+            torch.arange(test["user"].size)
+        )
+        masked[rule] = {(u, i) for u, row in zip(batch["user"].tolist(),
+                                                 batch["exclude_items"].tolist()) for i in row if i}  # fmt: skip
+        searched = set(zip(view["search_click_user"].tolist(), view["search_click_item"].tolist()))
+        searched = {(u, i) for u, i in searched if u in set(test["user"].tolist())}
+    clicked = set(zip(view["rec_click_user"].tolist(), view["rec_click_item"].tolist()))
+    assert masked["rec"] <= clicked and not searched - clicked <= masked["rec"]
+    assert masked["user"] == masked["rec"] | searched
+
+
 def test_negatives_are_stored_with_the_view(tables, tmp_path):
     first = load_view(tables, "sequential", Protocol(), tmp_path)
     again = load_view(tables, "sequential", Protocol(), tmp_path)
@@ -125,8 +148,13 @@ def test_protocol_filters(tables):
     strict = build_view(tables, "sequential", Protocol(min_search_interactions=12))
     assert np.unique(strict["rec.train.user"]).size < np.unique(base["rec.train.user"]).size
     both = build_view(tables, "sequential", Protocol(require_both_histories=True))
+    s = both.split("rec", "train")
+    assert ((s["rec_end"] > s["rec_start"]) & (s["search_end"] > s["search_start"])).all()
+    assert both["search.train.user"].size == base["search.train.user"].size  # rec's only
+    unisar = build_view(tables, "sequential", Protocol(require_both_histories=True,
+                                                       both_histories_tasks=("rec", "search")))  # fmt: skip
     for task in ("rec", "search"):  # every sample of both tasks, as UniSAR's data has them
-        s = both.split(task, "train")
+        s = unisar.split(task, "train")
         assert ((s["rec_end"] > s["rec_start"]) & (s["search_end"] > s["search_start"])).all()
         assert 0 < s["user"].size < base.split(task, "train")["user"].size
     capped = build_view(tables, "sequential", Protocol(max_interactions_per_user=20))

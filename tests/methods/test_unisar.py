@@ -307,6 +307,41 @@ def test_both_tasks_encoded_together_give_each_task_s_own_losses(unisar_model, p
     )  # the two batches' histories differ in width: the padding is exercised
 
 
+def test_the_model_trains_the_form_its_flags_pick(unisar_model):
+    """positive_in_denominator reaches both losses: the model's L_Align and L_Rel are
+    alignment_loss and relevance_loss of the form the flags pick, and the two differ."""
+    from sar_exp.backbones.sequence import masked_mean
+    from sar_exp.methods.search_history import history_pairs
+
+    build, batch = unisar_model
+    got = {}
+    for flag, form in ((True, "paper"), (False, "printed")):
+        model = build(positive_in_denominator=flag).eval()
+        assert model.loss_form == form
+        negatives = model._negatives()
+        items, queries = model._lookups([batch], negatives[:1], negatives[1:])
+        h = model.encode(batch, items, queries)
+        both = h["rec_valid"].any(1) & h["ses_valid"].any(1)
+        expected = sum(
+            alignment_loss(model.align_sim[s], masked_mean(h[a], h[v]), masked_mean(h[b], h[v]),
+                           both, batch["user"], form=form)
+            for s, a, b, v in (("R", "r2r", "s2r", "rec_valid"), ("S", "s2s", "r2s", "ses_valid"))
+        )  # fmt: skip
+        got[form] = model._alignment(batch, h).item()
+        assert got[form] == pytest.approx(expected.item(), rel=1e-5)
+        (rel,) = model._relevance([batch], items, queries, negatives)
+        pair_q, pair_i = history_pairs(batch)
+        expected_rel = relevance_loss(
+            model.rel_sim, queries.table, items.table, queries.index(pair_q),
+            items.index(pair_i), items(negatives[0]), queries(negatives[1]), form=form,
+        )  # fmt: skip
+        assert rel.item() == pytest.approx(expected_rel.item(), rel=1e-5)
+    assert got["paper"] >= 0 and got["paper"] != pytest.approx(got["printed"])
+    with pytest.raises(ValueError, match="form"):
+        alignment_loss(model.align_sim["R"], h["r2r"][:, 0], h["s2r"][:, 0], both,
+                       batch["user"], form=True)  # fmt: skip
+
+
 @pytest.mark.parametrize("flags", [{}, {"paper": False}, {"mmoe": False}])
 def test_the_head_takes_the_per_row_part_once_per_row(flags):
     """X_b = [e_u, e_i, e_q, agg_s, agg_r] (Sec. 4.3.2): given e_u and e_q once per row,
