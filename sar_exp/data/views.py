@@ -549,8 +549,10 @@ def _avoid_both_tasks_training_clicks(view, protocol) -> None:
         view["rec_train_clicks"] = view["search_train_clicks"] = both
 
 
-def _filter_both_histories(view, user, time, protocol) -> np.ndarray:
-    if not protocol.require_both_histories:
+def _filter_both_histories(view, user, time, protocol, task: str = "rec") -> np.ndarray:
+    """The task's samples to keep: all, unless require_both_histories covers the task
+    (both_histories_tasks), then those with a rec and a search history before them."""
+    if not (protocol.require_both_histories and task in protocol.both_histories_tasks):
         return np.ones(user.size, bool)
     rs, re = _history_pointers(view["rec_click_user"], view["rec_click_time"], user, time)
     ss, se = _history_pointers(view["session_user"], view["session_time"], user, time)
@@ -676,16 +678,15 @@ def _split(arrays: dict, frames: dict, protocol: Protocol) -> np.ndarray:
 def _sequential(view, frames, protocol, rng):
     rc = frames["rec_clicks"]
     rec = _sample_arrays(rc)
-    keep = np.ones(rec["user"].size, bool)
-    if "rec" in protocol.both_histories_tasks:
-        keep = _filter_both_histories(view, rec["user"], rec["time"], protocol)
+    keep = _filter_both_histories(view, rec["user"], rec["time"], protocol)
     rec = {k: v[keep] for k, v in rec.items()}
     rec["query"] = np.zeros_like(rec["user"])
     pos = frames["search_positives"].sort("user", "time", "session_pos", "position")
-    if "search" in protocol.both_histories_tasks:  # UniSAR's data: no search sample without both
-        pos = pos.filter(
-            _filter_both_histories(view, pos["user"].to_numpy(), pos["time"].to_numpy(), protocol)
+    pos = pos.filter(  # UniSAR's data: no search sample without both histories either
+        _filter_both_histories(
+            view, pos["user"].to_numpy(), pos["time"].to_numpy(), protocol, "search"
         )
+    )
     search = _sample_arrays(pos, with_query=True)
     if "search" in protocol.evaluated_tasks and protocol.split == "leave_one_out":
         # evaluated search is held out by session: the last clicked session is test, the
@@ -768,9 +769,7 @@ def _csr(owner: np.ndarray, values: np.ndarray, n_owners: int) -> tuple[np.ndarr
 def _ctr(view, frames, protocol, rng):
     rec = frames["rec"].sort("user", "time", "order")
     arrays = _sample_arrays(rec, with_label=True)
-    keep = np.ones(arrays["user"].size, bool)
-    if "rec" in protocol.both_histories_tasks:
-        keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
+    keep = _filter_both_histories(view, arrays["user"], arrays["time"], protocol)
     arrays = {k: v[keep] for k, v in arrays.items()}
     arrays["query"] = np.zeros_like(arrays["user"])
     # Items sent in one request share a timestamp: the user's last request is the test
