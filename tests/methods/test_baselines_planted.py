@@ -79,11 +79,8 @@ def probe_inputs(run_dir, task: str = "rec"):
 def train_like_the_table(row: str, out, task: str = "rec") -> None:
     """Row `row` of `make table-unisar` (its run evaluated on `task`), seed 0, on the
     embedded data."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from sar_exp.tables import grid, unisar
-    from sar_exp.train import CONFIG_DIR, train
+    from sar_exp.train import train
 
     args = argparse.Namespace(dataset="synthetic", data=None, max_epochs=100, quick=False,
                               threads=grid.DEFAULT_THREADS)  # fmt: skip
@@ -91,12 +88,8 @@ def train_like_the_table(row: str, out, task: str = "rec") -> None:
     first_task = unisar.RUNNABLE[row][1][0]
     runs = {part or first_task: overrides for part, overrides, _ in unisar.cell_runs(row, args)}
     overrides = runs[task]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "seed=0", f"paths.output_dir={out}", f"paths.cache_dir={out / 'cache'}",
-            *overrides, *grid.common_overrides(args),
-        ])  # fmt: skip
+    run = grid.Run((row,), 0, [*overrides, *grid.common_overrides(args)], out, args.threads)
+    cfg = grid._compose(run, (f"paths.cache_dir={out / 'cache'}",))  # as the grid composes it
     train(cfg)
 
 
