@@ -23,6 +23,7 @@ def test_quick_table_runs_the_grid_and_prints_the_papers_layout(tmp_path, capsys
         assert label in out
     assert "(0.1153)" in out and "(0.3389)" in out  # MLP and GRU4Rec ClardRec rows of the paper
     assert "Improv. of ClardRec over the best baseline" in out
+    assert "  mlp      Ranks by NDCG@5 (4 rows): " in out  # base, AUG, JSR, ClardRec
     assert (
         "  mlp      base 1/1  +AUG 1/1  +JSR 1/1  +ClardRec 1/1  -CD 1/1" in out
     )  # one epoch each
@@ -60,6 +61,55 @@ def test_report_statistics():
     )
     # a zero baseline (e.g. HR@1 on a tiny test set) has no relative change: no "+nan%"
     assert improvement(Cell([0.07]), {"a": Cell([0.0])}, "hr@1") == "hr@1 0.0700 vs a's 0 (p=n/a)"
+
+
+def test_rank_agreement_lists_both_ranks_in_the_papers_order_with_kendalls_tau():
+    from sar_exp.tables.report import rank_agreement
+
+    nan = float("nan")
+    rows = [  # (group, backbone, label, cells, published); column 0 ranked
+        ("", "", "A", [Cell([0.30, 0.32])], [0.20]),
+        ("", "", "B", [Cell([0.40])], [0.30]),
+        ("", "", "C", [Cell([0.10])], [0.25]),
+        ("", "paper", "D", [Cell([])], [0.50]),  # published only: not ranked
+        ("", "", "E", [Cell([0.90])], None),  # ours only (an extra row): not ranked
+        ("", "", "F", [Cell([0.50])], [nan]),
+        ("", "", "G", [Cell([nan])], [0.60]),  # a diverged run: not ranked
+    ]
+    line = rank_agreement(rows, 0, "NDCG@5")
+    # paper: B 1, C 2, A 3; ours: B 1, A 2, C 3 -> one discordant pair of three: tau 1/3
+    assert line.startswith(
+        "Ranks by NDCG@5 (3 rows): B 1 (paper 1), C 3 (paper 2), A 2 (paper 3); "
+    )
+    assert "Kendall tau +0.33" in line
+    assert "fewer than two" in rank_agreement(rows[2:], 0, "NDCG@5")
+
+
+def test_queryrec_table4_ranks_the_rows_run_against_the_small_column():
+    import argparse
+
+    from sar_exp.tables import queryrec
+
+    runs = {"DIN": [0.76, 0.75], "DCN": [0.69], "QueryRec": [0.74]}  # test AUC per seed
+    results = {(name,): [{"test/auc": auc, "test/gauc": auc, "test/logloss": 0.5} for auc in aucs]
+               for name, aucs in runs.items()}  # fmt: skip
+    args = argparse.Namespace(dataset="synthetic", seeds=[0, 1], show_paper=True,
+                              variants=queryrec.ALL_VARIANTS)  # fmt: skip
+    out = queryrec.table4(results, args)
+    # the paper (KuaiSAR-small): QueryRec 0.6972 > DIN 0.6793 > DCN 0.6729; ours: DIN first
+    assert out.splitlines()[-1] == (
+        "Ranks by AUC against the KuaiSAR-small column (3 rows): QueryRec 2 (paper 1), "
+        "DIN 1 (paper 2), DCN 3 (paper 3); Kendall tau +0.33 (p=1.000)"
+    )
+    args.dataset, args.release = "kuaisar", "full"  # the full release: the large column
+    assert (
+        queryrec.table4(results, args)
+        .splitlines()[-1]
+        .startswith(
+            "Ranks by AUC against the KuaiSAR-large column (3 rows): QueryRec 2 (paper 1), "
+            "DIN 1 (paper 2), DCN 3 (paper 3)"  # large: QueryRec 0.6996 > DIN 0.6892 > DCN 0.6749
+        )
+    )
 
 
 def test_table4_is_read_from_the_experiment_files():
@@ -252,6 +302,9 @@ def test_quick_sesrec_table_prints_tables_2_to_4_with_whose_numbers_they_are(
     assert "Base, no search (ours)" in out  # the attribution row, ours only
     assert "private Kuaishou" in out
     assert "Improv. of SESRec over the best baseline run" in out and "vs SASRec" in out
+    assert (
+        "Ranks by NDCG@5 (paper: UniSAR's Table 3) (2 rows): SESRec " in out
+    )  # the paper has SESRec first
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(" ") is False
              and len(line.split()) > 2 and line.split()[1] in ("paper", "DIN")}  # fmt: skip
     assert "paper" in lines  # rows the framework does not run show the paper's numbers

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from sar_exp.tables import grid
 from sar_exp.tables.grid import DEFAULT_SEEDS
-from sar_exp.tables.report import Cell, render, training_length  # noqa: F401 (training_length: tests)
+from sar_exp.tables.report import Cell, rank_agreement, render, training_length  # noqa: F401 (training_length: tests)
 from sar_exp.train import CONFIG_DIR
 
 BACKBONES = {"mlp": "cf", "mmoe": "cf", "gru4rec": "seq", "sasrec": "seq"}
@@ -127,7 +127,7 @@ def cells(results, backbone, name) -> list[Cell]:
 
 def tables(results, args) -> str:
     published = PUBLISHED if args.show_paper else {}
-    main_rows, improvement_lines = [], []
+    main_rows, improvement_lines, rank_lines = [], [], []
     for backbone in args.backbones:
         group = "CF" if BACKBONES[backbone] == "cf" else "Sequential"
         methods = [*METHODS, *(m for m, blocks in INTEGRATED.items() if backbone in blocks)]
@@ -142,6 +142,11 @@ def tables(results, args) -> str:
             for i, metric in enumerate(METRICS)
         ]  # fmt: skip
         improvement_lines.append(f"  {backbone:<8} " + "; ".join(parts))
+        ranked = [(g, b, "base" if label == "-" else label, c, p)  # the paper's "-" row is base
+                  for g, b, label, c, p in main_rows if b == backbone]  # fmt: skip
+        rank_lines.append(
+            f"  {backbone:<8} " + rank_agreement(ranked, METRICS.index("ndcg@5"), "NDCG@5")
+        )
     ablation_rows = []
     for backbone in args.backbones:
         group = "CF" if BACKBONES[backbone] == "cf" else "Sequential"
@@ -163,6 +168,8 @@ def tables(results, args) -> str:
         ),
         "Improv. of ClardRec over the best baseline (Welch t-test over seeds; * p <= 0.05):",
         *improvement_lines,
+        "Ranks among the rows run against the paper's (KuaiSAR):",
+        *rank_lines,
         "",
         render(
             ablation_rows,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from sar_exp.tables import grid
-from sar_exp.tables.report import Cell, relative_improvement, render
+from sar_exp.tables.report import Cell, rank_agreement, relative_improvement, render
 
 METRICS = ("auc", "gauc", "logloss")
 MONITOR = "val/auc"
@@ -107,6 +107,10 @@ def table4(results, args) -> str:
     head = (f"{'':<6}{'model':<10}{'AUC (ours)':>16}{'Imp %':>8}{'GAUC (ours)':>16}{'LOGLOSS':>16}"
             f"{'small AUC':>11}{'Imp %':>8}{'large AUC':>11}{'Imp %':>8}")  # fmt: skip
     lines = [f"Table 4 (QueryRec): CTR on {args.dataset}, {seeds}", head, "-" * len(head)]
+    # AUC ranked against the column of the release run: KuaiSAR-large for --release full
+    full = args.dataset == "kuaisar" and getattr(args, "release", "small") == "full"
+    column, column_name = (large, "KuaiSAR-large") if full else (small, "KuaiSAR-small")
+    ranked = []  # (group, backbone, label, cells, published)
     for name in ROWS:
         run = name in RUNNABLE and name in args.variants
         auc, gauc, logloss = cells_of(results, name) if run else [Cell([])] * 3
@@ -119,8 +123,11 @@ def table4(results, args) -> str:
                       if value is not None else f"{'-':>11}{'-':>8}")  # fmt: skip
         lines.append(f"{'' if run else 'paper':<6}{name:<10}{auc.text():>16}{imp:>8}"
                      f"{gauc.text():>16}{logloss.text():>16}{paper}")  # fmt: skip
+        published = column.get(name) if args.show_paper else None
+        ranked.append(("", "", name, [auc], None if published is None else [published]))
     lines.append("ours: mean±std over seeds; 'paper' rows are published only; small/large: "
                  "the paper's KuaiSAR-small and -large columns")  # fmt: skip
+    lines.append(rank_agreement(ranked, 0, f"AUC against the {column_name} column"))
     return "\n".join(lines)
 
 

@@ -71,6 +71,36 @@ def render(
     return "\n".join(lines)
 
 
+def rank_agreement(rows, column: int, metric: str) -> str:
+    """Do the rows we ran come in the paper's order? Each row with both a run and a
+    published value in `column` gets its rank by our mean and by the paper's (1 = best;
+    higher is better), listed best first by the paper's number, with Kendall's tau
+    between the two orders."""
+    both = [
+        (label, cells[column].mean, published[column])
+        for _, _, label, cells, published in rows
+        if cells[column].values
+        and not math.isnan(cells[column].mean)  # a diverged run has no rank
+        and published is not None
+        and not math.isnan(published[column])
+    ]
+    if len(both) < 2:
+        return f"Ranks by {metric}: fewer than two rows both run and published"
+    ours = stats.rankdata([-m for _, m, _ in both], method="min").astype(int)
+    paper = stats.rankdata([-p for _, _, p in both], method="min").astype(int)
+    listing = ", ".join(
+        f"{both[i][0]} {ours[i]} (paper {paper[i]})"
+        for i in sorted(range(len(both)), key=lambda i: paper[i])
+    )
+    tau = stats.kendalltau(ours, paper)
+    agreement = (
+        f"Kendall tau {tau.statistic:+.2f} (p={tau.pvalue:.3f})"
+        if not math.isnan(tau.statistic)
+        else "Kendall tau n/a"
+    )
+    return f"Ranks by {metric} ({len(both)} rows): {listing}; {agreement}"
+
+
 def training_length(run_dir: Path, monitor: str = "val/ndcg@10") -> tuple[int, int] | None:
     """(epoch of the best validation score, epochs run) from the run's CSV log: with
     early stopping, a method that trains longer can win for that reason alone."""

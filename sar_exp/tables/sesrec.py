@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sar_exp.tables import grid
-from sar_exp.tables.report import Cell, render
+from sar_exp.tables.report import Cell, rank_agreement, render
 from sar_exp.train import CONFIG_DIR
 
 METRICS = ("ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "mrr")  # Table 2's order
@@ -185,6 +185,8 @@ def tables(results, args) -> str:
         render(main_rows, list(METRICS), f"Table 2 (SESRec): main results on {args.dataset}, {seeds}",
                ("", "run"), note + f"{source}; 'paper' rows are published only"),
         improvement_line(results),
+        rank_agreement(main_rows, METRICS.index("ndcg@5"),
+                       "NDCG@5" if amazon else "NDCG@5 (paper: UniSAR's Table 3)"),
         "",
         render(side_rows["Table 3"], list(METRICS),
                f"Table 3 (SESRec): ablations on {args.dataset}, {seeds}", ("", ""),

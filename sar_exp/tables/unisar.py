@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 
 from sar_exp.tables import grid
-from sar_exp.tables.report import Cell, render
+from sar_exp.tables.report import Cell, rank_agreement, render
 
 REC_METRICS = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10")
 # the rows we run: name -> (overrides, the tasks it scores)
@@ -241,10 +241,12 @@ def tables(results, args) -> str:
         render(rec_rows, list(REC_METRICS), f"Table 3 (UniSAR): recommendation on {args.dataset}, {seeds}",
                ("", "run"), footnote),
         improvement_line(results, "rec", baselines_of("rec")),
+        rank_agreement(rec_rows, REC_METRICS.index("ndcg@5"), "NDCG@5"),
         "",
         render(search_rows, list(REC_METRICS), f"Table 4 (UniSAR): search on {args.dataset}, {seeds}",
                ("", "run"), footnote),
         improvement_line(results, "search", baselines_of("search")),
+        rank_agreement(search_rows, REC_METRICS.index("ndcg@5"), "NDCG@5"),
         "",
         render(ablation_rows, ["rec ndcg@5", "rec ndcg@10", "src ndcg@5", "src ndcg@10"],
                f"Table 5 (UniSAR): ablations on {args.dataset} (published: KuaiSAR)", ("", ""),
