@@ -108,7 +108,7 @@ def table4(results, args) -> str:
             f"{'small AUC':>11}{'Imp %':>8}{'large AUC':>11}{'Imp %':>8}")  # fmt: skip
     lines = [f"Table 4 (QueryRec): CTR on {args.dataset}, {seeds}", head, "-" * len(head)]
     # AUC ranked against the column of the release run: KuaiSAR-large for --release full
-    full = args.dataset == "kuaisar" and getattr(args, "release", "small") == "full"
+    full = args.dataset == "kuaisar" and args.release == "full"
     column, column_name = (large, "KuaiSAR-large") if full else (small, "KuaiSAR-small")
     ranked = []  # (group, backbone, label, cells, published)
     for name in ROWS:
