@@ -525,3 +525,21 @@ def test_each_cell_of_a_parallel_grid_runs_in_a_fresh_process():
     with cell_pool(1, initializer=None) as pool:  # (no Lightning to import: quicker)
         first, second = (pool.submit(os.getpid).result() for _ in range(2))
     assert first != second
+
+
+def test_clardrec_lines_under_the_tables_call_the_papers_dash_row_base():
+    """Table 1 prints the backbone alone as "-", as the paper does; the rank and
+    training-length lines under it name that row "base", where a dash would be lost."""
+    import argparse
+
+    from sar_exp.tables import clardrec
+
+    def run(ndcg5, length):
+        return {**{f"test/{m}": ndcg5 for m in clardrec.METRICS}, "length": length}
+
+    results = {("mlp", "base"): [run(0.30, (2, 4)), run(0.32, (2, 4))],
+               ("mlp", "clardrec"): [run(0.20, (3, 5)), run(0.22, (3, 5))]}  # fmt: skip
+    args = argparse.Namespace(show_paper=True, backbones=["mlp"], seeds=[0, 1], dataset="synthetic")
+    out = clardrec.tables(results, args)
+    assert "  mlp      Ranks by NDCG@5 (2 rows): +ClardRec 2 (paper 1), base 1 (paper 2)" in out
+    assert "  mlp      base 2/4  +ClardRec 3/5" in out

@@ -125,15 +125,23 @@ def cells(results, backbone, name) -> list[Cell]:
     return [Cell([r[f"test/{m}"] for r in runs]) for m in METRICS]
 
 
+def text_label(method: str) -> str:
+    """A row's name in the lines under the tables, where the paper's "-" (the backbone
+    alone) would read as a dash: "base"."""
+    return "base" if method == "base" else LABELS.get(method, method)
+
+
 def tables(results, args) -> str:
     published = PUBLISHED if args.show_paper else {}
     main_rows, improvement_lines, rank_lines = [], [], []
     for backbone in args.backbones:
         group = "CF" if BACKBONES[backbone] == "cf" else "Sequential"
         methods = [*METHODS, *(m for m, blocks in INTEGRATED.items() if backbone in blocks)]
+        ranked = []
         for method in methods:
-            main_rows.append((group, backbone, LABELS[method], cells(results, backbone, method),
-                              published.get((backbone, method))))  # fmt: skip
+            row_cells, paper = cells(results, backbone, method), published.get((backbone, method))
+            main_rows.append((group, backbone, LABELS[method], row_cells, paper))
+            ranked.append((group, backbone, text_label(method), row_cells, paper))
         # improvement of ClardRec over the best baseline on each metric, with a t-test
         baselines = [m for m in methods if m != "clardrec"]
         parts = [
@@ -142,8 +150,6 @@ def tables(results, args) -> str:
             for i, metric in enumerate(METRICS)
         ]  # fmt: skip
         improvement_lines.append(f"  {backbone:<8} " + "; ".join(parts))
-        ranked = [(g, b, "base" if label == "-" else label, c, p)  # the paper's "-" row is base
-                  for g, b, label, c, p in main_rows if b == backbone]  # fmt: skip
         rank_lines.append(
             f"  {backbone:<8} " + rank_agreement(ranked, METRICS.index("ndcg@5"), "NDCG@5")
         )
@@ -192,7 +198,7 @@ def training_lengths(results, backbones, n_seeds: int) -> list[str]:
             lengths = [r["length"] for r in results.get((backbone, name), []) if r.get("length")]
             if lengths:
                 best, run = (sum(x) / len(lengths) for x in zip(*lengths))
-                label = "base" if name == "base" else LABELS.get(name, name)
+                label = text_label(name)
                 seeds = f" (n={len(lengths)})" if len(lengths) != n_seeds else ""
                 parts.append(f"{label} {best:.0f}/{run:.0f}{seeds}")
         lines.append(f"  {backbone:<8} " + "  ".join(parts))
