@@ -47,10 +47,26 @@ def summary(view, title: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+# what composing a config and building its data can raise on bad input: one line each
+INPUT_ERRORS = (SarExpError, HydraException, OmegaConfBaseException, ValueError)
+
+
+def compose_datamodule(overrides: list[str]):
+    """(config, datamodule not yet set up) of a run with these overrides, checked as a
+    run's config is, for the analyses that read a view without training."""
     from sar_exp.config_checks import check_required_values, check_synthetic
     from sar_exp.train import CONFIG_DIR
 
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"paths.root_dir={Path.cwd()}", "paths.output_dir=.", *overrides]
+        )
+    check_required_values(cfg)
+    check_synthetic(cfg)
+    return cfg, hydra.utils.instantiate(cfg.data, _convert_="all")
+
+
+def main(argv: list[str] | None = None) -> None:
     overrides = list(sys.argv[1:] if argv is None else argv)
     shift = "--interest-shift" in overrides
     png = None
@@ -63,14 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         del overrides[at : at + 2]
     overrides = [o for o in overrides if o != "--interest-shift"]
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(
-                "config",
-                overrides=[f"paths.root_dir={Path.cwd()}", "paths.output_dir=.", *overrides],
-            )
-        check_required_values(cfg)
-        check_synthetic(cfg)
-        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        cfg, datamodule = compose_datamodule(overrides)
         if shift:
             from sar_exp.data.interest_shift import report
 
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             print(report(tables, tables.rec, search, png))
             return
         view = datamodule.load()
-    except (SarExpError, HydraException, OmegaConfBaseException, ValueError) as err:
+    except INPUT_ERRORS as err:
         print(f"sar_exp.data.stats: error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     protocol = OmegaConf.select(cfg, "dataset.protocol.name")

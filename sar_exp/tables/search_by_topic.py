@@ -1,124 +1,133 @@
-"""How much of a search test case the query's topic alone decides, on the embedded data.
+"""How much of a search test case topic matching alone decides, on the embedded data.
 
     python -m sar_exp.tables.search_by_topic [Hydra overrides]
 
 The generator draws a search session's query words and every item it shows from one
 topic, and each topic owns its own words. A scorer that knows only which candidates
-share the query's topic (ties in random order, expected metrics computed exactly) is
-the ceiling of query-item matching without any user model; a search model's margin
-over it is what it learns from the user or the items beyond their topic. It explains
-the personalized-search rows of UniSAR's Table 4 on these data (README, UniSAR).
+share the query's topic, with no user and nothing about an item beyond its topic, puts
+the clicked item uniformly among those candidates; its expected metrics, computed
+exactly, are what topic matching alone is worth. A second scorer orders the on-topic
+candidates by their training search clicks: what topic matching and the items'
+popularity are worth together, still without a user. (Both break ties in random order,
+unlike the framework's positive_rank, which counts a tie against the positive: a
+model's scores tie only by accident, these by design.) A search model's place against
+them says what it has learned; they explain UniSAR's Table 4 on these data (README,
+UniSAR).
 
-Topics are read off the data, not the generator: the connected components of caption
-words (an item's caption is words of its topic), and for items without a caption (the
-search-only types) the topic of a query they were clicked under. Candidates whose topic
-stays unknown count as off the topic, which can only flatter the scorer.
+An item's topic is its first-level category (the generator's truth, an item attribute
+of the embedded data); a query's is that of its words, read off the captions (an
+item's caption is words of its topic). A query none of whose words is in any caption
+has no topic, and its cases score every candidate alike (reported).
 
 Defaults: UniSAR's table protocol (`protocol=unisar_kuaisar`, both tasks held out)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from sar_exp.data.synthetic import TOPIC_ATTRIBUTE
+from sar_exp.errors import SarExpError
 from sar_exp.metrics.ranking import metrics_from_ranks
 
 DEFAULTS = ["protocol=unisar_kuaisar", "dataset.protocol.evaluated_tasks=[rec,search]"]
 UNKNOWN = -1
 
 
-def _components(word_rows: np.ndarray) -> dict[int, int]:
-    """word id -> a representative of the words that share a caption with it."""
-    parent: dict[int, int] = {}
-
-    def find(word: int) -> int:
-        while parent.setdefault(word, word) != word:
-            parent[word] = parent[parent[word]]
-            word = parent[word]
-        return word
-
-    for row in word_rows:
-        words = [int(w) for w in row if w > 0]
-        for word in words[1:]:
-            parent[find(word)] = find(words[0])
-    return {word: find(word) for word in parent}
-
-
-def _first_word_topic(word_rows: np.ndarray, topic_of_word: dict[int, int]) -> np.ndarray:
-    out = np.full(len(word_rows), UNKNOWN, np.int64)
-    for i, row in enumerate(word_rows):
-        words = [int(w) for w in row if w > 0 and int(w) in topic_of_word]
-        if words:
-            out[i] = topic_of_word[words[0]]
-    return out
-
-
-def topics(view) -> tuple[np.ndarray, np.ndarray]:
-    """(item topic, query topic) arrays, UNKNOWN where the data do not tell."""
-    topic_of_word = _components(np.asarray(view["item_caption_words"]))
-    item_topic = _first_word_topic(np.asarray(view["item_caption_words"]), topic_of_word)
-    query_topic = _first_word_topic(np.asarray(view["query_words"]), topic_of_word)
-    clicked, query = np.asarray(view["search_click_item"]), np.asarray(view["search_click_query"])
-    unlabelled = (item_topic[clicked] == UNKNOWN) & (query_topic[query] != UNKNOWN)
-    item_topic[clicked[unlabelled]] = query_topic[query[unlabelled]]
+def topics(view, topic_column: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item topic, query topic) arrays; a query topic is UNKNOWN where no word of the
+    query is in a caption. Refuses captions that mix topics (not the embedded data's)."""
+    item_topic = np.asarray(view["item_attributes"])[:, topic_column].astype(np.int64)
+    captions = np.asarray(view["item_caption_words"])
+    words = captions.ravel()
+    word_item_topic = np.repeat(item_topic, captions.shape[1])
+    known = words > 0
+    word_topic = np.full(int(words.max(initial=0)) + 1, UNKNOWN, np.int64)
+    word_topic[words[known]] = word_item_topic[known]
+    if (word_topic[words[known]] != word_item_topic[known]).any():
+        raise SarExpError("a caption word belongs to items of several topics: topics are "
+                          "known on the embedded data only (dataset=synthetic)")  # fmt: skip
+    query_words = np.asarray(view["query_words"])
+    in_range = (query_words > 0) & (query_words < word_topic.size)
+    of_word = np.where(in_range, word_topic[np.where(in_range, query_words, 0)], UNKNOWN)
+    first_known = np.argmax(of_word != UNKNOWN, axis=1)
+    query_topic = of_word[np.arange(len(of_word)), first_known]
     return item_topic, query_topic
 
 
-def topic_only(view, split: str = "test") -> dict[str, float]:
-    """The topic-only scorer's expected metrics on the search task's `split`, with the
-    share of positives on the query's topic and the mean number of negatives on it."""
-    item_topic, query_topic = topics(view)
+def expected_metrics(positive: np.ndarray, negatives: np.ndarray) -> dict[str, float]:
+    """Metrics of scores [cases] and [cases, negatives] when ties fall in random order:
+    the positive lies uniformly among the candidates that score as it does."""
+    above = (negatives > positive[:, None]).sum(1)
+    ties = (negatives == positive[:, None]).sum(1)
+    rank_counts = np.zeros(negatives.shape[1] + 1)
+    for first, tied in zip(above, ties):
+        rank_counts[first : first + tied + 1] += 1.0 / (tied + 1)
+    return metrics_from_ranks(torch.from_numpy(rank_counts))
+
+
+def scorers(view, topic_column: int, split: str = "test") -> dict[str, dict[str, float]]:
+    """Expected metrics on the search task's `split` of two scorers without a user:
+    `topic` (1 for a candidate on the query's topic, else 0) and `topic, then clicks`
+    (on-topic candidates ordered by their search clicks in the training split, the
+    popularity a model can learn from training), with the share of positives on the
+    query's topic, the mean number of negatives on it, and the share of cases whose
+    query has no known topic (every candidate scores alike for them)."""
+    item_topic, query_topic = topics(view, topic_column)
     cases = view.split("search", split)
+    candidates = np.concatenate([cases["item"][:, None], cases["negatives"]], axis=1)
     wanted = query_topic[cases["query"]][:, None]
-    on_topic = (item_topic[cases["item"]] == wanted[:, 0]) & (wanted[:, 0] != UNKNOWN)
-    negatives_on = ((item_topic[cases["negatives"]] == wanted) & (wanted != UNKNOWN)).sum(1)
-    n_negatives = cases["negatives"].shape[1]
-    # the positive lies uniformly among the candidates that score as it does
-    rank_counts = np.zeros(n_negatives + 1)
-    for on, k in zip(on_topic, negatives_on):
-        first, ties = (0, k) if on else (k, n_negatives - k)
-        rank_counts[first : first + ties + 1] += 1.0 / (ties + 1)
-    out = metrics_from_ranks(torch.from_numpy(rank_counts))
-    out.update(cases=len(on_topic), positive_on_topic=float(on_topic.mean()),
-               negatives_on_topic=float(negatives_on.mean()), negatives=n_negatives)  # fmt: skip
-    return out
+    on_topic = ((item_topic[candidates] == wanted) & (wanted != UNKNOWN)).astype(np.float64)
+    clicks = np.bincount(view.split("search", "train")["item"], minlength=item_topic.size)
+    # clicks / (1 + max) < 1: a click count orders candidates within the topic only
+    by_clicks = on_topic + on_topic * clicks[candidates] / (1.0 + clicks.max(initial=0))
+    facts = {"cases": candidates.shape[0], "negatives": candidates.shape[1] - 1,
+             "positive_on_topic": float(on_topic[:, 0].mean()),
+             "negatives_on_topic": float(on_topic[:, 1:].sum(1).mean()),
+             "query_without_topic": float((wanted == UNKNOWN).mean())}  # fmt: skip
+    return {
+        "facts": facts,
+        "topic": expected_metrics(on_topic[:, 0], on_topic[:, 1:]),
+        "topic, then clicks": expected_metrics(by_clicks[:, 0], by_clicks[:, 1:]),
+    }
 
 
-def report(view, split: str = "test") -> str:
-    m = topic_only(view, split)
-    return (
-        f"search {split}: {m['cases']} cases; the clicked item on the query's topic in "
-        f"{m['positive_on_topic']:.1%}; {m['negatives_on_topic']:.2f} of {m['negatives']} "
-        f"negatives on it on average\ntopic-only scorer: "
-        + ", ".join(f"{k.upper()} {m[k]:.3f}" for k in ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"))
-    )  # fmt: skip
+def report(view, topic_column: int, split: str = "test") -> str:
+    out = scorers(view, topic_column, split)
+    m = out.pop("facts")
+    lines = [
+        f"search {split}: {m['cases']} cases ({m['query_without_topic']:.1%} with a query of no "
+        f"known topic); the clicked item on the query's topic in {m['positive_on_topic']:.1%}; "
+        f"{m['negatives_on_topic']:.2f} of {m['negatives']} negatives on it on average"
+    ]  # fmt: skip
+    for name, metrics in out.items():
+        shown = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+        lines.append(
+            f"  {name + ':':<20}" + ", ".join(f"{k.upper()} {metrics[k]:.3f}" for k in shown)
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    import hydra
-    from hydra import compose, initialize_config_dir
+    from sar_exp.data.stats import INPUT_ERRORS, compose_datamodule
 
-    from sar_exp.errors import SarExpError
-    from sar_exp.train import CONFIG_DIR
-
-    root = Path.cwd()
-    paths = [f"paths.root_dir={root}", f"paths.cache_dir={root / '.cache' / 'sar_exp'}"]
-    overrides = [*DEFAULTS, *paths, *(sys.argv[1:] if argv is None else argv)]
+    overrides = [*DEFAULTS, *(sys.argv[1:] if argv is None else argv)]
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        if cfg.dataset.source != "synthetic":
-            raise SarExpError(f"dataset.source={cfg.dataset.source}: topics are known on the "
-                              "embedded data only (dataset=synthetic)")  # fmt: skip
-        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        cfg, datamodule = compose_datamodule(overrides)
+        attributes = list(cfg.dataset.item_attributes)
+        if cfg.dataset.source != "synthetic" or TOPIC_ATTRIBUTE not in attributes:
+            raise SarExpError(
+                f"dataset.source={cfg.dataset.source}, dataset.item_attributes={attributes}: "
+                f"topics are known on the embedded data only (dataset=synthetic, with "
+                f"{TOPIC_ATTRIBUTE} among the item attributes)"
+            )
         datamodule.setup("test")
         for split in ("val", "test"):
-            print(report(datamodule.view, split))
-    except SarExpError as err:
-        print(f"sar_exp: error: {err}", file=sys.stderr)
+            print(report(datamodule.view, attributes.index(TOPIC_ATTRIBUTE), split))
+    except INPUT_ERRORS as err:
+        print(f"sar_exp.tables.search_by_topic: error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
 
 
