@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sar_exp.errors import SarExpError
 from sar_exp.tables import search_by_topic
 from tests.conftest import TINY
 
@@ -61,10 +62,33 @@ def test_topic_scorer_ranks_the_positive_among_its_topic_and_clicks_order_within
     assert clicks["hr@1"] == pytest.approx((0 + 1 + 0 + 1 / 4) / 4)
 
 
+def test_clicks_order_candidates_within_the_querys_topic_only():
+    view = _view()
+    # query 4's first word is in no caption, its second is topic 7's
+    view["query_words"] = np.vstack([view["query_words"], [[8, 1]]])
+    # item 1 (topic 7, no clicks) against item 6 (topic 9, 3 clicks), 3 (1 click) and 4
+    view["test"] = {
+        "query": np.array([4]),
+        "item": np.array([1]),
+        "negatives": np.array([[6, 3, 4]]),
+    }
+    _, query_topic = search_by_topic.topics(view, topic_column=1)
+    assert query_topic[4] == 7
+    clicks = search_by_topic.scorers(view, topic_column=1)["topic, then clicks"]
+    assert clicks["hr@1"] == 1.0 and clicks["mrr"] == 1.0
+
+
+def test_it_refuses_captions_that_mix_topics():
+    view = _view()
+    view["item_caption_words"][3] = [1, 4]  # word 1 (topic 7) in a topic-9 item's caption
+    with pytest.raises(SarExpError, match="several topics"):
+        search_by_topic.topics(view, topic_column=1)
+
+
 def test_on_the_embedded_data_topic_and_popularity_decide_search(capsys, cache_dir):
     """The generator shows and clicks only items of the query's topic, drawn by their
-    popularity within it, and 99 uniform candidates hold about 5 of that topic with the
-    default 20 topics: the query's topic puts the click in the top ten, and ordering the
+    popularity within it, and 99 uniform candidates hold about 5 of that topic (99/20)
+    with the default 20 topics: the query's topic puts the click in the top ten, and ordering the
     topic's items by training clicks lifts NDCG@5 by far, with no user at all."""
     data = {**TINY, "n_topics": 20}
     search_by_topic.main([*(f"+dataset.synthetic.{k}={v}" for k, v in data.items()),
@@ -79,9 +103,13 @@ def test_on_the_embedded_data_topic_and_popularity_decide_search(capsys, cache_d
     assert figure(clicks, "NDCG@5") > figure(topic, "NDCG@5") + 0.1
 
 
-def test_it_refuses_a_dataset_whose_topics_are_unknown(capsys, tmp_path):
+@pytest.mark.parametrize(
+    "overrides",
+    [["dataset=kuaisar", "dataset.path=/nowhere"], ["dataset.item_attributes=[author_id]"]],
+)
+def test_it_refuses_data_whose_topics_are_unknown(capsys, overrides):
     with pytest.raises(SystemExit) as exit_info:
-        search_by_topic.main(["dataset=kuaisar", f"dataset.path={tmp_path}"])
+        search_by_topic.main(overrides)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "topics are known on the embedded data only" in err
