@@ -102,10 +102,9 @@ def report(view, topic_column: int, split: str = "test") -> str:
         f"known topic); the clicked item on the query's topic in {m['positive_on_topic']:.1%}; "
         f"{m['negatives_on_topic']:.2f} of {m['negatives']} negatives on it on average"
     ]  # fmt: skip
-    for name, metrics in out.items():
-        shown = ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")
+    for name, metrics in out.items():  # metrics_from_ranks' order: HR@k, NDCG@k, MRR
         lines.append(
-            f"  {name + ':':<20}" + ", ".join(f"{k.upper()} {metrics[k]:.3f}" for k in shown)
+            f"  {name + ':':<20}" + ", ".join(f"{k.upper()} {v:.3f}" for k, v in metrics.items())
         )
     return "\n".join(lines)
 
