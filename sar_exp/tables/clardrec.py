@@ -131,11 +131,16 @@ def text_label(method: str) -> str:
     return "base" if method == "base" else LABELS.get(method, method)
 
 
+def group_label(backbone: str) -> str:
+    """Table 1's block a backbone sits in."""
+    return "CF" if BACKBONES[backbone] == "cf" else "Sequential"
+
+
 def tables(results, args) -> str:
     published = PUBLISHED if args.show_paper else {}
     main_rows, improvement_lines, rank_lines = [], [], []
     for backbone in args.backbones:
-        group = "CF" if BACKBONES[backbone] == "cf" else "Sequential"
+        group = group_label(backbone)
         methods = [*METHODS, *(m for m, blocks in INTEGRATED.items() if backbone in blocks)]
         ranked = []
         for method in methods:
@@ -155,7 +160,7 @@ def tables(results, args) -> str:
         )
     ablation_rows = []
     for backbone in args.backbones:
-        group = "CF" if BACKBONES[backbone] == "cf" else "Sequential"
+        group = group_label(backbone)
         for name in ("clardrec", *ABLATIONS):
             label = "ClardRec" if name == "clardrec" else name
             ablation_rows.append(

@@ -68,14 +68,17 @@ def expected_metrics(positive: np.ndarray, negatives: np.ndarray) -> dict[str, f
     return metrics_from_ranks(torch.from_numpy(rank_counts))
 
 
-def scorers(view, topic_column: int, split: str = "test") -> dict[str, dict[str, float]]:
+def scorers(
+    view, topic_column: int, split: str = "test", known_topics=None
+) -> dict[str, dict[str, float]]:
     """Expected metrics on the search task's `split` of two scorers without a user:
     `topic` (1 for a candidate on the query's topic, else 0) and `topic, then clicks`
     (on-topic candidates ordered by their search clicks in the training split, the
     popularity a model can learn from training), with the share of positives on the
     query's topic, the mean number of negatives on it, and the share of cases whose
-    query has no known topic (every candidate scores alike for them)."""
-    item_topic, query_topic = topics(view, topic_column)
+    query has no known topic (every candidate scores alike for them). `known_topics`:
+    topics(view, topic_column) when already computed (they do not depend on the split)."""
+    item_topic, query_topic = known_topics or topics(view, topic_column)
     cases = view.split("search", split)
     candidates = np.concatenate([cases["item"][:, None], cases["negatives"]], axis=1)
     wanted = query_topic[cases["query"]][:, None]
@@ -94,8 +97,8 @@ def scorers(view, topic_column: int, split: str = "test") -> dict[str, dict[str,
     }
 
 
-def report(view, topic_column: int, split: str = "test") -> str:
-    out = scorers(view, topic_column, split)
+def report(view, topic_column: int, split: str = "test", known_topics=None) -> str:
+    out = scorers(view, topic_column, split, known_topics)
     m = out.pop("facts")
     lines = [
         f"search {split}: {m['cases']} cases ({m['query_without_topic']:.1%} with a query of no "
@@ -123,8 +126,10 @@ def main(argv=None) -> None:
                 f"{TOPIC_ATTRIBUTE} among the item attributes)"
             )
         datamodule.setup("test")
+        view, topic_column = datamodule.view, attributes.index(TOPIC_ATTRIBUTE)
+        known_topics = topics(view, topic_column)
         for split in ("val", "test"):
-            print(report(datamodule.view, attributes.index(TOPIC_ATTRIBUTE), split))
+            print(report(view, topic_column, split, known_topics))
     except INPUT_ERRORS as err:
         print(f"sar_exp.tables.search_by_topic: error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
