@@ -1,6 +1,7 @@
 """`python -m sar_exp.tables.search_order`: how a model orders the search candidates
 (topic first, then by popularity within the topic), on hand-made scores."""
 
+import json
 import math
 
 import numpy as np
@@ -18,17 +19,19 @@ RANDOM_WITHIN = (  # the clicked item uniform among 3 and among 4 on-topic candi
 
 
 def test_a_scorer_by_topic_then_popularity_is_recognised():
-    scores = ON_TOPIC + CLICKS[CANDIDATES] / 100.0  # case 2's clicked item (5 clicks) is last
+    # half a point for the topic, a hundredth a click: case 2's clicked item (5 clicks)
+    # falls below its three on-topic rivals and the off-topic item 5 (60 clicks)
+    scores = 0.5 * ON_TOPIC + CLICKS[CANDIDATES] / 100.0
     facts = search_order.order_facts(CANDIDATES, scores, ON_TOPIC, CLICKS)
-    assert facts["topic_first"] == 1.0
-    assert facts["rho_clicks"] == pytest.approx(1.0)
-    # case 1: first of its topic; case 2: 4th of 4 on the topic, rank 3 overall
-    assert facts["within_ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)
-    assert facts["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)
+    assert facts["rho_clicks"] == pytest.approx(1.0) and facts["rho_cases"] == 2
+    assert facts["ndcg@5"] == pytest.approx((1 + 1 / math.log2(6)) / 2)  # ranks 0 and 4
+    assert facts["within_ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)  # 0 and 3
     assert facts["random_within_ndcg@5"] == pytest.approx(RANDOM_WITHIN)
+    # pairs pooled over the cases: 5.5 of 6 (a tie at 0.6) and 3 of 4
+    assert facts["topic_first"] == pytest.approx(8.5 / 10)
 
 
-def test_a_scorer_against_popularity_and_off_topic_has_negative_rho_and_low_topic_first():
+def test_a_scorer_against_topic_and_popularity_has_negative_rho_and_no_topic_first():
     scores = -CLICKS[CANDIDATES] - 100.0 * ON_TOPIC  # off-topic first, unpopular first
     facts = search_order.order_facts(CANDIDATES, scores.astype(float), ON_TOPIC, CLICKS)
     assert facts["topic_first"] == 0.0
@@ -40,8 +43,28 @@ def test_tied_scores_count_half_and_give_no_rank_correlation():
     scores = np.zeros(CANDIDATES.shape)
     facts = search_order.order_facts(CANDIDATES, scores, ON_TOPIC, CLICKS)
     assert facts["topic_first"] == 0.5
-    assert math.isnan(facts["rho_clicks"])  # a constant scorer has no rank order
+    assert math.isnan(facts["rho_clicks"]) and facts["rho_cases"] == 0  # no rank order
     assert facts["within_ndcg@5"] == pytest.approx((1 / math.log2(4) + 1 / math.log2(5)) / 2)
+
+
+def test_cases_off_the_topic_or_with_few_on_it_are_left_out_where_they_say_nothing():
+    on_topic = ON_TOPIC.copy()
+    on_topic[1] = [False, True, True, False, False]  # case 2: clicked off-topic, 2 on it
+    scores = 0.5 * on_topic + CLICKS[CANDIDATES] / 100.0
+    facts = search_order.order_facts(CANDIDATES, scores, on_topic, CLICKS)
+    assert facts["clicked_on_topic"] == 1 and facts["rho_cases"] == 1
+    assert facts["within_ndcg@5"] == 1.0  # case 1 alone
+    assert facts["random_within_ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 0.5) / 3)
+    none_on_topic = search_order.order_facts(CANDIDATES, scores, on_topic & False, CLICKS)
+    assert math.isnan(none_on_topic["within_ndcg@5"]) and math.isnan(none_on_topic["topic_first"])
+
+
+def test_a_nan_score_ranks_last_as_in_the_test_metrics():
+    scores = 0.5 * ON_TOPIC + CLICKS[CANDIDATES] / 100.0
+    scores[0, 0] = np.nan  # case 1's clicked item: last of 5 (rank 4), last of its topic
+    facts = search_order.order_facts(CANDIDATES, scores, ON_TOPIC, CLICKS)
+    assert facts["ndcg@5"] == pytest.approx((1 / math.log2(6) + 1 / math.log2(6)) / 2)
+    assert facts["within_ndcg@5"] == pytest.approx((0.5 + 1 / math.log2(5)) / 2)
 
 
 def test_a_run_off_the_embedded_data_gets_a_one_line_error(tmp_path, capsys):
@@ -55,14 +78,17 @@ def test_a_run_off_the_embedded_data_gets_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2
     assert err.count("\n") == 0
-    assert f"{run}: dataset.source=kuaisar" in err and "embedded data only" in err
+    assert f"error: {run}: dataset.source=kuaisar" in err and "embedded data only" in err
 
 
-def test_a_missing_run_directory_gets_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        search_order.main([str(tmp_path / "nowhere")])
+@pytest.mark.parametrize("name", ["nowhere", "a_file"])
+def test_a_missing_run_directory_or_a_file_gets_a_one_line_error(tmp_path, capsys, name):
+    (tmp_path / "a_file").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        search_order.main([str(tmp_path / name)])
     err = capsys.readouterr().err.strip()
-    assert err.startswith("sar_exp.tables.search_order: error:") and "nowhere" in err
+    assert exit_info.value.code == 2
+    assert err.startswith(f"sar_exp.tables.search_order: error: {tmp_path / name}: ")
     assert err.count("\n") == 0
 
 
@@ -75,5 +101,7 @@ def test_a_trained_product_search_model_learns_the_topics_clicked_items(tmp_path
 
     train_like_the_table("QEM", tmp_path, task="search")
     facts = search_order.run_facts(str(tmp_path))
+    logged = json.loads((tmp_path / "metrics.json").read_text())  # the test step's figures
+    assert facts["ndcg@5"] == pytest.approx(logged["test/search/ndcg@5"], abs=1e-6)
     assert facts["topic_first"] > 0.95 and facts["rho_clicks"] > 0.3, facts
     assert facts["within_ndcg@5"] > facts["random_within_ndcg@5"] + 0.1, facts

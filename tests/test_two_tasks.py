@@ -46,7 +46,7 @@ def test_both_tasks_are_validated_and_tested(make_cfg, tmp_path):
     ).eval()
     ranks = []
     with torch.no_grad():
-        for batch in datamodule.test_dataloader()[1]:
+        for batch in datamodule.evaluation_loader("test", "search"):
             ranks.append(positive_rank(model.search_scores(batch, batch["candidates"])))
     counts = torch.bincount(torch.cat(ranks), minlength=100)
     assert metrics_from_ranks(counts)["mrr"] == pytest.approx(metrics["test/search/mrr"], abs=1e-6)

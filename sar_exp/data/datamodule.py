@@ -257,10 +257,12 @@ class SARDataModule(pl.LightningDataModule):
     def _evaluation_loaders(self, split: str):
         """One loader per evaluated task, in evaluated_tasks order (what the model's
         dataloader_idx refers to); a single loader when only one task is evaluated."""
-        loaders = [
-            self._loader(split, False, self.eval_batch_size, task) for task in self.evaluation_tasks
-        ]
+        loaders = [self.evaluation_loader(split, task) for task in self.evaluation_tasks]
         return loaders[0] if len(loaders) == 1 else loaders
+
+    def evaluation_loader(self, split: str, task: str):
+        """The `split` ("val" or "test") loader of one evaluated task, for analyses."""
+        return self._loader(split, False, self.eval_batch_size, task)
 
     def val_dataloader(self):
         return self._evaluation_loaders("val")

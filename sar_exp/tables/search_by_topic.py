@@ -57,6 +57,11 @@ def topics(view, topic_column: int) -> tuple[np.ndarray, np.ndarray]:
     return item_topic, query_topic
 
 
+def training_search_clicks(view, num_items: int) -> np.ndarray:
+    """[num_items] each item's clicks in the search task's training split."""
+    return np.bincount(view.split("search", "train")["item"], minlength=num_items)
+
+
 def expected_metrics(positive: np.ndarray, negatives: np.ndarray) -> dict[str, float]:
     """Metrics of scores [cases] and [cases, negatives] when ties fall in random order:
     the positive lies uniformly among the candidates that score as it does."""
@@ -83,7 +88,7 @@ def scorers(
     candidates = np.concatenate([cases["item"][:, None], cases["negatives"]], axis=1)
     wanted = query_topic[cases["query"]][:, None]
     on_topic = ((item_topic[candidates] == wanted) & (wanted != UNKNOWN)).astype(np.float64)
-    clicks = np.bincount(view.split("search", "train")["item"], minlength=item_topic.size)
+    clicks = training_search_clicks(view, item_topic.size)
     # clicks / (1 + max) < 1: a click count orders candidates within the topic only
     by_clicks = on_topic + on_topic * clicks[candidates] / (1.0 + clicks.max(initial=0))
     facts = {"cases": candidates.shape[0], "negatives": candidates.shape[1] - 1,

@@ -19,6 +19,7 @@ data have them."""
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -29,7 +30,12 @@ from scipy.stats import spearmanr
 
 from sar_exp.errors import SarExpError
 from sar_exp.metrics.ranking import metrics_from_ranks, positive_rank
-from sar_exp.tables.search_by_topic import TOPIC_ATTRIBUTE, expected_metrics, topics
+from sar_exp.tables.search_by_topic import (
+    TOPIC_ATTRIBUTE,
+    expected_metrics,
+    topics,
+    training_search_clicks,
+)
 
 MIN_ON_TOPIC = 3  # candidates on the topic a case needs for a rank correlation
 
@@ -41,34 +47,42 @@ def order_facts(
     clicks: np.ndarray,
 ) -> dict[str, float]:
     """Candidates [N, K] (the clicked item first), scores [N, K], on_topic [N, K] bool
-    and clicks [num_items + 1] training search clicks -> the facts the module prints."""
-    ranks = positive_rank(torch.from_numpy(scores))
-    model = metrics_from_ranks(torch.bincount(ranks, minlength=scores.shape[1]))
-    pairs, within_ranks, random_within, rhos = [], [], [], []
+    and clicks [num_items + 1] training search clicks -> the facts the module prints.
+    A NaN score ranks last, as in the test step's metrics."""
+    scores = np.nan_to_num(scores.astype(np.float64), nan=-np.inf)
+    overall = metrics_from_ranks(
+        torch.bincount(positive_rank(torch.from_numpy(scores)), minlength=scores.shape[1])
+    )
+    # (on-topic, off-topic) pairs of every case pooled; a tie counts half
+    right_pairs = all_pairs = 0.0
+    within_ranks, rhos = [], []
     for case in range(len(candidates)):
         on, case_scores = on_topic[case], scores[case]
-        if on.any() and (~on).any():
-            diff = case_scores[on][:, None] - case_scores[~on][None, :]
-            pairs.append(((diff > 0) + 0.5 * (diff == 0)).mean())
+        diff = case_scores[on][:, None] - case_scores[~on][None, :]
+        right_pairs += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+        all_pairs += diff.size
         if on[0]:  # the clicked item among the on-topic candidates
-            others = case_scores[on][1:]
-            within_ranks.append(int((others >= case_scores[0]).sum()))
-            random_within.append(int(on.sum()) - 1)
+            within_ranks.append(int((case_scores[on][1:] >= case_scores[0]).sum()))
         if on.sum() >= MIN_ON_TOPIC:
             popularity = clicks[candidates[case][on]]
             if np.ptp(popularity) > 0 and np.ptp(case_scores[on]) > 0:
                 rhos.append(spearmanr(case_scores[on], popularity).statistic)
-    k = scores.shape[1]
-    within = metrics_from_ranks(torch.bincount(torch.tensor(within_ranks, dtype=torch.long),
-                                               minlength=k))  # fmt: skip
-    tied = np.array(random_within)  # every on-topic candidate tied with the clicked one
-    random = expected_metrics(
-        np.zeros(len(tied)), np.where(np.arange(k - 1) < tied[:, None], 0.0, -1.0)
-    )
+    clicked_on_topic = on_topic[:, 0]
+    if clicked_on_topic.any():
+        within = metrics_from_ranks(
+            torch.bincount(torch.tensor(within_ranks), minlength=scores.shape[1])
+        )["ndcg@5"]
+        # a random order: the clicked item tied with every on-topic candidate
+        random = expected_metrics(
+            np.ones(int(clicked_on_topic.sum())), on_topic[clicked_on_topic, 1:].astype(float)
+        )["ndcg@5"]
+    else:
+        within = random = float("nan")
     return {
-        "ndcg@5": model["ndcg@5"], "hr@10": model["hr@10"],
-        "topic_first": float(np.mean(pairs)) if pairs else float("nan"),
-        "within_ndcg@5": within["ndcg@5"], "random_within_ndcg@5": random["ndcg@5"],
+        "cases": len(candidates), "clicked_on_topic": int(clicked_on_topic.sum()),
+        "rho_cases": len(rhos), "ndcg@5": overall["ndcg@5"], "hr@10": overall["hr@10"],
+        "topic_first": right_pairs / all_pairs if all_pairs else float("nan"),
+        "within_ndcg@5": within, "random_within_ndcg@5": random,
         "rho_clicks": float(np.mean(rhos)) if rhos else float("nan"),
     }  # fmt: skip
 
@@ -77,11 +91,8 @@ def order_facts(
 def search_test_scores(datamodule, model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(candidates, scores, queries) of the search test cases, scored as the test step
     scores them (`search_scores`)."""
-    loaders = datamodule.test_dataloader()
-    loaders = loaders if isinstance(loaders, list) else [loaders]
-    loader = loaders[list(model.evaluated_tasks).index("search")]
     candidates, scores, queries = [], [], []
-    for batch in loader:
+    for batch in datamodule.evaluation_loader("test", "search"):
         scores.append(model.search_scores(batch, batch["candidates"]).float())
         candidates.append(batch["candidates"])
         queries.append(batch["query"])
@@ -89,33 +100,43 @@ def search_test_scores(datamodule, model) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def run_facts(run_dir: str) -> dict[str, float]:
+    """order_facts of a finished run; SarExpError (without the directory's name, which
+    the caller adds) for a run it cannot read."""
     from sar_exp.train import load_run
 
     dataset = OmegaConf.load(Path(run_dir) / "config.yaml").dataset
     attributes = list(dataset.get("item_attributes") or [])
     if dataset.source != "synthetic" or TOPIC_ATTRIBUTE not in attributes:
         raise SarExpError(
-            f"{run_dir}: dataset.source={dataset.source}, dataset.item_attributes={attributes}: "
-            f"topics are known on the embedded data only (dataset=synthetic, with "
-            f"{TOPIC_ATTRIBUTE} among the item attributes)"
+            f"dataset.source={dataset.source}, dataset.item_attributes={attributes}: topics "
+            f"are known on the embedded data only (dataset=synthetic, with {TOPIC_ATTRIBUTE} "
+            "among the item attributes)"
         )
-    datamodule, model = load_run(run_dir)
+    try:
+        datamodule, model = load_run(run_dir)
+    except (
+        RuntimeError,
+        KeyError,
+        pickle.UnpicklingError,
+    ) as err:  # a checkpoint not of this config
+        raise SarExpError(f"checkpoints/best.ckpt does not load: {err}") from err
     if "search" not in model.evaluated_tasks:
-        raise SarExpError(f"{run_dir}: the run does not evaluate the search task "
-                          f"(dataset.protocol.evaluated_tasks={list(model.evaluated_tasks)})")  # fmt: skip
+        raise SarExpError(f"the method scores {list(model.evaluated_tasks)} only (no search model)")
     view = datamodule.view
     item_topic, query_topic = topics(view, attributes.index(TOPIC_ATTRIBUTE))
     candidates, scores, queries = search_test_scores(datamodule, model)
+    # item topics are >= 1 (0: padding), so a query of no known topic (-1) matches none
     on_topic = item_topic[candidates] == query_topic[queries][:, None]
-    clicks = np.bincount(view.split("search", "train")["item"], minlength=item_topic.size)
-    return order_facts(candidates, scores, on_topic, clicks)
+    return order_facts(candidates, scores, on_topic, training_search_clicks(view, item_topic.size))
 
 
 def line(run_dir: str, facts: dict[str, float]) -> str:
     return (
         f"{run_dir}: NDCG@5 {facts['ndcg@5']:.3f}, HR@10 {facts['hr@10']:.3f}; topic first "
         f"{facts['topic_first']:.3f}; within topic NDCG@5 {facts['within_ndcg@5']:.3f} "
-        f"(random {facts['random_within_ndcg@5']:.3f}); rho(clicks) {facts['rho_clicks']:+.2f}"
+        f"(random {facts['random_within_ndcg@5']:.3f}); rho(clicks) {facts['rho_clicks']:+.2f} "
+        f"({facts['cases']} cases, the clicked item on the query's topic in "
+        f"{facts['clicked_on_topic']}, rho over {facts['rho_cases']})"
     )
 
 
@@ -130,10 +151,9 @@ def main(argv=None) -> None:
     for run_dir in args.runs:
         try:
             print(line(run_dir, run_facts(run_dir)), flush=True)
-        except (*INPUT_ERRORS, FileNotFoundError) as err:
-            print(
-                f"sar_exp.tables.search_order: error: {str(err).splitlines()[0]}", file=sys.stderr
-            )
+        except (*INPUT_ERRORS, OSError) as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"sar_exp.tables.search_order: error: {run_dir}: {message}", file=sys.stderr)
             sys.exit(2)
 
 

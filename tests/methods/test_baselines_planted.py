@@ -71,9 +71,7 @@ def probe_inputs(run_dir, task: str = "rec"):
 
     dm, model = load_run(run_dir)
     topic = dm.lookup_tables()["item_attributes"][:, dm.item_attributes.index(TOPIC_ATTRIBUTE)]
-    loader = dm.test_dataloader()
-    loader = loader if isinstance(loader, list) else [loader]
-    return model, loader[dm.evaluation_tasks.index(task)], topic
+    return model, dm.evaluation_loader("test", task), topic
 
 
 def train_like_the_table(row: str, out, task: str = "rec") -> None:

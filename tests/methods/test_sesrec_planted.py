@@ -102,6 +102,5 @@ def test_the_trained_split_calls_shared_topics_similar(make_cfg, tmp_path):
     train(cfg)
     dm, model = load_run(tmp_path)
     topic = dm.lookup_tables()["item_attributes"][:, dm.item_attributes.index(TOPIC_ATTRIBUTE)]
-    loader = dm.test_dataloader()
-    shares = split_topic_shares(model, loader[0] if isinstance(loader, list) else loader, topic)
+    shares = split_topic_shares(model, dm.evaluation_loader("test", "rec"), topic)
     assert shares["similar"] > 1.1 * shares["dissimilar"], shares

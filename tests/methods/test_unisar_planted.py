@@ -113,8 +113,7 @@ def trained_unisar(tmp_path_factory):
     train(cfg)
     dm, model = load_run(out)
     topic = dm.lookup_tables()["item_attributes"][:, dm.item_attributes.index(TOPIC_ATTRIBUTE)]
-    loader = dm.test_dataloader()
-    return model, loader[0] if isinstance(loader, list) else loader, topic
+    return model, dm.evaluation_loader("test", "rec"), topic
 
 
 @pytest.mark.slow
