@@ -38,6 +38,8 @@ from sar_exp.tables.search_by_topic import (
 )
 
 MIN_ON_TOPIC = 3  # candidates on the topic a case needs for a rank correlation
+# what loading a checkpoint saved from another config (or a damaged one) raises
+CHECKPOINT_ERRORS = (RuntimeError, KeyError, pickle.UnpicklingError)
 
 
 def order_facts(
@@ -114,11 +116,7 @@ def run_facts(run_dir: str) -> dict[str, float]:
         )
     try:
         datamodule, model = load_run(run_dir)
-    except (
-        RuntimeError,
-        KeyError,
-        pickle.UnpicklingError,
-    ) as err:  # a checkpoint not of this config
+    except CHECKPOINT_ERRORS as err:
         raise SarExpError(f"checkpoints/best.ckpt does not load: {err}") from err
     if "search" not in model.evaluated_tasks:
         raise SarExpError(f"the method scores {list(model.evaluated_tasks)} only (no search model)")
