@@ -105,3 +105,20 @@ def test_a_trained_product_search_model_learns_the_topics_clicked_items(tmp_path
     assert facts["ndcg@5"] == pytest.approx(logged["test/search/ndcg@5"], abs=1e-6)
     assert facts["topic_first"] > 0.95 and facts["rho_clicks"] > 0.3, facts
     assert facts["within_ndcg@5"] > facts["random_within_ndcg@5"] + 0.1, facts
+
+
+def test_a_checkpoint_of_another_config_gets_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import sar_exp.train
+
+    def foreign_checkpoint(run_dir):
+        raise RuntimeError("Error(s) in loading state_dict for UniSAR:\n\tsize mismatch ...")
+
+    monkeypatch.setattr(sar_exp.train, "load_run", foreign_checkpoint)
+    (tmp_path / "config.yaml").write_text(
+        "dataset:\n  source: synthetic\n  item_attributes: [first_level_category_id]\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        search_order.main([str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0
+    assert f"{tmp_path}: checkpoints/best.ckpt does not load: Error(s) in loading" in err
