@@ -48,7 +48,7 @@ def test_topics_are_the_items_category_and_the_words_of_their_captions():
 
 
 def test_topic_scorer_ranks_the_positive_among_its_topic_and_clicks_order_within_it():
-    out = search_by_topic.scorers(_view(), topic_column=1)
+    out = search_by_topic.scorers(view := _view(), search_by_topic.topics(view, topic_column=1))
     facts = out["facts"]
     assert facts["positive_on_topic"] == 0.5 and facts["query_without_topic"] == 0.25
     topic = out["topic"]
@@ -74,7 +74,9 @@ def test_clicks_order_candidates_within_the_querys_topic_only():
     }
     _, query_topic = search_by_topic.topics(view, topic_column=1)
     assert query_topic[4] == 7
-    clicks = search_by_topic.scorers(view, topic_column=1)["topic, then clicks"]
+    clicks = search_by_topic.scorers(view, search_by_topic.topics(view, topic_column=1))[
+        "topic, then clicks"
+    ]
     assert clicks["hr@1"] == 1.0 and clicks["mrr"] == 1.0
 
 

@@ -57,6 +57,14 @@ def topics(view, topic_column: int) -> tuple[np.ndarray, np.ndarray]:
     return item_topic, query_topic
 
 
+def on_topic(known_topics, candidates: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """[cases, K] bool: candidate shares its case's query topic (never for a query of
+    no known topic). `known_topics`: topics(view, topic_column)."""
+    item_topic, query_topic = known_topics
+    wanted = query_topic[queries][:, None]
+    return (item_topic[candidates] == wanted) & (wanted != UNKNOWN)
+
+
 def training_search_clicks(view, num_items: int) -> np.ndarray:
     """[num_items] each item's clicks in the search task's training split."""
     return np.bincount(view.split("search", "train")["item"], minlength=num_items)
@@ -73,37 +81,33 @@ def expected_metrics(positive: np.ndarray, negatives: np.ndarray) -> dict[str, f
     return metrics_from_ranks(torch.from_numpy(rank_counts))
 
 
-def scorers(
-    view, topic_column: int, split: str = "test", known_topics=None
-) -> dict[str, dict[str, float]]:
+def scorers(view, known_topics, split: str = "test") -> dict[str, dict[str, float]]:
     """Expected metrics on the search task's `split` of two scorers without a user:
     `topic` (1 for a candidate on the query's topic, else 0) and `topic, then clicks`
     (on-topic candidates ordered by their search clicks in the training split, the
     popularity a model can learn from training), with the share of positives on the
     query's topic, the mean number of negatives on it, and the share of cases whose
     query has no known topic (every candidate scores alike for them). `known_topics`:
-    topics(view, topic_column) when already computed (they do not depend on the split)."""
-    item_topic, query_topic = known_topics or topics(view, topic_column)
+    topics(view, topic_column), which do not depend on the split."""
     cases = view.split("search", split)
     candidates = np.concatenate([cases["item"][:, None], cases["negatives"]], axis=1)
-    wanted = query_topic[cases["query"]][:, None]
-    on_topic = ((item_topic[candidates] == wanted) & (wanted != UNKNOWN)).astype(np.float64)
-    clicks = training_search_clicks(view, item_topic.size)
+    on = on_topic(known_topics, candidates, cases["query"]).astype(np.float64)
+    clicks = training_search_clicks(view, known_topics[0].size)
     # clicks / (1 + max) < 1: a click count orders candidates within the topic only
-    by_clicks = on_topic + on_topic * clicks[candidates] / (1.0 + clicks.max(initial=0))
+    by_clicks = on + on * clicks[candidates] / (1.0 + clicks.max(initial=0))
     facts = {"cases": candidates.shape[0], "negatives": candidates.shape[1] - 1,
-             "positive_on_topic": float(on_topic[:, 0].mean()),
-             "negatives_on_topic": float(on_topic[:, 1:].sum(1).mean()),
-             "query_without_topic": float((wanted == UNKNOWN).mean())}  # fmt: skip
+             "positive_on_topic": float(on[:, 0].mean()),
+             "negatives_on_topic": float(on[:, 1:].sum(1).mean()),
+             "query_without_topic": float((known_topics[1][cases["query"]] == UNKNOWN).mean())}  # fmt: skip
     return {
         "facts": facts,
-        "topic": expected_metrics(on_topic[:, 0], on_topic[:, 1:]),
+        "topic": expected_metrics(on[:, 0], on[:, 1:]),
         "topic, then clicks": expected_metrics(by_clicks[:, 0], by_clicks[:, 1:]),
     }
 
 
-def report(view, topic_column: int, split: str = "test", known_topics=None) -> str:
-    out = scorers(view, topic_column, split, known_topics)
+def report(view, known_topics, split: str = "test") -> str:
+    out = scorers(view, known_topics, split)
     m = out.pop("facts")
     lines = [
         f"search {split}: {m['cases']} cases ({m['query_without_topic']:.1%} with a query of no "
@@ -131,10 +135,10 @@ def main(argv=None) -> None:
                 f"{TOPIC_ATTRIBUTE} among the item attributes)"
             )
         datamodule.setup("test")
-        view, topic_column = datamodule.view, attributes.index(TOPIC_ATTRIBUTE)
-        known_topics = topics(view, topic_column)
+        view = datamodule.view
+        known_topics = topics(view, attributes.index(TOPIC_ATTRIBUTE))
         for split in ("val", "test"):
-            print(report(view, topic_column, split, known_topics))
+            print(report(view, known_topics, split))
     except INPUT_ERRORS as err:
         print(f"sar_exp.tables.search_by_topic: error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)

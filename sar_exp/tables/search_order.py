@@ -33,6 +33,7 @@ from sar_exp.metrics.ranking import metrics_from_ranks, positive_rank
 from sar_exp.tables.search_by_topic import (
     TOPIC_ATTRIBUTE,
     expected_metrics,
+    on_topic,
     topics,
     training_search_clicks,
 )
@@ -121,11 +122,10 @@ def run_facts(run_dir: str) -> dict[str, float]:
     if "search" not in model.evaluated_tasks:
         raise SarExpError(f"the method scores {list(model.evaluated_tasks)} only (no search model)")
     view = datamodule.view
-    item_topic, query_topic = topics(view, attributes.index(TOPIC_ATTRIBUTE))
+    known_topics = topics(view, attributes.index(TOPIC_ATTRIBUTE))
     candidates, scores, queries = search_test_scores(datamodule, model)
-    # item topics are >= 1 (0: padding), so a query of no known topic (-1) matches none
-    on_topic = item_topic[candidates] == query_topic[queries][:, None]
-    return order_facts(candidates, scores, on_topic, training_search_clicks(view, item_topic.size))
+    return order_facts(candidates, scores, on_topic(known_topics, candidates, queries),
+                       training_search_clicks(view, known_topics[0].size))  # fmt: skip
 
 
 def line(run_dir: str, facts: dict[str, float]) -> str:
