@@ -29,7 +29,12 @@ class AUGRUCell(nn.Module):
         self.from_state = nn.Linear(dim, 3 * dim)
 
     def forward(self, x, state, attention):
-        xu, xr, xn = self.from_input(x).chunk(3, dim=-1)
+        return self.step(self.from_input(x), state, attention)
+
+    def step(self, input_gates, state, attention):
+        """The cell on from_input(x), computed beforehand: DIEN's input at step t, h_t, is
+        the same for every candidate, so its part of the gates is computed once."""
+        xu, xr, xn = input_gates.chunk(3, dim=-1)
         hu, hr, hn = self.from_state(state).chunk(3, dim=-1)
         update = torch.sigmoid(xu + hu) * attention.unsqueeze(-1)  # u'_t = a_t * u_t
         reset = torch.sigmoid(xr + hr)
@@ -62,21 +67,32 @@ class DIENScorer(nn.Module):
 
     def forward(self, user_emb, items, rec_history, rec_mask, query_history=None, query_mask=None):
         states, _, mask = self.interests(rec_history, rec_mask)
-        b, k, d = items.shape
-        length = states.shape[1]
         logits = torch.einsum("bld,bkd->bkl", self.attention(states), items)
         logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
         # a row without history attends to nothing; its evolved interest stays zero
         attention = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-        flat_states = states.unsqueeze(1).expand(b, k, length, d).reshape(b * k, length, d)
-        flat_attention = attention.reshape(b * k, length)
-        flat_mask = mask.unsqueeze(1).expand(b, k, length).reshape(b * k, length)
-        evolved = flat_states.new_zeros(b * k, d)
-        for t in range(length):
-            step = self.evolver(flat_states[:, t], evolved, flat_attention[:, t])
-            evolved = torch.where(flat_mask[:, t : t + 1], step, evolved)
-        parts = [user_emb.unsqueeze(1).expand(b, k, -1), items, evolved.reshape(b, k, d)]
+        parts = [user_emb.unsqueeze(1).expand(-1, items.shape[1], -1), items,
+                 self.evolve(states, attention, mask)]  # fmt: skip
         return self.predict(torch.cat(parts, dim=-1)).squeeze(-1)
+
+    def evolve(self, states, attention, mask):
+        """h'_T of the AUGRU run over each user's valid (left-aligned) events, once per
+        candidate: states [B, L, d], attention [B, K, L], mask [B, L] -> [B, K, d].
+
+        Users are taken longest history first, so the rows still running at step t are a
+        prefix and only those are computed (most slots are padding: 13 valid events of 40
+        on average in a SESRec batch of the embedded data)."""
+        b, k, _ = attention.shape
+        counts = mask.sum(1)
+        order = torch.argsort(counts, descending=True, stable=True)
+        input_gates = self.evolver.from_input(states)[order]  # [B, L, 3d], one per event
+        attention, running = attention[order], counts[order]
+        evolved = states.new_zeros(b, k, states.shape[-1])
+        for t in range(int(counts.max()) if b else 0):
+            n = int((running > t).sum())
+            step = self.evolver.step(input_gates[:n, t, None], evolved[:n], attention[:n, :, t])
+            evolved = torch.cat([step, evolved[n:]])
+        return evolved[torch.argsort(order)]
 
     def auxiliary_loss(self, rec_history, rec_mask, negatives):
         """L_aux over each (h_t, e_{t+1}) pair of the history; `negatives` [B, L, d]: the

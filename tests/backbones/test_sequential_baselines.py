@@ -225,6 +225,21 @@ def test_dien_scores_each_candidate_with_its_own_evolved_interest(history):
     assert torch.allclose(scores, one_by_one, atol=1e-6)
 
 
+def test_dien_evolves_each_user_over_its_own_events_only(history):
+    # users of every length (0 to L) in one batch, run longest first and stopped at their
+    # last event: each row must equal the AUGRU stepped over that user's events alone
+    steps, mask = history
+    dien = DIENScorer(4, D)
+    attention = torch.softmax(torch.randn(B, 3, L), dim=-1)
+    evolved = dien.evolve(steps, attention, mask)
+    for b, n in enumerate(mask.sum(1).tolist()):
+        for k in range(3):
+            h = torch.zeros(1, D)
+            for t in range(n):
+                h = dien.evolver(steps[b, t][None], h, attention[b, k, t][None])
+            assert torch.allclose(evolved[b, k], h[0], atol=1e-6), (b, k)
+
+
 def test_dien_auxiliary_loss_pairs_h_t_with_the_next_event(history):
     steps, mask = history
     dien = DIENScorer(4, D)
