@@ -88,8 +88,11 @@ class DIENScorer(nn.Module):
         input_gates = self.evolver.from_input(states)[order]  # [B, L, 3d], one per event
         attention, running = attention[order], counts[order]
         evolved = states.new_zeros(b, k, states.shape[-1])
-        for t in range(int(counts.max()) if b else 0):
-            n = int((running > t).sum())
+        # at least one step, on no rows when no user has history: every parameter stays in
+        # the graph (DDP requires it); the running counts are read once (one device sync)
+        steps = max(int(counts.max()), 1) if b else 0
+        running = (running[:, None] > torch.arange(steps, device=running.device)).sum(0).tolist()
+        for t, n in enumerate(running):
             step = self.evolver.step(input_gates[:n, t, None], evolved[:n], attention[:n, :, t])
             evolved = torch.cat([step, evolved[n:]])
         return evolved[torch.argsort(order)]

@@ -240,6 +240,15 @@ def test_dien_evolves_each_user_over_its_own_events_only(history):
             assert torch.allclose(evolved[b, k], h[0], atol=1e-6), (b, k)
 
 
+def test_dien_keeps_every_parameter_in_the_graph_when_no_user_has_history():
+    # DDP fails on a rank whose batch leaves a parameter without a gradient
+    dien = DIENScorer(4, D)
+    steps, mask = torch.zeros(3, 1, D), torch.zeros(3, 1, dtype=torch.bool)
+    scores = dien(torch.randn(3, 4), torch.randn(3, 2, D), steps, mask)
+    (scores.sum() + dien.auxiliary_loss(steps, mask, torch.randn(3, 1, D))).backward()
+    assert [n for n, p in dien.named_parameters() if p.grad is None] == []
+
+
 def test_dien_auxiliary_loss_pairs_h_t_with_the_next_event(history):
     steps, mask = history
     dien = DIENScorer(4, D)
