@@ -86,12 +86,12 @@ class DIENScorer(nn.Module):
         counts = mask.sum(1)
         order = torch.argsort(counts, descending=True, stable=True)
         input_gates = self.evolver.from_input(states)[order]  # [B, L, 3d], one per event
-        attention, running = attention[order], counts[order]
+        attention, lengths = attention[order], counts[order]
         evolved = states.new_zeros(b, k, states.shape[-1])
         # at least one step, on no rows when no user has history: every parameter stays in
-        # the graph (DDP requires it); the running counts are read once (one device sync)
+        # the graph (DDP requires it); the users still running at each step, read at once
         steps = max(int(counts.max()), 1) if b else 0
-        running = (running[:, None] > torch.arange(steps, device=running.device)).sum(0).tolist()
+        running = (lengths[:, None] > torch.arange(steps, device=lengths.device)).sum(0).tolist()
         for t, n in enumerate(running):
             step = self.evolver.step(input_gates[:n, t, None], evolved[:n], attention[:n, :, t])
             evolved = torch.cat([step, evolved[n:]])
