@@ -89,16 +89,17 @@ def scorers(view, known_topics, split: str = "test") -> dict[str, dict[str, floa
     query's topic, the mean number of negatives on it, and the share of cases whose
     query has no known topic (every candidate scores alike for them). `known_topics`:
     topics(view, topic_column), which do not depend on the split."""
+    item_topic, query_topic = known_topics
     cases = view.split("search", split)
     candidates = np.concatenate([cases["item"][:, None], cases["negatives"]], axis=1)
     on = on_topic(known_topics, candidates, cases["query"]).astype(np.float64)
-    clicks = training_search_clicks(view, known_topics[0].size)
+    clicks = training_search_clicks(view, item_topic.size)
     # clicks / (1 + max) < 1: a click count orders candidates within the topic only
     by_clicks = on + on * clicks[candidates] / (1.0 + clicks.max(initial=0))
     facts = {"cases": candidates.shape[0], "negatives": candidates.shape[1] - 1,
              "positive_on_topic": float(on[:, 0].mean()),
              "negatives_on_topic": float(on[:, 1:].sum(1).mean()),
-             "query_without_topic": float((known_topics[1][cases["query"]] == UNKNOWN).mean())}  # fmt: skip
+             "query_without_topic": float((query_topic[cases["query"]] == UNKNOWN).mean())}  # fmt: skip
     return {
         "facts": facts,
         "topic": expected_metrics(on[:, 0], on[:, 1:]),
